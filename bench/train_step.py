@@ -1,0 +1,79 @@
+"""Time one training step (forward + backward + AdamW) and compare it with NumPy's own float32
+matmul speed measured in the same run: the ratio is the model-FLOPs utilisation (MFU).
+
+    python bench/train_step.py [--d-model 256 --n-layer 4 --n-head 4 --seq 256 --batch 8 --vocab 256]
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tinylm import GPT, GPTConfig, adamw_init, adamw_step, clip_grad_norm, flops_per_token  # noqa: E402
+
+
+def matmul_gflops(n=2048, repeats=5, dtype="float32"):
+    """Best-of-`repeats` GFLOP/s of an n×n×n matmul (2n³ FLOPs), the machine's practical peak."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(n, n)).astype(dtype), rng.normal(size=(n, n)).astype(dtype)
+    out = np.empty((n, n), dtype)
+    np.matmul(a, b, out=out)
+    best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+
+    config = GPTConfig(vocab_size=args.vocab, n_ctx=args.seq, n_layer=args.n_layer, n_head=args.n_head,
+                       d_model=args.d_model, dtype=args.dtype)
+    model = GPT(config, seed=0, device=args.device)
+    xp = model.xp
+    rng = np.random.default_rng(0)
+    idx = xp.asarray(rng.integers(0, args.vocab, size=(args.batch, args.seq)))
+    targets = xp.asarray(rng.integers(0, args.vocab, size=(args.batch, args.seq)))
+    state = adamw_init(model.params)
+
+    def step():
+        loss, grads = model.loss_and_grads(idx, targets)
+        clip_grad_norm(grads, 1.0)
+        adamw_step(model.params, grads, state, lr=1e-4)
+        return loss
+
+    step()                                                  # warm-up: first-touch page faults, BLAS init
+    times = [_timed(step) for _ in range(args.steps)]
+    ms = 1000 * float(np.median(times))
+    tokens = args.batch * args.seq
+    flops = flops_per_token(config, args.seq)["exact_forward_backward"] * tokens
+    achieved = flops / (ms / 1000) / 1e9
+    peak = matmul_gflops(dtype=args.dtype)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
+    print(f"config: d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} T={args.seq} "
+          f"B={args.batch} vocab={args.vocab} {args.dtype} device={args.device}")
+    print(f"train step: {ms:.1f} ms/step (median of {args.steps}), {tokens / (ms / 1000):,.0f} tokens/s, "
+          f"{achieved:.1f} GFLOP/s ({flops / 1e9:.2f} GFLOP/step)")
+    print(f"numpy {args.dtype} 2048x2048 matmul: {peak:.1f} GFLOP/s")
+    print(f"MFU (train step / matmul): {achieved / peak:.1%}")
+
+
+if __name__ == "__main__":
+    main()

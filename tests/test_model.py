@@ -1,0 +1,167 @@
+"""The whole model: gradients against finite differences, float32 vs float64, causality, the
+fresh-model loss, the KV cache, and clear errors for bad input."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinylm import GPT, GPTConfig
+from tinylm.gradcheck import check_gradients
+
+
+@st.composite
+def configs(draw, dtype="float64"):
+    n_head = draw(st.integers(1, 3))
+    # d_model >= 3: LayerNorm over 1 or 2 features is degenerate (xhat is 0 or ±1 whatever x is).
+    head_dim = draw(st.integers(-(-3 // n_head), 4))
+    return GPTConfig(vocab_size=draw(st.integers(2, 12)), n_ctx=draw(st.integers(1, 8)),
+                     n_layer=draw(st.integers(1, 2)), n_head=n_head,
+                     d_model=n_head * head_dim, dtype=dtype)
+
+
+def batch(config, rng, B=None, T=None):
+    B = B or int(rng.integers(1, 4))
+    T = T or int(rng.integers(1, config.n_ctx + 1))
+    # vocab_size is small, so ids repeat inside a batch: the embedding backward must accumulate.
+    idx = rng.integers(0, config.vocab_size, size=(B, T))
+    targets = rng.integers(0, config.vocab_size, size=(B, T))
+    return idx, targets
+
+
+def scale_params(model, rng, scale):
+    """Perturb the fresh init so LayerNorm gains, biases and large activations are all exercised."""
+    for k, p in model.params.items():
+        p += rng.normal(size=p.shape) * (scale if p.ndim == 2 else 0.5)
+
+
+@given(config=configs(), seed=st.integers(0, 10**6), scale=st.sampled_from([0.02, 0.3, 1.0]),
+       masked=st.booleans())
+def test_model_gradients(config, seed, scale, masked):
+    rng = np.random.default_rng(seed)
+    model = GPT(config, seed=seed)
+    scale_params(model, rng, scale)
+    idx, targets = batch(config, rng)
+    targets[rng.random(targets.shape) < 0.2] = -1
+    targets[0, -1] = rng.integers(0, config.vocab_size)      # at least one position counts
+    mask = None
+    if masked:
+        mask = (rng.random(idx.shape) < 0.7).astype(float)
+        mask[0, -1] = 1.0
+    loss, grads = model.loss_and_grads(idx, targets, mask)
+    assert set(grads) == set(model.params)
+    assert all(grads[k].shape == model.params[k].shape for k in grads)
+    errors = check_gradients(lambda: model.loss(idx, targets, mask), model.params, grads, max_entries=6, seed=seed)
+    bad = {k: e for k, e in errors.items() if not e <= 1e-6}
+    assert not bad, f"relative gradient error above 1e-6: {bad}"
+
+
+@given(config=configs(), seed=st.integers(0, 10**6))
+def test_hidden_backward_matches_finite_differences(config, seed):
+    """The documented z API: a gradient given on z backpropagates to every trunk parameter."""
+    rng = np.random.default_rng(seed)
+    model = GPT(config, seed=seed)
+    scale_params(model, rng, 0.3)
+    idx, _ = batch(config, rng)
+    z, cache = model.hidden(idx)
+    G = rng.normal(size=z.shape)
+    grads = model.hidden_backward(G, cache)
+    assert set(grads) == set(model.params)
+    errors = check_gradients(lambda: float((model.hidden(idx)[0] * G).sum()), model.params, grads,
+                             max_entries=5, seed=seed)
+    assert max(errors.values()) <= 1e-6, errors
+
+
+@given(config=configs(), seed=st.integers(0, 10**6))
+def test_float32_forward_matches_float64(config, seed):
+    rng = np.random.default_rng(seed)
+    m64 = GPT(config, seed=seed)
+    scale_params(m64, rng, 0.3)
+    m32 = GPT(GPTConfig(**{**config.to_dict(), "dtype": "float32"}), params=m64.params)
+    idx, _ = batch(config, rng)
+    l64, l32 = m64.forward(idx), m32.forward(idx)
+    assert l32.dtype == np.float32 and l64.dtype == np.float64
+    rel = np.linalg.norm(l32 - l64) / np.linalg.norm(l64)
+    assert rel <= 1e-5, rel
+
+
+@given(config=configs(), seed=st.integers(0, 10**6))
+def test_causality(config, seed):
+    """Changing token t never changes logits or z at positions < t."""
+    rng = np.random.default_rng(seed)
+    model = GPT(config, seed=seed)
+    scale_params(model, rng, 0.3)
+    idx, _ = batch(config, rng, B=1)
+    T = idx.shape[1]
+    t = int(rng.integers(0, T))
+    changed = idx.copy()
+    changed[0, t] = (idx[0, t] + 1) % config.vocab_size
+    z0, z1 = model.hidden(idx)[0], model.hidden(changed)[0]
+    np.testing.assert_array_equal(model.forward(idx)[:, :t], model.forward(changed)[:, :t])
+    np.testing.assert_array_equal(z0[:, :t], z1[:, :t])
+    if config.vocab_size > 1:
+        assert not np.array_equal(z0[:, t:], z1[:, t:])     # ...but it does change position t
+
+
+@pytest.mark.parametrize("vocab_size", [65, 256, 1000])
+def test_fresh_model_loss_is_log_vocab(vocab_size):
+    config = GPTConfig(vocab_size=vocab_size, n_ctx=32, n_layer=2, n_head=4, d_model=64)
+    rng = np.random.default_rng(0)
+    idx, targets = batch(config, rng, B=4, T=32)
+    loss, _ = GPT(config, seed=1).loss_and_grads(idx, targets)
+    assert abs(loss - math.log(vocab_size)) <= 0.1
+
+
+def test_kv_cache_logits_match_full_forward():
+    config = GPTConfig(vocab_size=50, n_ctx=16, n_layer=2, n_head=2, d_model=16, dtype="float64")
+    model = GPT(config, seed=3)
+    idx = np.random.default_rng(0).integers(0, 50, size=(2, 12))
+    full = model.forward(idx)
+    cache = model.new_kv_cache()
+    parts = [model.forward(idx[:, :5], cache)] + [model.forward(idx[:, t:t + 1], cache) for t in range(5, 12)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-12)
+    assert len(cache) == 12
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        model.forward(idx[:, :5], cache)
+
+
+# ---------------------------------------------------------------- bad input
+SMALL = dict(vocab_size=10, n_ctx=8, n_layer=1, n_head=2, d_model=4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(d_model=5), "d_model=5 must be divisible by n_head=2"),
+    (dict(n_head=0), "n_head must be a positive integer"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(vocab_size=-3), "vocab_size must be a positive integer"),
+    (dict(n_ctx=2.5), "n_ctx must be a positive integer"),
+    (dict(dtype="float16"), "dtype must be one of"),
+])
+def test_bad_config(change, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**SMALL, **change})
+
+
+@pytest.mark.parametrize("idx, message", [
+    (np.array([[1, 10]]), "token id 10 is out of range for vocab_size=10"),
+    (np.array([[-1, 2]]), "token id -1 is out of range"),
+    (np.array([[1.0, 2.0]]), "must hold integers"),
+    (np.array([1, 2]), r"must be 2-D \(B, T\)"),
+    (np.zeros((1, 9), dtype=int), "T=9, more than n_ctx=8"),
+    ([[1, 2]], "must be an integer array"),
+])
+def test_bad_idx(idx, message):
+    with pytest.raises(ValueError, match=message):
+        GPT(GPTConfig(**SMALL)).forward(idx)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (np.array([[1, 2, 3]]), r"targets shape \(1, 3\) differs from idx shape \(1, 2\)"),
+    (np.array([[1, 10]]), "targets: id 10 is out of range"),
+    (np.array([[-2, 1]]), "targets: id -2 is out of range"),
+    (np.array([[-1, -1]]), "no position counts"),
+])
+def test_bad_targets(targets, message):
+    with pytest.raises(ValueError, match=message):
+        GPT(GPTConfig(**SMALL)).loss_and_grads(np.array([[1, 2]]), targets)

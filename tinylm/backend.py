@@ -1,0 +1,44 @@
+"""The one place that knows about devices: NumPy on CPU, CuPy on a CUDA GPU.
+
+Model and layer code never branch on the device. Layers that must *create* an array ask
+`array_module(x)` for the module that owns their input (the CuPy idiom `get_array_module`);
+everything else is written with ufuncs, methods and `@`, which both libraries share.
+`import tinylm` never imports CuPy: it is only loaded when a caller asks for device="cuda".
+"""
+import sys
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+
+
+def get_xp(device):
+    """Return the array module for `device` ("cpu" -> numpy, "cuda" -> cupy)."""
+    if device == "cpu":
+        return np
+    if device == "cuda":
+        try:
+            import cupy
+        except ImportError as e:
+            raise ValueError(
+                "device='cuda' needs CuPy; install it with `pip install tinylm[gpu]` "
+                f"on a machine with an NVIDIA GPU ({e})") from None
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # CuPy installed but no driver / no GPU
+            raise ValueError(f"device='cuda' was asked for but no CUDA GPU is usable: {e}") from None
+        return cupy
+    raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+
+
+def array_module(x):
+    """numpy, or cupy when x is a CuPy array (CuPy is only consulted if already imported)."""
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return cupy
+    return np
+
+
+def to_numpy(x):
+    """A NumPy copy of a NumPy or CuPy array (for saving, printing, comparing)."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)

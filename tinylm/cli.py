@@ -1,0 +1,31 @@
+"""The `tinylm` command. Each sub-command lives in its own module with `add_parser(subparsers)`,
+which registers it and sets `func(args) -> exit code`."""
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["tinylm.commands.check"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tinylm", description="A GPT-2 in NumPy with hand-written gradients.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("tinylm: interrupted", file=sys.stderr)
+        return 130
+    except ValueError as e:      # bad input: one readable line, no traceback
+        print(f"tinylm {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,246 @@
+"""GPT-2's layers, each a forward/backward pair written by hand.
+
+Convention (as in llm.c): `name_forward(inputs, params) -> (out, cache)` saves exactly what the
+backward needs; `name_backward(dout, cache)` returns the gradients of the inputs and parameters,
+in the order they were passed to the forward. B = batch, T = time, C = d_model, H = heads,
+V = vocabulary. Every function works on NumPy or CuPy arrays alike.
+"""
+import math
+
+from .backend import array_module
+
+LAYERNORM_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------- embedding
+def embedding_forward(ids, weight):
+    """out[b, t] = weight[ids[b, t]].   ids (B, T) int, weight (N, C) -> out (B, T, C)"""
+    return weight[ids], (ids, weight.shape)
+
+
+def embedding_backward(dout, cache):
+    """dweight[n] = sum of dout over every (b, t) whose id is n. Returns dweight (N, C).
+
+    Ids repeat (the same token twice in a batch), so the rows must be *accumulated*:
+    `dweight[ids] += dout` would keep only the last write for a repeated id.
+    """
+    ids, shape = cache
+    xp = array_module(dout)
+    dweight = xp.zeros(shape, dtype=dout.dtype)
+    xp.add.at(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    return dweight
+
+
+# ----------------------------------------------------------------------------- layernorm
+def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis.   x (..., C) -> y (..., C)"""
+    mean = x.mean(-1, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(-1, keepdims=True)
+    rstd = 1.0 / (var + eps) ** 0.5
+    xhat = xc * rstd
+    return xhat * weight + bias, (xhat, rstd, weight)
+
+
+def layernorm_backward(dy, cache):
+    """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * weight.
+
+    The last two terms are the gradient flowing through the mean and the variance: every
+    output depends on every input of its row. Returns (dx, dweight, dbias).
+    """
+    xhat, rstd, weight = cache
+    axes = tuple(range(dy.ndim - 1))
+    dweight = (dy * xhat).sum(axes)
+    dbias = dy.sum(axes)
+    dxhat = dy * weight
+    dx = dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True)
+    dx *= rstd
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------- linear
+def linear_forward(x, weight, bias=None):
+    """y = x @ weight + bias.   x (..., I), weight (I, O) (GPT-2's Conv1D layout), bias (O,) -> y (..., O)"""
+    # One (B·T, I) @ (I, O) GEMM: a 3-D @ 2-D matmul would run B smaller ones.
+    y = (x.reshape(-1, x.shape[-1]) @ weight).reshape(*x.shape[:-1], weight.shape[1])
+    if bias is not None:
+        y += bias
+    return y, (x, weight, bias is not None)
+
+
+def linear_backward(dy, cache):
+    """dx = dy @ weightᵀ, dweight = xᵀ @ dy (summed over all leading axes), dbias = sum dy.
+
+    Returns (dx, dweight, dbias); dbias is None when the forward had no bias.
+    """
+    x, weight, has_bias = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dweight = x.reshape(-1, x.shape[-1]).T @ dy2
+    dbias = dy2.sum(0) if has_bias else None
+    dx = (dy2 @ weight.T).reshape(x.shape)
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------- gelu
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GPT-2's tanh GELU: y = 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))).   any shape"""
+    xp = array_module(x)
+    # In place where possible: at d_model 256 every temporary is a fresh 8 MB the OS must fault in.
+    t = x * x
+    t *= 0.044715
+    t += 1.0
+    t *= x
+    t *= GELU_C
+    xp.tanh(t, out=t)
+    y = t + 1.0
+    y *= x
+    y *= 0.5
+    return y, (x, t)
+
+
+def gelu_backward(dy, cache):
+    """dy/dx = 0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²), with t the forward's tanh."""
+    x, t = cache
+    dx = x * x
+    dx *= 3 * 0.044715 * GELU_C
+    dx += GELU_C
+    dx *= x
+    dx *= t * t - 1.0                               # -(1 - tanh²)
+    dx *= -1.0
+    dx += t
+    dx += 1.0
+    dx *= 0.5
+    dx *= dy
+    return dx
+
+
+# ----------------------------------------------------------------------------- attention
+def causal_mask(xp, n_query, n_key, dtype):
+    """Additive mask (n_query, n_key): 0 where query i (the last n_query of n_key positions) may see
+    key j, -inf where j is in its future.
+
+    -inf, never a finite -1e4: exp(-inf) is exactly 0, so no probability ever leaks from the
+    future however large the scores grow, and a finite constant can be out-bid by a large score.
+    """
+    offset = n_key - n_query
+    future = xp.arange(n_key)[None, :] > (xp.arange(n_query)[:, None] + offset)
+    return xp.where(future, -xp.inf, 0.0).astype(dtype)
+
+
+def split_heads(qkv, n_head):
+    """(B, T, 3C) -> q, k, v each (B, H, T, C/H): GPT-2's c_attn output is [q | k | v], heads contiguous."""
+    B, T, C3 = qkv.shape
+    qkv = qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def merge_heads(y):
+    """(B, H, T, hd) -> (B, T, H·hd)"""
+    B, H, T, hd = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
+
+
+def attention_forward(qkv, n_head, past=None):
+    """Causal multi-head self-attention, softmax(q kᵀ / √hd + mask) v.
+
+    qkv (B, T, 3C) -> out (B, T, C). `past` = (k, v), each (B, H, P, hd), holds the keys and values
+    of P earlier positions (the KV cache at generation): the T new queries attend to all P + T keys.
+    The cache keeps (q, k, v, att) with k, v covering all P + T positions, for the next step or
+    the backward.
+    """
+    xp = array_module(qkv)
+    q, k, v = split_heads(qkv, n_head)
+    if past is not None:
+        k = xp.concatenate([past[0], k], axis=2)
+        v = xp.concatenate([past[1], v], axis=2)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = q @ k.transpose(0, 1, 3, 2)                      # (B, H, T, P+T)
+    att *= scale
+    att += causal_mask(xp, q.shape[2], k.shape[2], att.dtype)
+    # Subtract the row max before exp so no score overflows; each row keeps at least one
+    # finite entry (the query's own position), so the max is finite.
+    att -= att.max(-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(-1, keepdims=True)
+    y = att @ v                                            # (B, H, T, hd)
+    return merge_heads(y), (q, k, v, att)
+
+
+def attention_backward(dout, cache):
+    """Backward of softmax attention (no KV cache: T = P + T).   dout (B, T, C) -> dqkv (B, T, 3C)
+
+    dv = attᵀ dy;  datt = dy vᵀ;  dS = att ∘ (datt − rowsum(datt ∘ att));  dq = dS k / √hd;  dk = dSᵀ q / √hd.
+    Masked entries have att = 0, so they receive no gradient.
+    """
+    q, k, v, att = cache
+    xp = array_module(dout)
+    B, H, T, hd = q.shape
+    dy = dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+    dv = att.transpose(0, 1, 3, 2) @ dy
+    datt = dy @ v.transpose(0, 1, 3, 2)
+    datt -= (datt * att).sum(-1, keepdims=True)
+    datt *= att
+    datt *= 1.0 / math.sqrt(hd)
+    dq = datt @ k
+    dk = datt.transpose(0, 1, 3, 2) @ q
+    dqkv = xp.stack([dq, dk, dv])                           # (3, B, H, T, hd)
+    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hd)
+
+
+# ----------------------------------------------------------------------------- softmax cross-entropy
+def cross_entropy_forward(logits, targets):
+    """Per-position negative log-likelihood, nll = logsumexp(logits) − logits[target].
+
+    logits (B, T, V), targets (B, T) int with −1 meaning "no target here" -> nll (B, T) (0 where
+    ignored). Log-sum-exp with the row max subtracted keeps it finite for logits of any size.
+    """
+    xp = array_module(logits)
+    shifted = logits - logits.max(-1, keepdims=True)
+    sumexp = xp.exp(shifted).sum(-1, keepdims=True)
+    logp = shifted - xp.log(sumexp)                        # (B, T, V) log-probabilities
+    valid = targets >= 0
+    safe = xp.where(valid, targets, 0)
+    nll = -xp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    nll *= valid
+    return nll, (logp, safe, valid)
+
+
+def cross_entropy_backward(dnll, cache):
+    """Fused softmax + cross-entropy backward: dlogits = (softmax(logits) − onehot(target)) · dnll.
+
+    dnll (B, T) is the weight of each position in the loss (1/count for a mean); ignored
+    positions get no gradient whatever their weight.   -> dlogits (B, T, V)
+    """
+    logp, safe, valid = cache
+    xp = array_module(dnll)
+    dlogits = xp.exp(logp)
+    V = dlogits.shape[-1]
+    flat = dlogits.reshape(-1, V)                           # a view: writes land in dlogits
+    flat[xp.arange(flat.shape[0]), safe.reshape(-1)] -= 1.0
+    dlogits *= (dnll * valid)[..., None]
+    return dlogits
+
+
+# ----------------------------------------------------------------------------- reward head
+def reward_head_forward(z, last, reward_vector, reward_bias):
+    """r[b] = z[b, last[b]] · reward_vector + reward_bias.   z (B, T, C), last (B,) int -> r (B,)
+
+    Reads the final-layer vector of each sequence's last real token: under the causal mask
+    only that position has seen the whole instruction and response (z at position 1 has not).
+    """
+    xp = array_module(z)
+    z_last = z[xp.arange(z.shape[0]), last]                # (B, C)
+    return z_last @ reward_vector + reward_bias, (z_last, last, z.shape, reward_vector)
+
+
+def reward_head_backward(dr, cache):
+    """dz is zero except at each sequence's last real token, where it is dr·reward_vector.
+    Returns (dz (B, T, C), dreward_vector (C,), dreward_bias ())."""
+    z_last, last, shape, reward_vector = cache
+    xp = array_module(dr)
+    dz = xp.zeros(shape, dtype=z_last.dtype)
+    dz[xp.arange(shape[0]), last] = dr[:, None] * reward_vector
+    return dz, z_last.T @ dr, dr.sum()

@@ -1,0 +1,307 @@
+"""GPT-2, composed from the layer pairs in layers.py.
+
+forward, top to bottom:                     backward, bottom to top:
+    x = wte[idx] + wpe[pos]                     dwte += embedding_backward, dwpe = embedding_backward
+    for each block:                             for each block, last first:
+        x = x + attn(ln_1(x))                       dx += ln_2ᵀ(fc ᵀ(geluᵀ(projᵀ(dx))))
+        x = x + mlp(ln_2(x))                        dx += ln_1ᵀ(c_attnᵀ(attnᵀ(c_projᵀ(dx))))
+    z = ln_f(x)                                 dz -> ln_fᵀ
+    logits = z @ wteᵀ  (head tied to wte)       dlogits -> dz, dwte
+
+Parameters are named as Hugging Face's GPT-2 keys without the `transformer.` prefix, in its
+Conv1D (in, out) layout, so a checkpoint maps one-to-one onto `model.params`.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .backend import get_xp, to_numpy
+from .layers import (attention_backward, attention_forward, cross_entropy_backward,
+                     cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
+                     gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
+                     linear_forward)
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    n_ctx: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_head
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def param_shapes(config):
+    """name -> shape, in GPT-2's order and layout."""
+    C, V = config.d_model, config.vocab_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (config.n_ctx, C)}
+    for i in range(config.n_layer):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
+        })
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    return shapes
+
+
+def init_params(config, seed=0):
+    """GPT-2's initialisation: N(0, 0.02) weights and embeddings, zero biases, unit LayerNorm gains;
+    the two projections that write into the residual stream get 0.02/√(2·n_layer) so the stream's
+    variance doesn't grow with depth."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            p = np.ones(shape)
+        elif len(shape) == 1:
+            p = np.zeros(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            p = rng.normal(0.0, std, size=shape)
+        params[name] = p.astype(config.dtype)
+    return params
+
+
+class KVCache:
+    """Keys and values of the positions already seen, per layer: generation then costs O(T) per
+    new token instead of recomputing all T positions."""
+
+    def __init__(self, n_layer):
+        self.layers = [None] * n_layer
+
+    def __len__(self):
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+
+class GPT:
+    """A GPT-2 language model whose every gradient is computed by hand (see layers.py).
+
+    model.params: dict name -> array. model.forward(idx) -> logits. model.loss_and_grads(idx,
+    targets) -> (loss, grads). model.hidden(idx) -> (z, cache) and model.hidden_backward(dz, cache)
+    expose the final-layer vectors z for heads other than the LM's (the reward model).
+    """
+
+    def __init__(self, config, seed=0, device="cpu", params=None):
+        self.config = config
+        self.device = device
+        self.xp = get_xp(device)
+        params = init_params(config, seed) if params is None else params
+        self.params = {k: self.xp.asarray(v, dtype=config.dtype) for k, v in params.items()}
+
+    # ------------------------------------------------------------------ input checks
+    def check_idx(self, idx, name="idx", past=0):
+        """Token ids must be a 2-D integer array (B, T) of ids in [0, vocab_size) with P + T <= n_ctx."""
+        cfg = self.config
+        if not hasattr(idx, "dtype") or not hasattr(idx, "ndim"):
+            raise ValueError(f"{name} must be an integer array of shape (B, T), got {type(idx).__name__}")
+        if idx.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got dtype {idx.dtype}")
+        if idx.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(idx.shape)}")
+        if idx.shape[0] < 1 or idx.shape[1] < 1:
+            raise ValueError(f"{name} must have at least one row and one position, got shape {tuple(idx.shape)}")
+        if past + idx.shape[1] > cfg.n_ctx:
+            raise ValueError(f"{name} has T={idx.shape[1]}" + (f" after {past} cached positions" if past else "")
+                             + f", more than n_ctx={cfg.n_ctx}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name}: token id {bad} is out of range for vocab_size={cfg.vocab_size} "
+                             f"(allowed 0..{cfg.vocab_size - 1})")
+
+    def check_targets(self, idx, targets):
+        """Targets: same shape as idx, integers in [0, vocab_size) or -1 for "no target"."""
+        if not hasattr(targets, "dtype") or targets.dtype.kind not in "iu":
+            raise ValueError(f"targets must be an integer array, got {getattr(targets, 'dtype', type(targets))}")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < -1 or hi >= self.config.vocab_size:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"targets: id {bad} is out of range for vocab_size={self.config.vocab_size} "
+                             f"(allowed 0..{self.config.vocab_size - 1}, or -1 to ignore a position)")
+
+    # ------------------------------------------------------------------ blocks
+    def block_forward(self, x, i, past=None):
+        """One pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(·)).   x (B, T, C)"""
+        p, h = self.params, f"h.{i}."
+        a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        a, c_attn = linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
+        a, c_att = attention_forward(a, self.config.n_head, past)
+        a, c_aproj = linear_forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        x = x + a
+        m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        m, c_fc = linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
+        m, c_gelu = gelu_forward(m)
+        m, c_mproj = linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+        x = x + m
+        return x, (c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj)
+
+    def block_backward(self, dx, cache, i, grads):
+        """The block's forward in reverse; the residual adds pass dx through unchanged."""
+        c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj = cache
+        h = f"h.{i}."
+        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = linear_backward(dx, c_mproj)
+        dm = gelu_backward(dm, c_gelu)
+        dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = linear_backward(dm, c_fc)
+        dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layernorm_backward(dm, c_ln2)
+        dx = dx + dm
+        da, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = linear_backward(dx, c_aproj)
+        da = attention_backward(da, c_att)
+        da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = linear_backward(da, c_attn)
+        da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layernorm_backward(da, c_ln1)
+        return dx + da
+
+    # ------------------------------------------------------------------ trunk: idx -> z
+    def hidden(self, idx, kv_cache=None):
+        """Final-layer vectors z = ln_f(blocks(embed(idx))).   idx (B, T) -> z (B, T, C), cache
+
+        With a KVCache the positions continue after the cached ones and the cache is extended
+        (inference only: the returned cache is then not valid for hidden_backward).
+        """
+        past = 0 if kv_cache is None else len(kv_cache)
+        self.check_idx(idx, past=past)
+        xp, p = self.xp, self.params
+        tok, c_tok = embedding_forward(idx, p["wte.weight"])
+        pos, c_pos = embedding_forward(xp.arange(past, past + idx.shape[1]), p["wpe.weight"])
+        x = tok + pos
+        c_blocks = []
+        for i in range(self.config.n_layer):
+            layer_past = None if kv_cache is None else kv_cache.layers[i]
+            x, c_block = self.block_forward(x, i, layer_past)
+            if kv_cache is not None:
+                q, k, v, att = c_block[2]
+                kv_cache.layers[i] = (k, v)
+            c_blocks.append(c_block)
+        z, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        return z, (c_tok, c_pos, c_blocks, c_lnf)
+
+    def hidden_backward(self, dz, cache, grads=None):
+        """Backpropagate a gradient dz (B, T, C) given on z through the trunk.
+
+        Returns grads: dict name -> array for every trunk parameter. If `grads` is given (e.g. it
+        already holds the head's dwte), the trunk's gradients are added into it.
+        """
+        c_tok, c_pos, c_blocks, c_lnf = cache
+        grads = {} if grads is None else grads
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dz, c_lnf)
+        for i in reversed(range(self.config.n_layer)):
+            dx = self.block_backward(dx, c_blocks[i], i, grads)
+        grads["wpe.weight"] = embedding_backward(dx.sum(0), c_pos)
+        dwte = embedding_backward(dx, c_tok)
+        grads["wte.weight"] = dwte + grads["wte.weight"] if "wte.weight" in grads else dwte
+        return grads
+
+    # ------------------------------------------------------------------ head: z -> logits
+    def head_forward(self, z):
+        """logits = z @ wteᵀ: the output head shares the token embedding (tied weights)."""
+        return linear_forward(z, self.params["wte.weight"].T)
+
+    def head_backward(self, dlogits, cache):
+        """-> dz, dwte (the transpose of the head's weight gradient)."""
+        dz, dweight, _ = linear_backward(dlogits, cache)
+        return dz, dweight.T
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, idx, kv_cache=None):
+        """idx (B, T) int -> logits (B, T, V). With a KVCache, idx holds only the new tokens."""
+        z, _ = self.hidden(idx, kv_cache)
+        return self.head_forward(z)[0]
+
+    def token_nll(self, idx, targets):
+        """Per-position negative log-likelihood (B, T) of targets (−1: ignored, nll 0), and the cache
+        that `nll_backward` needs."""
+        self.check_targets(idx, targets)
+        z, c_trunk = self.hidden(idx)
+        logits, c_head = self.head_forward(z)
+        nll, c_ce = cross_entropy_forward(logits, targets)
+        return nll, (c_trunk, c_head, c_ce)
+
+    def nll_backward(self, dnll, cache):
+        """Gradients of sum(dnll · nll): dnll (B, T) is each position's weight in the loss."""
+        c_trunk, c_head, c_ce = cache
+        dlogits = cross_entropy_backward(dnll, c_ce)
+        dz, dwte = self.head_backward(dlogits, c_head)
+        return self.hidden_backward(dz, c_trunk, {"wte.weight": dwte})
+
+    def weighted_nll_and_grads(self, idx, targets, weights):
+        """loss = Σ weights · nll and its gradients; weights (B, T). The policy gradient and DPO use
+        this with per-token weights; the LM loss is the special case weights = mask / count."""
+        nll, cache = self.token_nll(idx, targets)
+        weights = self.xp.asarray(weights, dtype=nll.dtype)
+        if weights.shape != nll.shape:
+            raise ValueError(f"weights shape {tuple(weights.shape)} differs from idx shape {tuple(nll.shape)}")
+        return float((weights * nll).sum()), self.nll_backward(weights, cache)
+
+    def loss_and_grads(self, idx, targets, loss_mask=None):
+        """Mean cross-entropy over the positions that count (loss_mask 1 and target != −1), and
+        the gradient of every parameter (same keys as params)."""
+        self.check_targets(idx, targets)
+        counts = (targets >= 0).astype(self.config.dtype)
+        if loss_mask is not None:
+            loss_mask = self.xp.asarray(loss_mask)
+            if loss_mask.shape != idx.shape:
+                raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} differs from idx shape {tuple(idx.shape)}")
+            counts = counts * loss_mask
+        n = float(counts.sum())
+        if n == 0:
+            raise ValueError("no position counts towards the loss (loss_mask is all 0 or every target is -1)")
+        return self.weighted_nll_and_grads(idx, targets, counts / n)
+
+    def loss(self, idx, targets, loss_mask=None):
+        """The loss alone (no backward)."""
+        nll, _ = self.token_nll(idx, targets)
+        counts = (targets >= 0) * (1 if loss_mask is None else self.xp.asarray(loss_mask))
+        return float((nll * counts).sum() / counts.sum())
+
+    def token_logprobs(self, idx, targets):
+        """log p(targets[b, t] | idx[b, :t+1]) for each position (0 where the target is −1)."""
+        return -self.token_nll(idx, targets)[0]
+
+    def new_kv_cache(self):
+        return KVCache(self.config.n_layer)
+
+    # ------------------------------------------------------------------ copies and checkpoints
+    def copy(self):
+        return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()})
+
+    def numpy_params(self):
+        return {k: to_numpy(v) for k, v in self.params.items()}
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", device="cpu"):
+        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
+        from .hf import load_hf
+        config, params = load_hf(path, dtype)
+        return cls(config, device=device, params=params)
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads."""
+        from .hf import save_hf
+        save_hf(path, self.config, self.numpy_params())

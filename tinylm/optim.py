@@ -1,0 +1,63 @@
+"""AdamW and global-norm gradient clipping, as plain functions over {name: array} dicts.
+
+The optimizer state is a dict of arrays plus a step count, so it saves next to the weights.
+"""
+import math
+
+from .backend import array_module
+
+
+def decays(name, shape):
+    """Default weight-decay rule: decay the matrices that multiply activations (attention and MLP
+    weights); leave biases, LayerNorm gains and the embeddings alone, as GPT-2 / nanoGPT do."""
+    return len(shape) == 2 and not name.startswith(("wte.", "wpe."))
+
+
+def adamw_init(params):
+    """Zero first and second moments for every parameter; step 0."""
+    def zeros(p):
+        return array_module(p).zeros_like(p)
+    return {"step": 0, "m": {k: zeros(p) for k, p in params.items()}, "v": {k: zeros(p) for k, p in params.items()}}
+
+
+def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay=decays):
+    """One AdamW update, in place:
+
+        m = β1 m + (1−β1) g;   v = β2 v + (1−β2) g²;   m̂ = m/(1−β1ᵗ);   v̂ = v/(1−β2ᵗ)
+        θ = θ − lr·(m̂ / (√v̂ + ε) + wd·θ)      (wd only where decay(name, shape))
+
+    Weight decay is decoupled (Loshchilov & Hutter): it shrinks θ directly instead of being added
+    to g, so Adam's per-parameter scaling doesn't weaken it for parameters with large gradients.
+    """
+    if set(grads) != set(params):
+        missing, extra = sorted(set(params) - set(grads)), sorted(set(grads) - set(params))
+        raise ValueError(f"grads must have the params' keys; missing {missing[:5]}, unexpected {extra[:5]}")
+    beta1, beta2 = betas
+    state["step"] += 1
+    t = state["step"]
+    bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+    for name, p in params.items():
+        g, m, v = grads[name], state["m"][name], state["v"][name]
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * (g * g)
+        if weight_decay and decay(name, p.shape):
+            p *= 1 - lr * weight_decay
+        p -= (lr / bias1) * m / ((v / bias2) ** 0.5 + eps)
+
+
+def grad_norm(grads):
+    """Global L2 norm over every gradient."""
+    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm
+    before clipping (worth logging: spikes show instability)."""
+    norm = grad_norm(grads)
+    if max_norm is not None and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads.values():
+            g *= scale
+    return norm
