@@ -4,6 +4,7 @@ A multiply-add is 2 FLOPs. Backward costs twice the forward for every matmul (on
 input's gradient, one for the weight's), so training is 3x the forward: the familiar 6N per token.
 """
 from .model import param_shapes
+from .ssm import dt_rank
 
 
 def count_params(config):
@@ -26,16 +27,17 @@ def flops_per_token(config, seq_len=None):
     """
     T = config.n_ctx if seq_len is None else seq_len
     d, L, V = config.d_model, config.n_layer, config.vocab_size
-    per_layer = {
+    per_layer = _ssm_flops(config) if config.mixer == "ssm" else {
         "qkv": 2 * d * 3 * d,
         "attention_scores": 2 * T * d,
         "attention_values": 2 * T * d,
         "attention_proj": 2 * d * d,
-        "mlp": 2 * 2 * d * 4 * d,
     }
+    per_layer["mlp"] = 2 * 2 * d * 4 * d
     forward = L * sum(per_layer.values()) + 2 * d * V     # + the tied output head
     n = count_params(config)["non_embedding"]
-    kaplan_forward = 2 * n + 2 * L * T * d
+    # The ssm mixer has no T-dependent term: its cost per token is the same at any context length.
+    kaplan_forward = 2 * n + (0 if config.mixer == "ssm" else 2 * L * T * d)
     return {
         "seq_len": T,
         "exact_forward": forward,
@@ -44,6 +46,24 @@ def flops_per_token(config, seq_len=None):
         "kaplan_forward_backward": 3 * kaplan_forward,
         "per_layer_forward": per_layer,
         "head_forward": 2 * d * V,
+    }
+
+
+def _ssm_flops(config):
+    """Forward FLOPs per token of one ssm mixer (see ssm.py): 2 per weight of each projection and
+    of the depthwise conv, and for the scan, per channel e and state n: Δ·A (1), ·B (1),
+    a·h + b (2), C·h (2), plus per channel Δ·u (1), D·u + (2) and the gate product y·silu(z) (1).
+    Exponentials, softplus and SiLU are not counted, as GELU and softmax are not for attention."""
+    d, N, K = config.d_model, config.d_state, config.d_conv
+    E, R = config.expand * d, dt_rank(d)
+    return {
+        "in_proj": 2 * d * 2 * E,
+        "conv": 2 * K * E,
+        "x_proj": 2 * E * (R + 2 * N),
+        "dt_proj": 2 * R * E,
+        "scan": 6 * E * N + 3 * E,
+        "gate": E,
+        "out_proj": 2 * E * d,
     }
 
 

@@ -93,6 +93,9 @@ def hf_config(config):
 
 def save_hf(path, config, params):
     """Write config.json and model.safetensors (with the `transformer.` prefix, no lm_head: tied)."""
+    if config.mixer != "attention":
+        raise ValueError(f"save_pretrained: a mixer={config.mixer!r} model is not GPT-2; transformers' "
+                         "GPT2LMHeadModel has no state-space layers to load it into (only mixer='attention' saves)")
     from safetensors.numpy import save_file
     os.makedirs(path, exist_ok=True)
     tensors = {PREFIX + k: np.ascontiguousarray(v) for k, v in params.items()}

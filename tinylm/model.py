@@ -3,13 +3,15 @@
 forward, top to bottom:                     backward, bottom to top:
     x = wte[idx] + wpe[pos]                     dwte += embedding_backward, dwpe = embedding_backward
     for each block:                             for each block, last first:
-        x = x + attn(ln_1(x))                       dx += ln_2ᵀ(fc ᵀ(geluᵀ(projᵀ(dx))))
-        x = x + mlp(ln_2(x))                        dx += ln_1ᵀ(c_attnᵀ(attnᵀ(c_projᵀ(dx))))
+        x = x + mixer(ln_1(x))                      dx += ln_2ᵀ(fc ᵀ(geluᵀ(projᵀ(dx))))
+        x = x + mlp(ln_2(x))                        dx += ln_1ᵀ(mixerᵀ(dx))
     z = ln_f(x)                                 dz -> ln_fᵀ
     logits = z @ wteᵀ  (head tied to wte)       dlogits -> dz, dwte
 
-Parameters are named as Hugging Face's GPT-2 keys without the `transformer.` prefix, in its
-Conv1D (in, out) layout, so a checkpoint maps one-to-one onto `model.params`.
+The mixer is attention, c_proj(attention(c_attn(·))), or with mixer="ssm" the selective
+state-space layer of ssm.py. Parameters are named as Hugging Face's GPT-2 keys without the
+`transformer.` prefix, in its Conv1D (in, out) layout, so a checkpoint maps one-to-one onto
+`model.params` (an ssm model's `h.{i}.ssm.*` have no GPT-2 counterpart).
 """
 import math
 from dataclasses import asdict, dataclass
@@ -21,8 +23,10 @@ from .layers import (attention_backward, attention_forward, cross_entropy_backwa
                      cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
                      linear_forward)
+from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
 
 DTYPES = ("float32", "float64")
+MIXERS = ("attention", "ssm")
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,13 @@ class GPTConfig:
     n_head: int = 12
     d_model: int = 768
     dtype: str = "float32"
+    mixer: str = "attention"     # what mixes tokens in each block: "attention", or "ssm" (see ssm.py)
+    d_state: int = 16            # ssm only: state size N per channel
+    d_conv: int = 4              # ssm only: causal conv width K
+    expand: int = 2              # ssm only: E = expand·d_model inner channels
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model"):
+        for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_state", "d_conv", "expand"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
@@ -43,6 +51,8 @@ class GPTConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
 
     @property
     def head_dim(self):
@@ -58,10 +68,14 @@ def param_shapes(config):
     shapes = {"wte.weight": (V, C), "wpe.weight": (config.n_ctx, C)}
     for i in range(config.n_layer):
         h = f"h.{i}."
+        shapes.update({h + "ln_1.weight": (C,), h + "ln_1.bias": (C,)})
+        if config.mixer == "ssm":
+            ssm = ssm_param_shapes(C, config.d_state, config.d_conv, config.expand)
+            shapes.update({h + "ssm." + k: s for k, s in ssm.items()})
+        else:
+            shapes.update({h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+                           h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,)})
         shapes.update({
-            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
-            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
             h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
             h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
             h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
@@ -73,30 +87,35 @@ def param_shapes(config):
 def init_params(config, seed=0):
     """GPT-2's initialisation: N(0, 0.02) weights and embeddings, zero biases, unit LayerNorm gains;
     the two projections that write into the residual stream get 0.02/√(2·n_layer) so the stream's
-    variance doesn't grow with depth."""
+    variance doesn't grow with depth. SSM mixer parameters: see ssm_init_param."""
     rng = np.random.default_rng(seed)
+    out_std = 0.02 / math.sqrt(2 * config.n_layer)
     params = {}
     for name, shape in param_shapes(config).items():
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        if ".ssm." in name:
+            p = ssm_init_param(name.split(".ssm.")[1], shape, rng, out_std)
+        elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
             p = np.ones(shape)
         elif len(shape) == 1:
             p = np.zeros(shape)
         else:
-            std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            std = out_std if name.endswith("c_proj.weight") else 0.02
             p = rng.normal(0.0, std, size=shape)
         params[name] = p.astype(config.dtype)
     return params
 
 
 class KVCache:
-    """Keys and values of the positions already seen, per layer: generation then costs O(T) per
-    new token instead of recomputing all T positions."""
+    """What each layer keeps of the positions already seen, so generation feeds only new tokens:
+    keys and values for attention (O(T) per new token instead of recomputing all T positions), or
+    the fixed-size state (conv inputs, h) for the ssm mixer. len() is the number of positions seen."""
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
+        self.length = 0
 
     def __len__(self):
-        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+        return self.length
 
 
 class GPT:
@@ -113,6 +132,10 @@ class GPT:
         self.xp = get_xp(device)
         params = init_params(config, seed) if params is None else params
         self.params = {k: self.xp.asarray(v, dtype=config.dtype) for k, v in params.items()}
+        # The token mixer of every block, chosen once: the block code doesn't branch on it.
+        self.mixer_forward, self.mixer_backward = {
+            "attention": (self.attention_sublayer_forward, self.attention_sublayer_backward),
+            "ssm": (self.ssm_sublayer_forward, self.ssm_sublayer_backward)}[config.mixer]
 
     # ------------------------------------------------------------------ input checks
     def check_idx(self, idx, name="idx", past=0):
@@ -147,34 +170,59 @@ class GPT:
             raise ValueError(f"targets: id {bad} is out of range for vocab_size={self.config.vocab_size} "
                              f"(allowed 0..{self.config.vocab_size - 1}, or -1 to ignore a position)")
 
+    # ------------------------------------------------------------------ token mixers
+    def attention_sublayer_forward(self, a, i, past=None):
+        """c_proj(attention(c_attn(a))).   a (B, T, C) -> (out, cache, (k, v) for the KV cache)"""
+        p, h = self.params, f"h.{i}.attn."
+        a, c_attn = linear_forward(a, p[h + "c_attn.weight"], p[h + "c_attn.bias"])
+        a, c_att = attention_forward(a, self.config.n_head, past)
+        a, c_aproj = linear_forward(a, p[h + "c_proj.weight"], p[h + "c_proj.bias"])
+        return a, (c_attn, c_att, c_aproj), c_att[1:3]
+
+    def attention_sublayer_backward(self, da, cache, i, grads):
+        c_attn, c_att, c_aproj = cache
+        h = f"h.{i}.attn."
+        da, grads[h + "c_proj.weight"], grads[h + "c_proj.bias"] = linear_backward(da, c_aproj)
+        da = attention_backward(da, c_att)
+        da, grads[h + "c_attn.weight"], grads[h + "c_attn.bias"] = linear_backward(da, c_attn)
+        return da
+
+    def ssm_sublayer_forward(self, a, i, past=None):
+        """The selective state-space mixer of ssm.py.   a (B, T, C) -> (out, cache, fixed-size state)"""
+        h = f"h.{i}.ssm."
+        a, cache = ssm_mixer_forward(a, {k[len(h):]: v for k, v in self.params.items() if k.startswith(h)}, past)
+        return a, cache, ssm_state(cache)
+
+    def ssm_sublayer_backward(self, da, cache, i, grads):
+        da, mixer_grads = ssm_mixer_backward(da, cache)
+        grads.update({f"h.{i}.ssm.{k}": g for k, g in mixer_grads.items()})
+        return da
+
     # ------------------------------------------------------------------ blocks
     def block_forward(self, x, i, past=None):
-        """One pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(·)).   x (B, T, C)"""
+        """One pre-LN block: x + mixer(ln_1(x)), then + mlp(ln_2(·)).   x (B, T, C)
+        Returns (x, cache, the mixer's state for the KV cache)."""
         p, h = self.params, f"h.{i}."
         a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        a, c_attn = linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-        a, c_att = attention_forward(a, self.config.n_head, past)
-        a, c_aproj = linear_forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        a, c_mix, state = self.mixer_forward(a, i, past)
         x = x + a
         m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
         m, c_fc = linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
         m, c_gelu = gelu_forward(m)
         m, c_mproj = linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
         x = x + m
-        return x, (c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj)
+        return x, (c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj), state
 
     def block_backward(self, dx, cache, i, grads):
         """The block's forward in reverse; the residual adds pass dx through unchanged."""
-        c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj = cache
+        c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj = cache
         h = f"h.{i}."
         dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = linear_backward(dx, c_mproj)
         dm = gelu_backward(dm, c_gelu)
         dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = linear_backward(dm, c_fc)
         dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layernorm_backward(dm, c_ln2)
         dx = dx + dm
-        da, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = linear_backward(dx, c_aproj)
-        da = attention_backward(da, c_att)
-        da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = linear_backward(da, c_attn)
+        da = self.mixer_backward(dx, c_mix, i, grads)
         da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layernorm_backward(da, c_ln1)
         return dx + da
 
@@ -194,11 +242,12 @@ class GPT:
         c_blocks = []
         for i in range(self.config.n_layer):
             layer_past = None if kv_cache is None else kv_cache.layers[i]
-            x, c_block = self.block_forward(x, i, layer_past)
+            x, c_block, state = self.block_forward(x, i, layer_past)
             if kv_cache is not None:
-                q, k, v, att = c_block[2]
-                kv_cache.layers[i] = (k, v)
+                kv_cache.layers[i] = state
             c_blocks.append(c_block)
+        if kv_cache is not None:
+            kv_cache.length += idx.shape[1]
         z, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
         return z, (c_tok, c_pos, c_blocks, c_lnf)
 

@@ -9,8 +9,9 @@ from .backend import array_module
 
 def decays(name, shape):
     """Default weight-decay rule: decay the matrices that multiply activations (attention and MLP
-    weights); leave biases, LayerNorm gains and the embeddings alone, as GPT-2 / nanoGPT do."""
-    return len(shape) == 2 and not name.startswith(("wte.", "wpe."))
+    weights); leave biases, LayerNorm gains and the embeddings alone, as GPT-2 / nanoGPT do. The ssm
+    mixer's A_log is 2-D but holds decay rates, not weights: shrinking it would pull every A to −1."""
+    return len(shape) == 2 and not name.startswith(("wte.", "wpe.")) and not name.endswith(".A_log")
 
 
 def adamw_init(params):
