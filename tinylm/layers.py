@@ -176,7 +176,6 @@ def attention_backward(dout, cache):
     Masked entries have att = 0, so they receive no gradient.
     """
     q, k, v, att = cache
-    xp = array_module(dout)
     B, H, T, hd = q.shape
     dy = dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
     dv = att.transpose(0, 1, 3, 2) @ dy
@@ -186,7 +185,13 @@ def attention_backward(dout, cache):
     datt *= 1.0 / math.sqrt(hd)
     dq = datt @ k
     dk = datt.transpose(0, 1, 3, 2) @ q
-    dqkv = xp.stack([dq, dk, dv])                           # (3, B, H, T, hd)
+    return merge_qkv_grads(dq, dk, dv)
+
+
+def merge_qkv_grads(dq, dk, dv):
+    """The inverse of split_heads for gradients: dq, dk, dv each (B, H, T, hd) -> dqkv (B, T, 3C)."""
+    B, H, T, hd = dq.shape
+    dqkv = array_module(dq).stack([dq, dk, dv])             # (3, B, H, T, hd)
     return dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hd)
 
 

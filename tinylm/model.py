@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .backend import get_xp, to_numpy
+from .flash_attention import flash_attention_backward, flash_attention_forward
 from .layers import (attention_backward, attention_forward, cross_entropy_backward,
                      cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
@@ -27,6 +28,10 @@ from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_para
 
 DTYPES = ("float32", "float64")
 MIXERS = ("attention", "ssm")
+ATTENTIONS = ("naive", "flash", "auto")
+# "auto" switches to flash attention from this many positions on: below it the naive T×T matrix is
+# small and its few large matmuls beat flash's many block-sized ones (bench/attention_cpu.py).
+FLASH_MIN_T = 1024
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class GPTConfig:
     d_state: int = 16            # ssm only: state size N per channel
     d_conv: int = 4              # ssm only: causal conv width K
     expand: int = 2              # ssm only: E = expand·d_model inner channels
+    attention: str = "auto"          # "naive" (T×T matrix), "flash" (blocked, O(T) memory) or "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_state", "d_conv", "expand"):
@@ -53,6 +59,12 @@ class GPTConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+
+    def uses_flash(self, T):
+        """Whether T positions (without a KV cache) go through flash attention."""
+        return self.attention == "flash" or (self.attention == "auto" and T >= FLASH_MIN_T)
 
     @property
     def head_dim(self):
@@ -175,15 +187,22 @@ class GPT:
         """c_proj(attention(c_attn(a))).   a (B, T, C) -> (out, cache, (k, v) for the KV cache)"""
         p, h = self.params, f"h.{i}.attn."
         a, c_attn = linear_forward(a, p[h + "c_attn.weight"], p[h + "c_attn.bias"])
-        a, c_att = attention_forward(a, self.config.n_head, past)
+        if past is None and self.config.uses_flash(a.shape[1]):
+            a, c_att = flash_attention_forward(a, self.config.n_head)
+        else:       # generation with a KV cache: the naive path, which attends to past keys
+            a, c_att = attention_forward(a, self.config.n_head, past)
         a, c_aproj = linear_forward(a, p[h + "c_proj.weight"], p[h + "c_proj.bias"])
-        return a, (c_attn, c_att, c_aproj), c_att[1:3]
+        return a, (c_attn, c_att, c_aproj), c_att[1:3]      # both attention caches start (q, k, v)
 
     def attention_sublayer_backward(self, da, cache, i, grads):
         c_attn, c_att, c_aproj = cache
         h = f"h.{i}.attn."
         da, grads[h + "c_proj.weight"], grads[h + "c_proj.bias"] = linear_backward(da, c_aproj)
-        da = attention_backward(da, c_att)
+        # (a backward only follows a forward without KV cache: T alone says which attention ran)
+        if self.config.uses_flash(da.shape[1]):
+            da = flash_attention_backward(da, c_att)
+        else:
+            da = attention_backward(da, c_att)
         da, grads[h + "c_attn.weight"], grads[h + "c_attn.bias"] = linear_backward(da, c_attn)
         return da
 
