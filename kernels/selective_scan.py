@@ -103,6 +103,14 @@ def scan_backward_kernel(u, delta, A, Bm, Cm, D, h0, hs, dy, du, ddelta, dA_part
     dD_part[b, e] = dD
 
 
+def prepare(u, delta, A_log, Bm, Cm, D, h0):
+    """Checked inputs -> (array module, A = −exp(A_log), h0 or zeros (B, E, N))."""
+    check_inputs(u, delta, A_log, Bm, Cm, D)
+    xp = array_module(u)
+    A = (-xp.exp(A_log)).astype(np.float32)
+    return xp, A, xp.zeros((u.shape[0], u.shape[2], A_log.shape[1]), dtype=np.float32) if h0 is None else h0
+
+
 def n_blocks(n):
     return (n + THREADS - 1) // THREADS
 
@@ -111,11 +119,8 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
     """Same arguments as tinylm.ssm.selective_scan_forward (float32 NumPy arrays under the
     simulator, CuPy arrays on a GPU). -> y (B, T, E), hs (B, T, E, N): every state, for the backward
     (hs[:, -1] is the state to carry on at generation)."""
-    check_inputs(u, delta, A_log, Bm, Cm, D)
-    xp = array_module(u)
+    xp, A, h0 = prepare(u, delta, A_log, Bm, Cm, D, h0)
     (B, T, E), N = u.shape, A_log.shape[1]
-    A = (-xp.exp(A_log)).astype(np.float32)
-    h0 = xp.zeros((B, E, N), dtype=np.float32) if h0 is None else h0
     y = xp.empty((B, T, E), dtype=np.float32)
     hs = xp.empty((B, T, E, N), dtype=np.float32)
     scan_forward_kernel[n_blocks(B * E), THREADS](u, delta, A, Bm, Cm, D, h0, y, hs)
@@ -124,11 +129,8 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
 
 def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None):
     """-> (du, ddelta, dA_log, dBm, dCm, dD), as tinylm.ssm.selective_scan_backward returns them."""
-    check_inputs(u, delta, A_log, Bm, Cm, D)
-    xp = array_module(u)
+    xp, A, h0 = prepare(u, delta, A_log, Bm, Cm, D, h0)
     (B, T, E), N = u.shape, A_log.shape[1]
-    A = (-xp.exp(A_log)).astype(np.float32)
-    h0 = xp.zeros((B, E, N), dtype=np.float32) if h0 is None else h0
     du, ddelta = xp.empty_like(u), xp.empty_like(u)
     dBm, dCm = xp.zeros_like(Bm), xp.zeros_like(Cm)        # atomics add into them
     dA_part = xp.empty((B, E, N), dtype=np.float32)

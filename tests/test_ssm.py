@@ -10,24 +10,13 @@ from tinylm import GPT, GPTConfig, count_params, flops_per_token
 from tinylm.gradcheck import check_gradients
 from tinylm.model import param_shapes
 from tinylm.optim import decays
+from test_layers import TOL, assert_close, project  # noqa: E402  (tests/ is on sys.path)
 from tinylm.ssm import (causal_conv_backward, causal_conv_forward, selective_scan_backward,
                         selective_scan_forward, silu_backward, silu_forward, softplus_backward,
                         softplus_forward, ssm_init_param, ssm_mixer_backward, ssm_mixer_forward,
                         ssm_param_shapes)
 
-TOL = 1e-6
 seeds = st.integers(0, 2**31 - 1)
-
-
-def project(out, rng):
-    """A scalar loss sum(out · G) with a fixed random G, so dloss/dout = G."""
-    G = rng.normal(size=np.shape(out))
-    return G, lambda y: float((y * G).sum())
-
-
-def assert_close(errors):
-    bad = {k: e for k, e in errors.items() if not e <= TOL}
-    assert not bad, f"relative gradient error above {TOL}: {bad}"
 
 
 # ---------------------------------------------------------------- layers
@@ -258,3 +247,14 @@ def test_save_pretrained_refuses_an_ssm_model(tmp_path):
     with pytest.raises(ValueError, match="mixer='ssm' model is not GPT-2"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_with_the_ssm_state_matches_generation_without_cache():
+    """tinylm.generate drives the ssm through the same KV-cache interface as attention."""
+    from tinylm.generate import generate
+    config = GPTConfig(vocab_size=20, n_ctx=12, n_layer=2, n_head=1, d_model=8, mixer="ssm", dtype="float64")
+    model, _ = perturbed_model(config, 5)
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    out = [generate(model, prompt, 15, top_k=1, rng=np.random.default_rng(0), use_cache=c) for c in (True, False)]
+    np.testing.assert_array_equal(out[0], out[1])
+    assert np.asarray(out[0]).shape[1] == 18               # past n_ctx: the sliding context rebuilds the state

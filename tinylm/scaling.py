@@ -125,6 +125,11 @@ def train_run(config, dataset, settings):
     return curve[-1][2], curve
 
 
+def finished_runs(rows):
+    """{run name: its latest row with status ok}."""
+    return {r["run"]: r for r in rows if r["status"] == "ok"}
+
+
 def read_runs(out_dir):
     """The rows of DIR/runs.csv (numbers parsed, curve decoded); [] when there is none yet."""
     path = os.path.join(out_dir, CSV_NAME)
@@ -163,7 +168,7 @@ def sweep(out_dir, mixers, sizes, settings, text=None, progress=print):
     ids = ByteTokenizer().encode(load_text() if text is None else text)
     dataset = Dataset(ids, settings.n_ctx)                 # raises if the text is too short for n_ctx
     os.makedirs(out_dir, exist_ok=True)
-    done = {row["run"] for row in read_runs(out_dir) if row["status"] == "ok"}
+    done = finished_runs(read_runs(out_dir))
     for mixer in mixers:
         for n_layer, d_model in sizes:
             name = settings.run_name(mixer, n_layer, d_model)
@@ -249,7 +254,7 @@ def fit_mixer(rows):
 
 def fit_sweep(rows, mixers):
     """{mixer: fit} over the latest finished run of each name (failed runs are left out)."""
-    latest = {r["run"]: r for r in rows if r["status"] == "ok"}
+    latest = finished_runs(rows)
     fits = {}
     for mixer in mixers:
         runs = sorted((r for r in latest.values() if r["mixer"] == mixer), key=lambda r: r["params"])
@@ -258,42 +263,45 @@ def fit_sweep(rows, mixers):
     return fits
 
 
+COLORS = {"attention": "tab:blue", "ssm": "tab:orange"}
+
+
+def draw_loss_vs_params(ax, rows, fits):
+    for mixer, fit in fits.items():
+        N = np.array(fit["params"], float)
+        ax.scatter(N, fit["val_loss"], color=COLORS[mixer], label=f"{mixer} runs")
+        grid = np.geomspace(N.min(), N.max(), 50)
+        ax.plot(grid, (fit["N_c"] / grid) ** fit["alpha_N"], color=COLORS[mixer],
+                label=f"{mixer} fit: α_N = {fit['alpha_N']:.3f}")
+
+
+def draw_loss_vs_compute(ax, rows, fits):
+    for row in finished_runs(rows).values():
+        curve = np.array(row["curve"])
+        ax.plot(curve[:, 1], curve[:, 2], color=COLORS[row["mixer"]], alpha=0.35, lw=1)
+    for mixer, fit in fits.items():
+        front = np.array(fit["frontier"])
+        ax.plot(front[:, 0], front[:, 1], color=COLORS[mixer], lw=2.5,
+                label=f"{mixer} frontier" + (f": α_C = {fit['alpha_C']:.3f}" if fit["alpha_C"] else ""))
+
+
 def plot(out_dir, rows, fits):
     """loss_vs_params.png (log-log runs and fitted law) and loss_vs_compute.png (curves, frontier)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"attention": "tab:blue", "ssm": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for mixer, fit in fits.items():
-        N = np.array(fit["params"], float)
-        ax.scatter(N, fit["val_loss"], color=colors[mixer], label=f"{mixer} runs")
-        grid = np.geomspace(N.min(), N.max(), 50)
-        ax.plot(grid, (fit["N_c"] / grid) ** fit["alpha_N"], color=colors[mixer],
-                label=f"{mixer} fit: α_N = {fit['alpha_N']:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="validation loss (nats/byte)",
-           title="L(N) at a fixed token budget")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss_vs_params.png"), dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    latest = {r["run"]: r for r in rows if r["status"] == "ok"}
-    for row in latest.values():
-        curve = np.array(row["curve"])
-        ax.plot(curve[:, 1], curve[:, 2], color=colors[row["mixer"]], alpha=0.35, lw=1)
-    for mixer, fit in fits.items():
-        front = np.array(fit["frontier"])
-        ax.plot(front[:, 0], front[:, 1], color=colors[mixer], lw=2.5,
-                label=f"{mixer} frontier" + (f": α_C = {fit['alpha_C']:.3f}" if fit["alpha_C"] else ""))
-    ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="validation loss (nats/byte)",
-           title="every run's curve and the compute-efficient frontier")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss_vs_compute.png"), dpi=120)
-    plt.close(fig)
+    for name, draw, xlabel, title in [
+            ("loss_vs_params.png", draw_loss_vs_params, "non-embedding parameters N", "L(N) at a fixed token budget"),
+            ("loss_vs_compute.png", draw_loss_vs_compute, "training compute C (FLOPs)",
+             "every run's curve and the compute-efficient frontier")]:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        draw(ax, rows, fits)
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="validation loss (nats/byte)", title=title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
 
 
 def write_fits(out_dir, fits, mixers):
