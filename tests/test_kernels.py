@@ -172,3 +172,23 @@ def test_kernels_compile_to_ptx_without_float64():
     assert sum("0 with .f64" in line for line in lines) == 11, run.stdout      # every kernel listed, clean
     promoted = int(lines[-1].split(":")[1])
     assert promoted > 0, "the checker must see the f64 that a 0.5 literal causes"
+
+
+# ----------------------------------------------------------------------------- the model's switch
+def test_linear_layers_run_on_the_numba_matmul():
+    """backend.set_matmul("numba") routes linear_forward / linear_backward through kernels.matmul."""
+    from tinylm.backend import set_matmul
+    from tinylm.layers import linear_backward, linear_forward
+    rng = np.random.default_rng(5)
+    (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 2, 5, 6), data(rng, 6, 7), data(rng, 7), data(rng, 2, 5, 7)
+    y_ref, cache_ref = linear_forward(x64, w64, b64)
+    grads_ref = linear_backward(dy64, cache_ref)
+    set_matmul("numba")
+    try:
+        y, cache = linear_forward(device(x), device(w), device(b))
+        grads = linear_backward(device(dy), cache)
+    finally:
+        set_matmul("cublas")
+    close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        close(got, want)
