@@ -2,7 +2,6 @@
 ragged shapes. Under the CUDA simulator (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1 unless told
 otherwise) they take NumPy arrays; on a real GPU (bench/gpu_check.sh) the same tests pass CuPy
 arrays. Plus: every kernel compiles to sm_90 PTX without a float64 instruction."""
-import math
 import os
 import subprocess
 import sys
