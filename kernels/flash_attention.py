@@ -35,9 +35,31 @@ _kernels = {}
 
 
 def make_kernels(HD, ROWS, TILE):
-    """The four kernels for head_dim ≤ HD, ROWS rows per block and TILE-row shared-memory tiles.
-    (No built-in min/max and no device-function calls in them: Numba compiles those through a
-    dispatcher that asks the driver for the device, which breaks compile_ptx without a GPU.)"""
+    """The four kernels for head_dim ≤ HD, ROWS rows per block and TILE-row shared-memory tiles."""
+
+    @cuda.jit(device=True)
+    def load_tile(dst_a, dst_b, src_a, src_b, b, h, start, T, hd):
+        """dst[r, :] = src[b, h, start + r, :] for r < TILE, two arrays at once, 0 past T: the whole
+        block copies, consecutive threads taking consecutive elements (coalesced reads)."""
+        for e in range(cuda.threadIdx.x, TILE * hd, ROWS):
+            r, d = e // hd, e % hd
+            inside = start + r < T
+            dst_a[r, d] = src_a[b, h, start + r, d] if inside else float32(0.0)
+            dst_b[r, d] = src_b[b, h, start + r, d] if inside else float32(0.0)
+
+    @cuda.jit(device=True)
+    def load_row(dst_a, dst_b, src_a, src_b, b, h, row, T, hd):
+        """This thread's own row of two arrays into its per-thread vectors (0 past T)."""
+        for d in range(hd):
+            dst_a[d] = src_a[b, h, row, d] if row < T else float32(0.0)
+            dst_b[d] = src_b[b, h, row, d] if row < T else float32(0.0)
+
+    @cuda.jit(device=True)
+    def keys_end(row0, T, causal):
+        """End of the keys rows row0..row0+ROWS−1 attend to: causal rows see no later key."""
+        if causal and row0 + ROWS < T:
+            return row0 + ROWS
+        return T
 
     @cuda.jit
     def forward_kernel(q, k, v, o, lse, H, T, hd, scale, causal):
@@ -54,15 +76,8 @@ def make_kernels(HD, ROWS, TILE):
             q_row[d] = q[b, h, i, d] * scale if live else float32(0.0)
             acc[d] = float32(0.0)
         m, l = float32(-math.inf), float32(0.0)
-        kv_end = T
-        if causal and row0 + ROWS < T:                     # causal: no row here sees a later key
-            kv_end = row0 + ROWS
-        for j0 in range(0, kv_end, TILE):
-            for e in range(cuda.threadIdx.x, TILE * hd, ROWS):
-                r, d = e // hd, e % hd
-                inside = j0 + r < T
-                Ks[r, d] = k[b, h, j0 + r, d] if inside else float32(0.0)
-                Vs[r, d] = v[b, h, j0 + r, d] if inside else float32(0.0)
+        for j0 in range(0, keys_end(row0, T, causal), TILE):
+            load_tile(Ks, Vs, k, v, b, h, j0, T, hd)
             cuda.syncthreads()
             if live:
                 m_new = m
@@ -117,18 +132,13 @@ def make_kernels(HD, ROWS, TILE):
         row0 = cuda.blockIdx.x * ROWS
         j = row0 + cuda.threadIdx.x
         live = j < T
+        load_row(k_row, v_row, k, v, b, h, j, T, hd)
         for d in range(hd):
-            k_row[d] = k[b, h, j, d] if live else float32(0.0)
-            v_row[d] = v[b, h, j, d] if live else float32(0.0)
             dk_row[d] = float32(0.0)
             dv_row[d] = float32(0.0)
         q_start = (row0 // TILE) * TILE if causal else 0   # causal: queries before row0 see none of these keys
         for i0 in range(q_start, T, TILE):
-            for e in range(cuda.threadIdx.x, TILE * hd, ROWS):
-                r, d = e // hd, e % hd
-                inside = i0 + r < T
-                Qs[r, d] = q[b, h, i0 + r, d] if inside else float32(0.0)
-                dOs[r, d] = do[b, h, i0 + r, d] if inside else float32(0.0)
+            load_tile(Qs, dOs, q, do, b, h, i0, T, hd)
             for r in range(cuda.threadIdx.x, TILE, ROWS):
                 inside = i0 + r < T
                 Ls[r] = lse[b, h, i0 + r] if inside else float32(0.0)
@@ -164,21 +174,13 @@ def make_kernels(HD, ROWS, TILE):
         row0 = cuda.blockIdx.x * ROWS
         i = row0 + cuda.threadIdx.x
         live = i < T
+        load_row(q_row, do_row, q, do, b, h, i, T, hd)
         for d in range(hd):
-            q_row[d] = q[b, h, i, d] if live else float32(0.0)
-            do_row[d] = do[b, h, i, d] if live else float32(0.0)
             dq_row[d] = float32(0.0)
         L_i = lse[b, h, i] if live else float32(0.0)
         D_i = D[b, h, i] if live else float32(0.0)
-        kv_end = T
-        if causal and row0 + ROWS < T:                     # causal: no row here sees a later key
-            kv_end = row0 + ROWS
-        for j0 in range(0, kv_end, TILE):
-            for e in range(cuda.threadIdx.x, TILE * hd, ROWS):
-                r, d = e // hd, e % hd
-                inside = j0 + r < T
-                Ks[r, d] = k[b, h, j0 + r, d] if inside else float32(0.0)
-                Vs[r, d] = v[b, h, j0 + r, d] if inside else float32(0.0)
+        for j0 in range(0, keys_end(row0, T, causal), TILE):
+            load_tile(Ks, Vs, k, v, b, h, j0, T, hd)
             cuda.syncthreads()
             if live:
                 for r in range(TILE):

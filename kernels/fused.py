@@ -30,36 +30,23 @@ GELU_A = np.float32(0.044715)
 
 
 @cuda.jit(device=True)
-def block_sum(buf, value):
-    """Σ of `value` over the block's THREADS threads, returned to every thread."""
+def block_reduce(buf, value, take_max):
+    """Σ (or, with take_max, the max) of `value` over the block's THREADS threads, returned to all."""
     t = cuda.threadIdx.x
     buf[t] = value
     cuda.syncthreads()
     stride = THREADS // 2
     while stride > 0:                # halve the live threads each step: log2(THREADS) steps
         if t < stride:
-            buf[t] += buf[t + stride]
+            other = buf[t + stride]
+            if not take_max:
+                buf[t] += other
+            elif other > buf[t]:
+                buf[t] = other
         cuda.syncthreads()
         stride //= 2
     total = buf[0]
     cuda.syncthreads()               # everyone has read buf[0] before the buffer is reused
-    return total
-
-
-@cuda.jit(device=True)
-def block_max(buf, value):
-    """max of `value` over the block's threads, returned to every thread."""
-    t = cuda.threadIdx.x
-    buf[t] = value
-    cuda.syncthreads()
-    stride = THREADS // 2
-    while stride > 0:
-        if t < stride and buf[t + stride] > buf[t]:
-            buf[t] = buf[t + stride]
-        cuda.syncthreads()
-        stride //= 2
-    total = buf[0]
-    cuda.syncthreads()
     return total
 
 
@@ -72,11 +59,11 @@ def layernorm_forward_kernel(x, weight, bias, y, mean, rstd, eps):
     partial = float32(0.0)
     for c in range(t, C, THREADS):
         partial += x[row, c]
-    mu = block_sum(buf, partial) * inv_C
+    mu = block_reduce(buf, partial, False) * inv_C
     partial = float32(0.0)
     for c in range(t, C, THREADS):   # two passes (mean, then squared deviations): no cancellation
         partial += (x[row, c] - mu) * (x[row, c] - mu)
-    r = float32(1.0) / math.sqrt(block_sum(buf, partial) * inv_C + eps)
+    r = float32(1.0) / math.sqrt(block_reduce(buf, partial, False) * inv_C + eps)
     for c in range(t, C, THREADS):
         y[row, c] = (x[row, c] - mu) * r * weight[c] + bias[c]
     if t == 0:
@@ -98,8 +85,8 @@ def layernorm_backward_kernel(dy, x, mean, rstd, weight, dx, dweight, dbias):
         # every row adds into the same C entries: atomics, as rows run in parallel blocks
         cuda.atomic.add(dweight, c, dy[row, c] * xhat)
         cuda.atomic.add(dbias, c, dy[row, c])
-    mean_dxhat = block_sum(buf, sum_dxhat) * inv_C
-    mean_dxhat_xhat = block_sum(buf, sum_dxhat_xhat) * inv_C
+    mean_dxhat = block_reduce(buf, sum_dxhat, False) * inv_C
+    mean_dxhat_xhat = block_reduce(buf, sum_dxhat_xhat, False) * inv_C
     for c in range(t, C, THREADS):
         xhat = (x[row, c] - mu) * r
         dx[row, c] = r * (dy[row, c] * weight[c] - mean_dxhat - xhat * mean_dxhat_xhat)
@@ -174,11 +161,11 @@ def softmax_cross_entropy_kernel(logits, targets, weights, nll, dlogits):
     for c in range(t, V, THREADS):
         if logits[row, c] > partial:
             partial = logits[row, c]
-    row_max = block_max(buf, partial)          # subtract the max: exp never overflows
+    row_max = block_reduce(buf, partial, True)          # subtract the max: exp never overflows
     partial = float32(0.0)
     for c in range(t, V, THREADS):
         partial += math.exp(logits[row, c] - row_max)
-    sumexp = block_sum(buf, partial)
+    sumexp = block_reduce(buf, partial, False)
     target = targets[row]
     weight = weights[row] if target >= 0 else float32(0.0)    # −1: no target, no loss, no gradient
     for c in range(t, V, THREADS):

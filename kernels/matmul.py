@@ -26,6 +26,22 @@ def make_matmul_kernel(BM, BN, BK, TM, TN):
     """Compile-time tile sizes are closure constants: shared and local arrays need fixed shapes."""
     THREADS = (BM // TM) * (BN // TN)
 
+    @cuda.jit(device=True)
+    def load_slice(dst, src, start, n_rows, k0, K, k_major, width, tid):
+        """dst[kk, r] = X[start + r, k0 + kk], 0 past the edges, for the (n_rows, K) matrix X that
+        `src` stores as it is or, with k_major, transposed as (K, n_rows). Either way consecutive
+        threads read consecutive addresses of `src` (coalesced)."""
+        for e in range(tid, width * BK, THREADS):
+            if k_major:
+                kk, r = e // width, e % width
+            else:
+                r, kk = e // BK, e % BK
+            row, k = start + r, k0 + kk
+            value = float32(0.0)
+            if row < n_rows and k < K:
+                value = src[k, row] if k_major else src[row, k]
+            dst[kk, r] = value
+
     @cuda.jit
     def matmul_kernel(a, b, c, M, N, K, trans_a, trans_b):
         As = cuda.shared.array((BK, BM), float32)      # As[k, m] = op(A)[row0 + m, k0 + k]
@@ -40,26 +56,8 @@ def make_matmul_kernel(BM, BN, BK, TM, TN):
             for j in range(TN):
                 acc[i, j] = float32(0.0)
         for k0 in range(0, K, BK):
-            for e in range(tid, BM * BK, THREADS):
-                if trans_a:                            # stored (K, M): consecutive threads walk m
-                    kk, mm = e // BM, e % BM
-                else:                                  # stored (M, K): consecutive threads walk k
-                    mm, kk = e // BK, e % BK
-                m, k = row0 + mm, k0 + kk
-                value = float32(0.0)
-                if m < M and k < K:
-                    value = a[k, m] if trans_a else a[m, k]
-                As[kk, mm] = value
-            for e in range(tid, BK * BN, THREADS):
-                if trans_b:                            # stored (N, K)
-                    nn, kk = e // BK, e % BK
-                else:                                  # stored (K, N)
-                    kk, nn = e // BN, e % BN
-                n, k = col0 + nn, k0 + kk
-                value = float32(0.0)
-                if n < N and k < K:
-                    value = b[n, k] if trans_b else b[k, n]
-                Bs[kk, nn] = value
+            load_slice(As, a, row0, M, k0, K, trans_a, BM, tid)
+            load_slice(Bs, b, col0, N, k0, K, not trans_b, BN, tid)       # B as the rows of op(B)ᵀ
             cuda.syncthreads()                         # the slices are complete before anyone reads
             for kk in range(BK):
                 for i in range(TM):
