@@ -18,7 +18,7 @@ With a causal mask, blocks entirely above the diagonal (every key after every qu
 import math
 
 from .backend import array_module
-from .layers import merge_heads, merge_qkv_grads, split_heads
+from .layers import causal_mask, merge_heads, merge_qkv_grads, split_heads
 
 BLOCK = 64
 
@@ -29,14 +29,11 @@ def check_block(block):
 
 
 def block_scores(q_i, k_j, i0, j0, scale, causal):
-    """S = q_i k_jᵀ·scale for queries i0.. and keys j0.., with −inf where a key is in a query's future
-    (exp(−inf) is exactly 0: nothing leaks from the future however large the scores)."""
-    xp = array_module(q_i)
+    """S = q_i k_jᵀ·scale for queries i0.. and keys j0.., with −inf where a key is in a query's future."""
     s = q_i @ k_j.swapaxes(-1, -2)
     s *= scale
-    if causal and j0 + k_j.shape[-2] - 1 > i0:             # the block touches the diagonal
-        future = xp.arange(j0, j0 + k_j.shape[-2])[None, :] > xp.arange(i0, i0 + q_i.shape[-2])[:, None]
-        s[..., future] = -xp.inf
+    if causal and j0 + k_j.shape[-2] - 1 > i0:             # the block crosses the diagonal
+        s += causal_mask(array_module(s), q_i.shape[-2], k_j.shape[-2], s.dtype, offset=i0 - j0)
     return s
 
 
