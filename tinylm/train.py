@@ -193,14 +193,17 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
     Raises ValueError for bad input and when the loss stops being finite (naming the step and
     the last good checkpoint, which is kept)."""
     tokenizer = ByteTokenizer()
+    settings = dict(settings or {})
+    if settings.get("data") is not None:       # absolute, so --resume works from any directory
+        settings["data"] = os.path.abspath(settings["data"])
     if resume:
         model, opt_state, state = load_training_checkpoint(out_dir, device)
-        cfg = resumed_config(TrainConfig(**state["train_config"]), settings or {}, out_dir)
+        cfg = resumed_config(TrainConfig(**state["train_config"]), settings, out_dir)
         rng = np.random.default_rng()
         rng.bit_generator.state = state["data_rng"]
         step, elapsed = state["step"], state["elapsed_s"]
     else:
-        cfg = TrainConfig(**(settings or {}))
+        cfg = TrainConfig(**settings)
         os.makedirs(out_dir, exist_ok=True)
         if latest_checkpoint(out_dir) is not None:
             raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
