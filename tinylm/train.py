@@ -59,17 +59,17 @@ class TrainConfig:
     n_head: int = 4
     d_model: int = 128
     n_ctx: int = 128
-    batch_size: int = 16
-    max_steps: int = 2000
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    batch_size: int = 8
+    max_steps: int = 1500
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     val_fraction: float = 0.1
     eval_every: int = 250
     eval_batches: int = 8
-    checkpoint_every: int = 500
+    checkpoint_every: int = 250
     seed: int = 0
     dtype: str = "float32"
 
