@@ -68,11 +68,9 @@ def latest_checkpoint(run_dir):
     pointer = os.path.join(run_dir, POINTER)
     if not os.path.isfile(pointer):
         return None
-    try:
-        with open(pointer) as f:
-            name = json.load(f)["latest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{pointer} is unreadable or truncated") from None
+    name = read_json(pointer).get("latest")
+    if not isinstance(name, str):
+        raise ValueError(f"{pointer} does not name a checkpoint")
     path = os.path.join(run_dir, name)
     if not os.path.isdir(path):
         raise ValueError(f"{pointer} names {name!r}, which is missing")
@@ -96,13 +94,19 @@ def resolve(path):
 def read_trainer_state(ckpt_dir):
     """trainer_state.json as a dict, or None for a plain Hugging Face directory."""
     path = os.path.join(ckpt_dir, STATE)
-    if not os.path.isfile(path):
-        return None
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def read_json(path):
+    """A JSON object from a file; a truncated or garbled file is a ValueError naming it."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except (OSError, ValueError):
         raise ValueError(f"{path} is unreadable or truncated") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is unreadable or truncated")
+    return obj
 
 
 def load_model(path, device="cpu", dtype=None):
