@@ -25,7 +25,7 @@ from .data import Dataset, load_text
 from .model import GPT, MIXERS, GPTConfig
 from .optim import adamw_init
 from .tokenizer import ByteTokenizer
-from .train import lr_at, train_step
+from .train import estimate_loss, lr_at, train_step
 
 CSV_NAME = "runs.csv"
 FIELDS = ["run", "mixer", "n_layer", "d_model", "n_head", "params", "tokens", "flops", "val_loss", "status",
@@ -102,13 +102,11 @@ def train_run(config, dataset, settings):
     """Train one model for settings.steps steps -> (final validation loss, curve: [[tokens, flops, loss]]).
 
     Warm-up then cosine decay (train.lr_at), AdamW with clipping (train.train_step). The validation
-    batches are the same for every eval and every model, so the curves compare like with like.
+    windows (train.estimate_loss) are the same for every eval and every model: curves compare like with like.
     """
     model = GPT(config, seed=settings.seed)
     opt = adamw_init(model.params)
     rng = np.random.default_rng(settings.seed)
-    val_rng = np.random.default_rng(settings.seed + 1)
-    val = [dataset.get_batch("val", settings.batch_size, val_rng) for _ in range(settings.eval_batches)]
     flops_per_train_token = flops_per_token(config)["exact_forward_backward"]
     tokens_per_step = settings.batch_size * settings.n_ctx
     checkpoints, curve = eval_steps(settings), []
@@ -117,7 +115,7 @@ def train_run(config, dataset, settings):
         lr = lr_at(step, settings.steps, settings.lr, max(1, settings.steps // 10), settings.lr / 10)
         train_step(model, opt, idx, targets, lr)
         if step + 1 in checkpoints:
-            loss = float(np.mean([model.loss(i, t) for i, t in val]))
+            loss = estimate_loss(model, dataset, "val", settings.batch_size, settings.eval_batches, settings.seed + 1)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"validation loss is {loss} after {step + 1} steps (diverged)")
             tokens = (step + 1) * tokens_per_step
