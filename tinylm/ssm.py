@@ -183,6 +183,12 @@ def selective_scan_backward(dy, cache):
     return du, ddelta, dA_log, dBm, dCm, dD
 
 
+def scan_state(cache):
+    """h after the last position (B, E, N): the next call's h0."""
+    hs = cache[7]
+    return hs[:, -1]
+
+
 # ----------------------------------------------------------------------------- the mixer
 def ssm_mixer_forward(x, params, state=None):
     """The whole mixer (see the module docstring).   x (B, T, C) -> out (B, T, C)
@@ -227,5 +233,5 @@ def ssm_mixer_backward(dout, cache):
 
 def ssm_state(cache):
     """The fixed-size state after the positions the forward saw: (conv inputs (B, K−1, E), h (B, E, N))."""
-    c_scan = cache[6]
-    return conv_state(cache[1]), c_scan[7][:, -1]
+    _, c_conv, _, _, _, _, c_scan, *_ = cache
+    return conv_state(c_conv), scan_state(c_scan)
