@@ -203,7 +203,7 @@ def power_law_fit(x, y):
         residuals = ly - (a + b * lx)
         se = math.sqrt(float(residuals @ residuals) / (n - 2) / float(((lx - lx.mean()) ** 2).sum()))
         t = T_975[max(k for k in T_975 if k <= n - 2)] if n - 2 <= 30 else 1.96
-        ci = (alpha - t * se, alpha + t * se)
+        ci = (float(alpha - t * se), float(alpha + t * se))
     return {"alpha": float(alpha), "scale": float(math.exp(a / alpha)) if alpha else float("inf"),
             "alpha_ci95": ci, "n": n}
 
