@@ -59,7 +59,7 @@ def run(args):
         return 1
     write_fits(args.out, fits, mixers)
     plot(args.out, rows, fits)
-    print(f"{settings.tokens:,} tokens per run (batch {settings.batch_size} x n_ctx {settings.n_ctx} x "
+    print(f"{settings.steps * settings.batch_size * settings.n_ctx:,} tokens per run (batch {settings.batch_size} x n_ctx {settings.n_ctx} x "
           f"{settings.steps} steps); Kaplan et al. 2020: α_N ≈ 0.076")
     for mixer, fit in fits.items():
         ci = fit["alpha_N_ci95"]
