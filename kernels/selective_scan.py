@@ -130,7 +130,9 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
 def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None):
     """-> (du, ddelta, dA_log, dBm, dCm, dD), as tinylm.ssm.selective_scan_backward returns them."""
     xp, A, h0 = prepare(u, delta, A_log, Bm, Cm, D, h0)
-    (B, T, E), N = u.shape, A_log.shape[1]
+    if dy.dtype != np.float32 or dy.shape != u.shape:
+        raise ValueError(f"dy must be float32 of u's shape {tuple(u.shape)}, got {dy.dtype} {tuple(dy.shape)}")
+    B, E, N = u.shape[0], u.shape[2], A_log.shape[1]
     du, ddelta = xp.empty_like(u), xp.empty_like(u)
     dBm, dCm = xp.zeros_like(Bm), xp.zeros_like(Cm)        # atomics add into them
     dA_part = xp.empty((B, E, N), dtype=np.float32)
