@@ -13,6 +13,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm import GPT, GPTConfig, adamw_init, adamw_step, clip_grad_norm, flops_per_token  # noqa: E402
+from tinylm.backend import keep_freed_memory  # noqa: E402
 
 
 def matmul_gflops(n=2048, repeats=5, dtype="float32"):
@@ -42,7 +43,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-keep-freed-memory", action="store_true",
+                    help="leave glibc's malloc at its defaults (fresh, page-faulting memory for each temporary)")
     args = ap.parse_args(argv)
+    kept = False if args.no_keep_freed_memory else keep_freed_memory()
 
     config = GPTConfig(vocab_size=args.vocab, n_ctx=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        d_model=args.d_model, dtype=args.dtype)
@@ -68,7 +72,7 @@ def main(argv=None):
     peak = matmul_gflops(dtype=args.dtype)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
     print(f"config: d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} T={args.seq} "
-          f"B={args.batch} vocab={args.vocab} {args.dtype} device={args.device}")
+          f"B={args.batch} vocab={args.vocab} {args.dtype} device={args.device} keep_freed_memory={kept}")
     print(f"train step: {ms:.1f} ms/step (median of {args.steps}), {tokens / (ms / 1000):,.0f} tokens/s, "
           f"{achieved:.1f} GFLOP/s ({flops / 1e9:.2f} GFLOP/step)")
     print(f"numpy {args.dtype} 2048x2048 matmul: {peak:.1f} GFLOP/s")

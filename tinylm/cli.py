@@ -4,6 +4,8 @@ import argparse
 import importlib
 import sys
 
+from .backend import keep_freed_memory
+
 COMMANDS = ["tinylm.commands.check"]
 
 
@@ -18,6 +20,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.command is None:
         parser.print_help()
         return 2
