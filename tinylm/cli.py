@@ -6,7 +6,8 @@ import sys
 
 from .backend import keep_freed_memory
 
-COMMANDS = ["tinylm.commands.check"]
+COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",
+            "tinylm.commands.info"]
 
 
 def build_parser():
