@@ -11,6 +11,8 @@ import sys
 import numpy as np
 
 DEVICES = ("cpu", "cuda")
+MATMULS = ("cublas", "numba")
+_matmul = {"name": "cublas"}
 
 
 def get_xp(device):
@@ -64,3 +66,30 @@ def keep_freed_memory():
     ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     ok &= libc.mallopt(M_TOP_PAD, 64 << 20)
     return bool(ok)
+
+
+def scatter_add(target, indices, values):
+    """target[indices[n]] += values[n] for every n, accumulating repeated indices (in place).
+    NumPy spells it np.add.at; CuPy has no ufunc.at and offers cupyx.scatter_add instead."""
+    if array_module(target) is np:
+        np.add.at(target, indices, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, indices, values)
+
+
+def set_matmul(name):
+    """Choose the GEMM behind every linear layer: "cublas", the array library's own (cuBLAS through
+    CuPy; BLAS through NumPy on the CPU), or "numba", the tiled kernel in kernels/matmul.py
+    (float32; CuPy arrays, or NumPy arrays under the CUDA simulator)."""
+    if name not in MATMULS:
+        raise ValueError(f"matmul must be one of {MATMULS}, got {name!r}")
+    _matmul["name"] = name
+
+
+def matmul(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) for 2-D arrays, op = transpose where asked, with the GEMM set_matmul chose."""
+    if _matmul["name"] == "numba":
+        import kernels              # only now: it loads numba.cuda
+        return kernels.matmul(a, b, trans_a, trans_b)
+    return (a.T if trans_a else a) @ (b.T if trans_b else b)
