@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm import GPT, GPTConfig, adamw_init, adamw_step, clip_grad_norm, flops_per_token  # noqa: E402
-from tinylm.backend import DEVICES, MATMULS, set_matmul  # noqa: E402
+from tinylm.backend import DEVICES, MATMULS, keep_freed_memory, set_matmul  # noqa: E402
 from tinylm.model import ATTENTIONS  # noqa: E402
 
 
@@ -69,7 +69,10 @@ def main(argv=None):
     ap.add_argument("--matmul", default="cublas", choices=MATMULS,
                     help="GEMM behind the linear layers: the array library's (cuBLAS / BLAS) or kernels/matmul.py")
     ap.add_argument("--attention", default="auto", choices=ATTENTIONS)
+    ap.add_argument("--no-keep-freed-memory", action="store_true",
+                    help="leave glibc's malloc at its defaults (fresh, page-faulting memory for each temporary)")
     args = ap.parse_args(argv)
+    kept = False if args.no_keep_freed_memory else keep_freed_memory()
 
     config = GPTConfig(vocab_size=args.vocab, n_ctx=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        d_model=args.d_model, dtype=args.dtype, attention=args.attention)
@@ -82,7 +85,7 @@ def main(argv=None):
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
     print(f"config: d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} T={args.seq} "
           f"B={args.batch} vocab={args.vocab} {args.dtype} device={args.device} matmul={args.matmul} "
-          f"attention={args.attention}")
+          f"attention={args.attention} keep_freed_memory={kept}")
     print(f"train step: {ms:.1f} ms/step (median of {args.steps}), {tokens / (ms / 1000):,.0f} tokens/s, "
           f"{achieved:.1f} GFLOP/s ({flops / 1e9:.2f} GFLOP/step)")
     print(f"numpy {args.dtype} 2048x2048 matmul: {peak:.1f} GFLOP/s")

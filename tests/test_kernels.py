@@ -73,6 +73,7 @@ def test_matmul_rejects_bad_input():
     (1, 2, 13, 5, True, SMALL_BLOCKS),       # T not a multiple of either block size
     (2, 1, 11, 3, False, SMALL_BLOCKS),
     (1, 1, 9, 33, True, (4, 8)),             # head_dim 33 -> the 64 bucket; ROWS < TILE
+    (1, 1, 6, 128, True, (4, 4)),            # the largest head_dim
 ])
 def test_flash_attention_kernels_match_numpy(B, H, T, hd, causal, blocks):
     rng = np.random.default_rng(T)

@@ -156,9 +156,8 @@ def attention_forward(qkv, n_head, past=None):
     if past is not None:
         k = xp.concatenate([past[0], k], axis=2)
         v = xp.concatenate([past[1], v], axis=2)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    att = q @ k.transpose(0, 1, 3, 2)                      # (B, H, T, P+T)
-    att *= scale
+    # Scale q (T·hd entries) rather than the scores (T·(P+T) entries): one pass over less memory.
+    att = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(0, 1, 3, 2)   # (B, H, T, P+T)
     att += causal_mask(xp, q.shape[2], k.shape[2], att.dtype)
     # Subtract the row max before exp so no score overflows; each row keeps at least one
     # finite entry (the query's own position), so the max is finite.
