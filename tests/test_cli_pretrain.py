@@ -67,8 +67,10 @@ def test_info_and_sample(run_dir, capsys):
     (["sample", "{tmp}/nowhere"], "no checkpoint at"),
     (["sample", "{tmp}"], "expected checkpoint.json (a tinylm run) or config.json + model.safetensors"),
     (["info", "{tmp}/nowhere"], "the directory does not exist"),
+    (["sample", "--device", "cpu"], "no run in runs/default yet: train one with `tinylm pretrain`"),
 ])
-def test_bad_input_is_one_line(tmp_path, capsys, argv, expect):
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, expect):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("too short for a window")
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -141,8 +141,7 @@ class MetricsLog:
         if resume_step is None or not os.path.isfile(path):
             open(path, "w").close()
         else:
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= resume_step]
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
@@ -158,8 +157,15 @@ class MetricsLog:
 
 
 def read_metrics(path):
+    """The records of metrics.jsonl; a line torn by a kill mid-write is skipped."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def plot_metrics(metrics_path, png_path):
