@@ -210,6 +210,8 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
         step, elapsed = state["step"], state["elapsed_s"]
     else:
         cfg = TrainConfig(**settings)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"--out {out_dir!r} is a file, not a directory")
         os.makedirs(out_dir, exist_ok=True)
         if latest_checkpoint(out_dir) is not None:
             raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
@@ -225,14 +227,18 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
     if resume and fingerprint != state["data_sha256"]:
         raise ValueError(f"the data ({cfg.data or 'built-in corpus'}) differs from the data this run was trained on "
                          "(its SHA-256 changed); resuming would not continue the same run")
-    val_loss = state.get("val_loss") if resume else None
+    val_loss, loss = (state["val_loss"], state["loss"]) if resume else (None, None)
+    if stop_at is not None and not step < stop_at <= cfg.max_steps:
+        raise ValueError(f"stop_at must be in {step + 1}..{cfg.max_steps} (after the current step {step}, "
+                         f"at most max_steps), got {stop_at}")
     ckpt_dir = latest_checkpoint(out_dir)
 
     def save():
         nonlocal ckpt_dir
         ckpt_dir = save_checkpoint(out_dir, model, opt_state, {
             "step": step, "train_config": asdict(cfg), "data_rng": rng.bit_generator.state,
-            "data_sha256": fingerprint, "tokenizer": tokenizer.name, "val_loss": val_loss, "elapsed_s": elapsed})
+            "data_sha256": fingerprint, "tokenizer": tokenizer.name, "loss": loss, "val_loss": val_loss,
+            "elapsed_s": elapsed})
 
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), step if resume else None)
     tokens_per_step = cfg.batch_size * cfg.n_ctx
@@ -273,7 +279,7 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
         log.close()
     if plot:
         plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
-    return {"status": status, "step": step, "loss": loss if step else None, "val_loss": val_loss,
+    return {"status": status, "step": step, "loss": loss, "val_loss": val_loss,
             "checkpoint": ckpt_dir, "elapsed_s": elapsed}
 
 
