@@ -86,6 +86,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, expect):
         assert e.value.code == 2 and expect in capsys.readouterr().err
         return
     one_error_line(capsys, argv, expect)
+    assert not (tmp_path / "run").exists()           # a refused run leaves nothing behind
 
 
 def test_resuming_a_finished_run_does_nothing(run_dir, tmp_path, capsys):

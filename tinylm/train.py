@@ -212,7 +212,6 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
         cfg = TrainConfig(**settings)
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ValueError(f"--out {out_dir!r} is a file, not a directory")
-        os.makedirs(out_dir, exist_ok=True)
         if latest_checkpoint(out_dir) is not None:
             raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
                              f"{read_trainer_state(latest_checkpoint(out_dir))['step']}); pass --resume to "
@@ -240,6 +239,7 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
             "data_sha256": fingerprint, "tokenizer": tokenizer.name, "loss": loss, "val_loss": val_loss,
             "elapsed_s": elapsed})
 
+    os.makedirs(out_dir, exist_ok=True)        # only now: bad input above leaves no empty run behind
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), step if resume else None)
     tokens_per_step = cfg.batch_size * cfg.n_ctx
     status = "done"
