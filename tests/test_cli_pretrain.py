@@ -163,7 +163,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "tinylm", "pretrain", "--out", str(out), "--data", str(data),
-                             "--steps", "100000", *TINY[:-7], "--checkpoint-every", "100000", "--quiet"],
+                             "--steps", "100000", *TINY, "--checkpoint-every", "100000"],   # the last flag wins
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 60
