@@ -1,6 +1,7 @@
 """`tinylm sample`: continue a prompt with a trained model (default: runs/default) or a Hugging
 Face GPT-2 directory (its vocab.json + merges.txt give the BPE tokenizer). Token by token, with
 temperature, top-k and a KV cache."""
+import os
 import time
 
 import numpy as np
@@ -29,6 +30,8 @@ def run(args):
     from tinylm.tokenizer import load_tokenizer
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
+        raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
     model, ckpt_dir, state = load_model(args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(ckpt_dir, model.config.vocab_size)
     prompt = tokenizer.encode(args.prompt)
