@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm import GPT, GPTConfig  # noqa: E402
+from tinylm.backend import keep_freed_memory  # noqa: E402
 
 MIXERS = {"naive attention": dict(mixer="attention", attention="naive"),
           "flash attention": dict(mixer="attention", attention="flash"),
@@ -76,9 +77,10 @@ def main(argv=None):
     if args.t_min < 1 or args.t_max < args.t_min:
         raise SystemExit(f"need 1 <= --t-min <= --t-max, got {args.t_min}, {args.t_max}")
     Ts = [args.t_min * 2**k for k in range(int(math.log2(args.t_max / args.t_min)) + 1)]
+    kept = keep_freed_memory()          # as every tinylm entry point: freed temporaries stay mapped
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
-          f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+          f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, keep_freed_memory={kept}")
     print(f"one mixer sublayer, forward + backward: d_model={args.d_model} n_head={args.n_head} B={args.batch} "
           f"{args.dtype}; ssm d_state=16 d_conv=4 expand=2")
     results = {name: [] for name in MIXERS}
