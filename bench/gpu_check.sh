@@ -39,7 +39,8 @@ step 00_env 20 bash -c 'date -u; nvidia-smi --query-gpu=name,driver_version,memo
 
 if python3 -c "import pytest" 2>/dev/null; then
     # --noconftest: the conftest's only jobs are hypothesis profiles and the simulator default
-    step 10_kernel_tests 110 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels.py
+    step 10_kernel_tests 110 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_kernels.py \
+        tests/test_selective_scan_kernel.py
 else
     echo "pytest is not installed: skipping the kernel tests (kernels_gpu.py still checks the kernels" \
          "against cuBLAS and the unfused attention before timing)" | tee "$RESULTS/10_kernel_tests.log"

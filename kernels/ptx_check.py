@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from numba import cuda
 
-from . import flash_attention, fused
+from . import flash_attention, fused, selective_scan
 from .matmul import DEFAULT_TILE, make_matmul_kernel
 
 A2, A3, A4 = "float32[:, :]", "float32[:, :, :]", "float32[:, :, :, :]"
@@ -28,6 +28,7 @@ def kernels_and_signatures():
     yield "flash dk_dv", dk_dv, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {A4}, {attention_args})"
     yield "flash dq", dq, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {attention_args})"
     yield from fused.kernels_and_signatures()
+    yield from selective_scan.kernels_and_signatures()
 
 
 def compile_without_a_gpu():

@@ -169,7 +169,7 @@ def test_kernels_compile_to_ptx_without_float64():
                          timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
-    assert sum("0 with .f64" in line for line in lines) == 11, run.stdout      # every kernel listed, clean
+    assert sum("0 with .f64" in line for line in lines) == 13, run.stdout      # every kernel listed, clean
     promoted = int(lines[-1].split(":")[1])
     assert promoted > 0, "the checker must see the f64 that a 0.5 literal causes"
 

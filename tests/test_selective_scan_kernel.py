@@ -1,11 +1,7 @@
 """kernels/selective_scan.py against the NumPy scan of tinylm/ssm.py within 1e-5 (float32 kernel,
 float64 reference), forward and backward, on tiny shapes: under the CUDA simulator by default
 (tests/conftest.py), on a real GPU with NUMBA_ENABLE_CUDASIM=0 (CuPy arrays, as bench/gpu_check.sh
-runs tests/test_kernels.py). Plus its PTX for sm_90 free of float64 instructions."""
-import os
-import subprocess
-import sys
-
+runs tests/test_kernels.py). Its PTX is checked for float64 by kernels/ptx_check.py."""
 import numpy as np
 import pytest
 
@@ -13,7 +9,6 @@ from test_kernels import close, device  # noqa: E402  (tests/ is on sys.path)
 from kernels.selective_scan import selective_scan_backward, selective_scan_forward
 from tinylm import ssm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def scan_inputs(rng, B, T, E, N):
@@ -49,21 +44,4 @@ def test_kernel_refuses_float64():
         selective_scan_forward(*inputs.values())
 
 
-PTX = r"""
-from numba import cuda
-from kernels.selective_scan import kernels_and_signatures
-for name, kernel, signature in kernels_and_signatures():
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
-    f64 = [line for line in ptx.splitlines() if ".f64" in line]
-    assert not f64, (name, f64[:5])
-    assert ".f32" in ptx and "ex2.approx" in ptx, name          # exp(ΔA) compiled, in float32
-print("OK")
-"""
-
-
-def test_kernel_ptx_has_no_float64():
-    """compile_ptx needs the real CUDA target (not the simulator) but no GPU: a subprocess."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-c", PTX], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+# The PTX check (no .f64 in these kernels) is kernels/ptx_check.py's, run by tests/test_kernels.py.
