@@ -10,7 +10,6 @@ from kernels.selective_scan import selective_scan_backward, selective_scan_forwa
 from tinylm import ssm
 
 
-
 def scan_inputs(rng, B, T, E, N):
     """float32 inputs (Δ > 0, as softplus makes it) and their float64 copies for the reference."""
     f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
