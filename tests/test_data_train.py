@@ -1,0 +1,92 @@
+"""Data windows and the training step: targets are idx shifted by one, batches are seeded,
+short or missing data is refused; the learning-rate schedule; a train step lowers the loss and
+a non-finite loss leaves the weights alone."""
+import math
+
+import numpy as np
+import pytest
+
+from tinylm import GPT, GPTConfig, adamw_init
+from tinylm.data import Dataset, default_corpus, load_text
+from tinylm.train import lr_at, train_step
+
+
+def test_batches_are_shifted_windows_and_seeded():
+    ids = np.arange(1000)
+    data = Dataset(ids, n_ctx=16, val_fraction=0.1)
+    idx, targets = data.get_batch("train", 4, np.random.default_rng(0))
+    assert idx.shape == targets.shape == (4, 16)
+    np.testing.assert_array_equal(targets[:, :-1], idx[:, 1:])
+    np.testing.assert_array_equal(targets, idx + 1)            # consecutive ids: each window is contiguous
+    assert idx.max() < 900 and targets.max() < 900             # train windows stay in the first 90%
+    val, _ = data.get_batch("val", 4, np.random.default_rng(0))
+    assert val.min() >= 900 and val.max() <= 998               # its targets reach the last id, 999
+    again, _ = data.get_batch("train", 4, np.random.default_rng(0))
+    np.testing.assert_array_equal(idx, again)
+
+
+def test_short_data_and_bad_split_are_refused():
+    with pytest.raises(ValueError, match="val split has 3 tokens, fewer than one context window of n_ctx \\+ 1 = 9"):
+        Dataset(np.arange(30), n_ctx=8)
+    with pytest.raises(ValueError, match="val_fraction must be in \\(0, 1\\)"):
+        Dataset(np.arange(30), n_ctx=8, val_fraction=1.0)
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        Dataset(np.arange(300), n_ctx=8).get_batch("test", 2, np.random.default_rng(0))
+
+
+def test_load_text_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_text(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        load_text(str(tmp_path / "empty.txt"))
+    (tmp_path / "bin.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_text(str(tmp_path / "bin.txt"))
+    (tmp_path / "ok.txt").write_text("héllo", encoding="utf-8")
+    assert load_text(str(tmp_path / "ok.txt")) == "héllo"
+
+
+def test_default_corpus_is_python_source_and_deterministic():
+    text = default_corpus(max_chars=50_000)
+    assert len(text) == 50_000 and text == default_corpus(max_chars=50_000)
+    assert "def " in text and "import " in text
+
+
+def test_lr_schedule():
+    kw = dict(max_steps=110, lr=1e-3, warmup_steps=10, min_lr=1e-4)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)              # first step: lr / warmup
+    assert lr_at(9, **kw) == pytest.approx(1e-3)              # warm-up reaches lr
+    assert lr_at(10, **kw) == pytest.approx(1e-3)             # cosine starts at lr
+    assert lr_at(60, **kw) == pytest.approx(0.55e-3)          # half-way: (lr + min_lr) / 2
+    assert lr_at(110, **kw) == pytest.approx(1e-4)            # ends at min_lr
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def tiny():
+    return GPT(GPTConfig(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=8), seed=0)
+
+
+def test_train_steps_lower_the_loss():
+    model = tiny()
+    state = adamw_init(model.params)
+    idx = np.tile(np.arange(8) % 11, (4, 1))
+    targets = (idx + 1) % 11
+    losses = [train_step(model, state, idx, targets, lr=1e-2)[0] for _ in range(30)]
+    assert losses[-1] < losses[0] - 1.0 and state["step"] == 30
+    mask = np.zeros_like(idx)
+    mask[:, -1] = 1
+    loss, norm = train_step(model, state, idx, targets, lr=1e-2, loss_mask=mask)
+    assert loss == pytest.approx(model.loss(idx, targets, mask), abs=0.5) and norm > 0
+
+
+def test_non_finite_loss_leaves_weights_and_optimizer_alone():
+    model = tiny()
+    state = adamw_init(model.params)
+    model.params["ln_f.bias"][0] = np.nan
+    before = {k: v.copy() for k, v in model.params.items()}
+    loss, norm = train_step(model, state, np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), lr=1e-2)
+    assert math.isnan(loss) and state["step"] == 0
+    for k in before:
+        np.testing.assert_array_equal(model.params[k], before[k])

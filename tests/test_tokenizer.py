@@ -1,0 +1,80 @@
+"""Tokenizers: the byte tokenizer round-trips any string; GPT-2 BPE (read from a hand-made
+vocab.json + merges.txt) merges by rank and round-trips; load_tokenizer picks between them."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinylm.tokenizer import BPETokenizer, ByteTokenizer, bytes_to_unicode, load_tokenizer
+
+
+@given(st.text())
+def test_byte_roundtrip(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert ids.dtype == np.int64
+    assert len(ids) == len(text.encode("utf-8")) and (ids.min(initial=0) >= 0) and ids.max(initial=0) <= 255
+    assert tok.decode(ids) == text
+
+
+@given(st.text(), st.integers(0, 5))
+def test_byte_decode_skips_eot(text, n_eot):
+    tok = ByteTokenizer()
+    ids = np.concatenate([tok.encode(text), np.full(n_eot, tok.eot_id)])
+    assert tok.decode(ids) == text
+
+
+def test_byte_decode_of_broken_utf8_replaces_instead_of_raising():
+    tok = ByteTokenizer()
+    euro = tok.encode("€")                  # 3 bytes; a model may emit only the first two
+    assert tok.decode(euro[:2]) == "\ufffd"
+    with pytest.raises(ValueError, match="token id 300 is out of range"):
+        tok.decode([65, 300])
+
+
+def write_bpe(path, merges):
+    """A GPT-2-style vocabulary: the 256 byte characters, then one token per merge, then eot."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab[BPETokenizer.EOT] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return vocab
+
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("l", "l"), ("e", "ll")]
+
+
+def test_bpe_merges_by_rank(tmp_path):
+    vocab = write_bpe(tmp_path, MERGES)
+    tok = load_tokenizer(tmp_path)
+    assert tok.name == "bpe" and tok.vocab_size == len(vocab) and tok.eot_id == vocab["<|endoftext|>"]
+    # " the" -> Ġ t h e -> (Ġt)(he) by ranks 0, 1 -> Ġthe by rank 2: one token.
+    assert tok.encode(" the").tolist() == [vocab["Ġthe"]]
+    # "hell": h e l l: (h,e) has rank 1, (l,l) rank 3 -> he, ll; (he, ll) is no merge; (e, ll) never forms.
+    assert tok.encode("hell").tolist() == [vocab["he"], vocab["ll"]]
+    # "ell": (l,l) is the only ranked pair, then (e, ll) rank 4.
+    assert tok.encode("ell").tolist() == [vocab["ell"]]
+
+
+@given(st.text())
+def test_bpe_roundtrip(text):
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        write_bpe(Path(d), MERGES)
+        tok = load_tokenizer(d)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_load_tokenizer_refuses_vocab_mismatch(tmp_path):
+    assert isinstance(load_tokenizer(tmp_path, vocab_size=257), ByteTokenizer)
+    with pytest.raises(ValueError, match="vocab_size is 64 but the byte tokenizer"):
+        load_tokenizer(tmp_path, vocab_size=64)
+    write_bpe(tmp_path, MERGES)
+    with pytest.raises(ValueError, match="vocab_size is 300 but vocab.json has 262 ids"):
+        load_tokenizer(tmp_path, vocab_size=300)
