@@ -257,6 +257,7 @@ def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, progress=None):
 
 def reward_model_accuracy(rm, pairs, batch_size=256):
     """Held-out pairwise accuracy: the fraction of pairs with r(chosen) > r(rejected)."""
+    pairs.validate()
     r_w, r_l = [], []
     for i in range(0, len(pairs), batch_size):
         (idx_w, len_w), (idx_l, len_l), _ = pairs.packed(range(i, min(i + batch_size, len(pairs))))

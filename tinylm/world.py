@@ -21,7 +21,7 @@ import itertools
 
 import numpy as np
 
-LETTERS = "abcdef"
+LETTERS = "abcde"
 TASKS = {
     "cpy": lambda s: s,
     "rev": lambda s: s[::-1],
@@ -45,7 +45,7 @@ class World:
     """Every instruction (task, letters) with 2..max_len letters, split once into train and held-out
     sets by a seeded shuffle, so the held-out letter strings are never seen in pretraining or RL."""
 
-    def __init__(self, seed=0, min_len=2, max_len=4, heldout_fraction=0.2, p_follow=0.35):
+    def __init__(self, seed=0, min_len=2, max_len=3, heldout_fraction=0.2, p_follow=0.35):
         if not 1 <= min_len <= max_len <= 9:
             raise ValueError(f"need 1 <= min_len <= max_len <= 9 (length answers are one digit), "
                              f"got min_len={min_len}, max_len={max_len}")
