@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["tinylm.commands.check"]
+COMMANDS = ["tinylm.commands.check", "tinylm.commands.rlhf", "tinylm.commands.demo"]
 
 
 def build_parser():

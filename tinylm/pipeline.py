@@ -20,7 +20,7 @@ from .rlhf import (PolicyConfig, Preferences, policy_step, response_targets, rew
                    sample_responses, train_dpo, train_reward_model)
 from .tokenizer import ByteTokenizer
 from .train import lr_at, train_step
-from .world import Labeller, World, instruction
+from .world import Labeller, World, instruction, score
 
 TOKENIZER = ByteTokenizer()
 
@@ -107,6 +107,14 @@ def merge(a, b):
                        a.instructions + b.instructions)
 
 
+def true_order(pairs):
+    """The same pairs with the label noise removed: chosen is the response with the higher score."""
+    flipped = [score(t, s, TOKENIZER.decode(w)) < score(t, s, TOKENIZER.decode(l))
+               for (t, s), w, l in zip(pairs.instructions, pairs.chosen, pairs.rejected)]
+    return Preferences(pairs.prompts, [l if f else w for f, w, l in zip(flipped, pairs.chosen, pairs.rejected)],
+                       [w if f else l for f, w, l in zip(flipped, pairs.chosen, pairs.rejected)], pairs.instructions)
+
+
 def evaluate(policy, reference, rm, instructions, samples, max_new_tokens, rng):
     """Sample `samples` responses per instruction at temperature 1 and measure: the labeller's
     success rate (exact answers), the mean reward-model score, and KL(policy ‖ reference) — the
@@ -159,6 +167,7 @@ def run_demo(cfg, progress=True):
     rm = RewardModel.from_lm(base)
     train_reward_model(rm, pairs, cfg.rm_epochs, cfg.rm_batch, cfg.rm_lr, rng)
     rm_accuracy = reward_model_accuracy(rm, heldout_pairs)
+    rm_accuracy_true = reward_model_accuracy(rm, true_order(heldout_pairs))
     policy, _, history = train_policy(base, copy_rm(rm), world, labeller, cfg.policy, cfg, pairs, rng, progress)
     dpo = base.copy()
     train_dpo(dpo, base, pairs, cfg.dpo_epochs, cfg.dpo_batch, cfg.dpo_lr, cfg.dpo_beta, rng)
@@ -166,7 +175,8 @@ def run_demo(cfg, progress=True):
     stages = {name: evaluate(model, base, rm, eval_set, cfg.eval_samples, max_new, rng)
               for name, model in (("base", base), ("rlhf", policy), ("dpo", dpo))}
     results = {"stages": stages,
-               "reward_model": {"heldout_accuracy": rm_accuracy, "train_pairs": len(pairs),
+               "reward_model": {"heldout_accuracy": rm_accuracy, "heldout_accuracy_true": rm_accuracy_true,
+                                "train_pairs": len(pairs),
                                 "heldout_pairs": len(heldout_pairs)},
                "history": {"rlhf": history}}
     if cfg.ablations:
