@@ -43,11 +43,11 @@ class DemoConfig:
     # preference pairs and the reward model
     pair_instructions: int = 3000
     heldout_pair_instructions: int = 600
-    rm_epochs: int = 2
+    rm_epochs: int = 3
     rm_batch: int = 32
     rm_lr: float = 1e-3
     # policy and DPO
-    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(steps=150, lr=1e-3))
+    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(beta=0.1, steps=150, lr=3e-4))
     rm_round_instructions: int = 600
     dpo_epochs: int = 2
     dpo_batch: int = 32
@@ -60,8 +60,8 @@ class DemoConfig:
     ablation_steps: int = 450
 
 
-QUICK = DemoConfig(pretrain_steps=600, pair_instructions=1200, heldout_pair_instructions=300, rm_epochs=2,
-                   policy=PolicyConfig(steps=60, lr=1e-3), dpo_epochs=1, eval_instructions=150,
+QUICK = DemoConfig(pretrain_steps=600, pair_instructions=1500, heldout_pair_instructions=300, rm_epochs=2,
+                   policy=PolicyConfig(beta=0.1, steps=50, lr=5e-4), dpo_epochs=1, eval_instructions=150,
                    ablations=False)
 
 
