@@ -107,6 +107,14 @@ def merge(a, b):
                        a.instructions + b.instructions)
 
 
+def examples(model, instructions, max_new_tokens, seed, n=8):
+    """A few sampled responses, "instruction -> response", to show what a stage learned (its own
+    random stream, so printing examples changes no other number)."""
+    responses = sample_responses(model, encode_prompts(instructions[:n]), max_new_tokens, 1.0,
+                                 np.random.default_rng(seed + 1), TOKENIZER.eot_id)
+    return [f"{instruction(t, s)} -> {TOKENIZER.decode(r)!r}" for (t, s), r in zip(instructions, responses)]
+
+
 def true_order(pairs):
     """The same pairs with the label noise removed: chosen is the response with the higher score."""
     flipped = [score(t, s, TOKENIZER.decode(w)) < score(t, s, TOKENIZER.decode(l))
@@ -172,7 +180,8 @@ def run_demo(cfg, progress=True):
     dpo = base.copy()
     train_dpo(dpo, base, pairs, cfg.dpo_epochs, cfg.dpo_batch, cfg.dpo_lr, cfg.dpo_beta, rng)
     eval_set = world.instructions(cfg.eval_instructions, rng, heldout=True)
-    stages = {name: evaluate(model, base, rm, eval_set, cfg.eval_samples, max_new, rng)
+    stages = {name: {**evaluate(model, base, rm, eval_set, cfg.eval_samples, max_new, rng),
+                     "examples": examples(model, eval_set, max_new, cfg.seed)}
               for name, model in (("base", base), ("rlhf", policy), ("dpo", dpo))}
     results = {"stages": stages,
                "reward_model": {"heldout_accuracy": rm_accuracy, "heldout_accuracy_true": rm_accuracy_true,
@@ -198,5 +207,5 @@ def run_ablations(base, rm, world, labeller, cfg, pairs, eval_set, rng, progress
     for name, pcfg in runs.items():
         policy, _, history = train_policy(base, copy_rm(rm), world, labeller, pcfg, cfg, pairs, rng, progress, name)
         out[name] = {**evaluate(policy, base, rm, eval_set, cfg.eval_samples, pcfg.max_new_tokens, rng),
-                     "beta": pcfg.beta, "steps": pcfg.steps, "rm_rounds": pcfg.rm_rounds, "history": history}
+                     "examples": examples(policy, eval_set, pcfg.max_new_tokens, cfg.seed), "beta": pcfg.beta, "steps": pcfg.steps, "rm_rounds": pcfg.rm_rounds, "history": history}
     return out

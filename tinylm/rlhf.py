@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from .backend import to_numpy
 from .optim import adamw_init, adamw_step, clip_grad_norm
@@ -233,26 +234,27 @@ def sequence_logprobs(model, pairs_batch):
 
 
 # ----------------------------------------------------------------------------- training loops
-def minibatches(n, batch_size, rng):
-    order = rng.permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, progress=None):
-    """Bradley–Terry training of `rm` on `pairs`; -> list of per-step losses."""
+def optimise_on_pairs(params, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc):
+    """AdamW (no weight decay, gradients clipped to norm 1) over shuffled minibatches of pairs;
+    loss_and_grads(packed batch) -> (loss, grads). -> list of per-step losses."""
     pairs.validate()
-    opt = adamw_init(rm.params)
+    opt = adamw_init(params)
     losses = []
-    for _ in range(epochs):
-        for index in minibatches(len(pairs), batch_size, rng):
-            chosen, rejected, _ = pairs.packed(index)
-            loss, grads, _, _ = bradley_terry_loss_and_grads(rm, chosen, rejected)
+    for _ in tqdm(range(epochs), desc=desc, disable=None, leave=False):
+        for index in np.array_split(rng.permutation(len(pairs)), max(1, -(-len(pairs) // batch_size))):
+            loss, grads = loss_and_grads(pairs.packed(index))
             clip_grad_norm(grads, 1.0)
-            adamw_step(rm.params, grads, opt, lr, weight_decay=0.0)
+            adamw_step(params, grads, opt, lr, weight_decay=0.0)
             losses.append(loss)
-            if progress is not None:
-                progress.update(1)
     return losses
+
+
+def train_reward_model(rm, pairs, epochs, batch_size, lr, rng):
+    """Bradley–Terry training of `rm` on `pairs`; -> list of per-step losses."""
+    def loss_and_grads(batch):
+        chosen, rejected, _ = batch
+        return bradley_terry_loss_and_grads(rm, chosen, rejected)[:2]
+    return optimise_on_pairs(rm.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model")
 
 
 def reward_model_accuracy(rm, pairs, batch_size=256):
@@ -266,22 +268,11 @@ def reward_model_accuracy(rm, pairs, batch_size=256):
     return pairwise_accuracy(np.concatenate(r_w), np.concatenate(r_l))
 
 
-def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng, progress=None):
+def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng):
     """DPO on `pairs` from `reference`; -> list of per-step losses."""
-    pairs.validate()
     if policy.config.vocab_size != reference.config.vocab_size:
         raise ValueError(f"policy vocab_size={policy.config.vocab_size} differs from the reference's "
                          f"{reference.config.vocab_size}")
-    opt = adamw_init(policy.params)
-    losses = []
-    for _ in range(epochs):
-        for index in minibatches(len(pairs), batch_size, rng):
-            batch = pairs.packed(index)
-            loss, grads, _ = dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)
-            clip_grad_norm(grads, 1.0)
-            adamw_step(policy.params, grads, opt, lr, weight_decay=0.0)
-            losses.append(loss)
-            if progress is not None:
-                progress.update(1)
-    return losses
-
+    def loss_and_grads(batch):
+        return dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)[:2]
+    return optimise_on_pairs(policy.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")

@@ -54,6 +54,8 @@ def format_table(results):
                 f"{results['config']['label_noise']:.0%}; against true preferences: {rm['heldout_accuracy_true']:.3f})")
     rows.append(f"success = exact answers on held-out instructions, sampled at temperature 1; "
                 f"KL = mean Σ_t log π/π_ref per response (nats); {results['seconds']:.0f} s")
+    for name, s in stages.items():
+        rows.append(f"{name} samples: " + "; ".join(s["examples"][:4]))
     return "\n".join(rows)
 
 
