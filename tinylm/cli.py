@@ -4,7 +4,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["tinylm.commands.check", "tinylm.commands.rlhf", "tinylm.commands.demo"]
+COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",
+            "tinylm.commands.info", "tinylm.commands.rlhf", "tinylm.commands.demo"]
 
 
 def build_parser():

@@ -2,9 +2,22 @@
 
 lr_at and train_step are the pieces; `pretrain` is the loop built from them (see below).
 """
+import hashlib
+import json
 import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, replace
 
-from .optim import adamw_step, clip_grad_norm
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import latest_checkpoint, load_training_checkpoint, read_trainer_state, save_checkpoint
+from .data import Dataset, load_text
+from .model import GPT, GPTConfig
+from .optim import adamw_init, adamw_step, clip_grad_norm
+from .tokenizer import ByteTokenizer
 
 
 def lr_at(step, max_steps, lr, warmup_steps, min_lr):
@@ -32,3 +45,245 @@ def train_step(model, opt_state, idx, targets, lr, grad_clip=1.0, loss_mask=None
     if math.isfinite(loss) and math.isfinite(norm):
         adamw_step(model.params, grads, opt_state, lr, weight_decay=weight_decay)
     return loss, norm
+
+
+# ----------------------------------------------------------------------------- the pretraining loop
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a run's numbers. Saved in each checkpoint; --resume reuses it.
+
+    The defaults are the built-in run: a 4-layer, 128-wide byte-level model on the standard
+    library's source, sized to give recognisable Python within 10 minutes on 2 CPU cores."""
+    data: str = None                 # UTF-8 text file; None = the built-in corpus (data.py)
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    n_ctx: int = 128
+    batch_size: int = 8
+    max_steps: int = 1500
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    val_fraction: float = 0.1
+    eval_every: int = 250
+    eval_batches: int = 8
+    checkpoint_every: int = 250
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "n_ctx", "batch_size", "max_steps", "eval_every",
+                     "eval_batches", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        for name in ("lr", "min_lr", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a finite number > 0, got {self.grad_clip!r}")
+
+    def model_config(self, vocab_size):
+        return GPTConfig(vocab_size=vocab_size, n_ctx=self.n_ctx, n_layer=self.n_layer, n_head=self.n_head,
+                         d_model=self.d_model, dtype=self.dtype)
+
+
+# Settings --resume may change: they don't alter the numbers of the steps already planned
+# (max_steps does change the cosine schedule from the resume point on; that is the point of it).
+RESUMABLE_CHANGES = ("max_steps", "eval_every", "checkpoint_every")
+
+
+class StopFlag:
+    """Ctrl-C during training sets a flag instead of raising, so the step in progress (which
+    updates the weights in place) finishes, a checkpoint is saved, and the run exits cleanly.
+    A second Ctrl-C raises KeyboardInterrupt at once; the atomic save keeps the last checkpoint."""
+
+    def __init__(self):
+        self.stop = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.stop = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def estimate_loss(model, dataset, split, batch_size, n_batches, seed=1234):
+    """Mean loss over n_batches fixed windows (the same ones at every evaluation, so the curve
+    is comparable from one evaluation to the next, and training's data order is untouched)."""
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(n_batches):
+        idx, targets = dataset.get_batch(split, batch_size, rng)
+        losses.append(model.loss(model.xp.asarray(idx), model.xp.asarray(targets)))
+    return float(np.mean(losses))
+
+
+def data_fingerprint(ids):
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as it happens (tail -f it). On resume,
+    lines past the checkpoint's step (written after the last save, then lost) are dropped first."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        if resume_step is None or not os.path.isfile(path):
+            open(path, "w").close()
+        else:
+            kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= resume_step]
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+        self.file = open(path, "a")
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def read_metrics(path):
+    """The records of metrics.jsonl; a line torn by a kill mid-write is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def plot_metrics(metrics_path, png_path):
+    """Train and validation loss against step, as a PNG (matplotlib's file-only Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train (per batch)")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", plot=False, progress=True):
+    """Train a new run in out_dir with TrainConfig(**settings), or resume the run there (settings
+    then may only change RESUMABLE_CHANGES). stop_at: end early after that step, with a
+    checkpoint, leaving the schedule planned for max_steps (resume later). Returns a summary dict with "status": "done",
+    "stopped" (reached stop_at) or "interrupted" (Ctrl-C), and the step / losses / checkpoint.
+
+    Raises ValueError for bad input and when the loss stops being finite (naming the step and
+    the last good checkpoint, which is kept)."""
+    tokenizer = ByteTokenizer()
+    settings = dict(settings or {})
+    if settings.get("data") is not None:       # absolute, so --resume works from any directory
+        settings["data"] = os.path.abspath(settings["data"])
+    if resume:
+        model, opt_state, state = load_training_checkpoint(out_dir, device)
+        cfg = resumed_config(TrainConfig(**state["train_config"]), settings, out_dir)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["data_rng"]
+        step, elapsed = state["step"], state["elapsed_s"]
+    else:
+        cfg = TrainConfig(**settings)
+        os.makedirs(out_dir, exist_ok=True)
+        if latest_checkpoint(out_dir) is not None:
+            raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
+                             f"{read_trainer_state(latest_checkpoint(out_dir))['step']}); pass --resume to "
+                             "continue it or --out to start a new one elsewhere")
+        model = GPT(cfg.model_config(tokenizer.vocab_size), seed=cfg.seed, device=device)
+        opt_state = adamw_init(model.params)
+        rng = np.random.default_rng(cfg.seed)
+        step, elapsed = 0, 0.0
+    ids = tokenizer.encode(load_text(cfg.data))
+    dataset = Dataset(ids, cfg.n_ctx, cfg.val_fraction)
+    fingerprint = data_fingerprint(ids)
+    if resume and fingerprint != state["data_sha256"]:
+        raise ValueError(f"the data ({cfg.data or 'built-in corpus'}) differs from the data this run was trained on "
+                         "(its SHA-256 changed); resuming would not continue the same run")
+    val_loss = state.get("val_loss") if resume else None
+    ckpt_dir = latest_checkpoint(out_dir)
+
+    def save():
+        nonlocal ckpt_dir
+        ckpt_dir = save_checkpoint(out_dir, model, opt_state, {
+            "step": step, "train_config": asdict(cfg), "data_rng": rng.bit_generator.state,
+            "data_sha256": fingerprint, "tokenizer": tokenizer.name, "val_loss": val_loss, "elapsed_s": elapsed})
+
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), step if resume else None)
+    tokens_per_step = cfg.batch_size * cfg.n_ctx
+    status = "done"
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        with StopFlag() as flag:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                idx, targets = dataset.get_batch("train", cfg.batch_size, rng)
+                lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+                loss, norm = train_step(model, opt_state, model.xp.asarray(idx), model.xp.asarray(targets), lr,
+                                        cfg.grad_clip, weight_decay=cfg.weight_decay)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    kept = f"the last good checkpoint, {ckpt_dir}, is kept" if ckpt_dir else "no checkpoint was saved yet"
+                    raise ValueError(f"loss became {loss} (gradient norm {norm}) at step {step + 1}; training stopped "
+                                     f"and {kept}; try a lower --lr")
+                step += 1
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                log.write(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
+                          elapsed_s=round(elapsed, 3))
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    val_loss = estimate_loss(model, dataset, "val", cfg.batch_size, cfg.eval_batches)
+                    log.write(step=step, val_loss=val_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                                tok_s=f"{tokens_per_step / dt:,.0f}")
+                if flag.stop or step == stop_at:
+                    status = "interrupted" if flag.stop else "stopped"
+                    break
+                if step % cfg.checkpoint_every == 0:
+                    save()
+            save()
+    finally:
+        bar.close()
+        log.close()
+    if plot:
+        plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
+    return {"status": status, "step": step, "loss": loss if step else None, "val_loss": val_loss,
+            "checkpoint": ckpt_dir, "elapsed_s": elapsed}
+
+
+def resumed_config(saved, given, out_dir):
+    """The saved TrainConfig, with the few settings --resume may change taken from `given` (only
+    the fields the user set explicitly are passed in; others would change the run's numbers)."""
+    changes = {k: v for k, v in given.items() if getattr(saved, k) != v}
+    refused = sorted(set(changes) - set(RESUMABLE_CHANGES))
+    if refused:
+        k = refused[0]
+        raise ValueError(f"--resume continues the run saved in {out_dir!r}, which has {k}={getattr(saved, k)!r}; "
+                         f"{k}={changes[k]!r} would change it (only {', '.join(RESUMABLE_CHANGES)} may change)")
+    return replace(saved, **changes)

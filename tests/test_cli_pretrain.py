@@ -1,0 +1,164 @@
+"""`tinylm pretrain / sample / info` from the command line: each bad input ends in one readable
+line and exit code 2 (no traceback) and leaves the checkpoint untouched; Ctrl-C saves and
+exits 130; sampling works on a Hugging Face directory with a BPE vocabulary."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tinylm.checkpoint import latest_checkpoint
+from tinylm.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf_tiny")
+TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--n-ctx", "16", "--batch-size", "4",
+        "--eval-every", "5", "--eval-batches", "2", "--checkpoint-every", "5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 6-step run on a small text file."""
+    tmp = tmp_path_factory.mktemp("run")
+    data = tmp / "data.txt"
+    data.write_text("def f(x):\n    return x + 1\n\n" * 40, encoding="utf-8")
+    out = tmp / "run"
+    assert main(["pretrain", "--out", str(out), "--data", str(data), "--steps", "6", *TINY]) == 0
+    return out
+
+
+def snapshot(run_dir):
+    """Every file of the run's checkpoint, as bytes: to prove a failure changed nothing."""
+    ckpt = latest_checkpoint(str(run_dir))
+    return {f: open(os.path.join(ckpt, f), "rb").read() for f in sorted(os.listdir(ckpt))}
+
+
+def one_error_line(capsys, argv, expect):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert expect in err[0], err[0]
+
+
+def test_info_and_sample(run_dir, capsys):
+    assert main(["info", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    C = 16
+    n_params = 257 * C + 16 * C + (12 * C * C + 13 * C) + 2 * C     # wte + wpe + one block + ln_f
+    assert "n_layer=1" in out and "step: 6 of 6, validation loss" in out and f"parameters: {n_params:,}" in out
+    assert main(["sample", str(run_dir), "--prompt", "def", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def") and "step 6" in first
+    main(["sample", str(run_dir), "--prompt", "def", "--max-new-tokens", "20", "--seed", "1", "--no-cache"])
+    assert capsys.readouterr().out.split("---")[0] == first.split("---")[0]     # same text without the cache
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["pretrain", "--data", "{tmp}/missing.txt"], "missing.txt' does not exist"),
+    (["pretrain", "--data", "{tmp}/empty.txt"], "empty.txt' is empty"),
+    (["pretrain", "--data", "{tmp}/short.txt"], "fewer than one context window of n_ctx + 1 = 17"),
+    (["pretrain", "--data", "{tmp}/short.txt", "--lr", "nan"], "lr must be a finite number >= 0"),
+    (["pretrain", "--resume"], "has no checkpoint.json (no checkpoint was saved there)"),
+    (["sample", "{tmp}/nowhere"], "no checkpoint at"),
+    (["sample", "{tmp}"], "expected checkpoint.json (a tinylm run) or config.json + model.safetensors"),
+    (["info", "{tmp}/nowhere"], "the directory does not exist"),
+    (["sample", "--device", "cpu"], "no run in runs/default yet: train one with `tinylm pretrain`"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, expect):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("too short for a window")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if argv[0] == "pretrain":
+        argv += ["--out", str(tmp_path / "run"), *TINY]
+    one_error_line(capsys, argv, expect)
+
+
+def test_prompt_longer_than_n_ctx_is_refused(run_dir, capsys):
+    one_error_line(capsys, ["sample", str(run_dir), "--prompt", "x" * 17], "--prompt is 17 tokens, more than the "
+                                                                            "model's n_ctx=16")
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("truncate_model", "cannot read model.safetensors"),
+    ("config_mismatch", "missing tensors: h.1.attn.c_attn.bias"),
+    ("state_mismatch", "does not match trainer_state.json"),
+    ("truncate_state", "trainer_state.json is unreadable or truncated"),
+    ("truncate_optimizer", "cannot read optimizer.safetensors"),
+    ("truncate_pointer", "checkpoint.json is unreadable or truncated"),
+])
+def test_damaged_checkpoint_is_refused_and_kept(run_dir, tmp_path, capsys, damage, expect):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    ckpt = latest_checkpoint(str(run))
+
+    def rewrite(name, edit):
+        path = os.path.join(ckpt if name != "checkpoint.json" else run, name)
+        data = open(path, "rb").read()
+        open(path, "wb").write(edit(data))
+    if damage == "truncate_model":
+        rewrite("model.safetensors", lambda b: b[:len(b) // 2])
+    elif damage == "config_mismatch":
+        rewrite("config.json", lambda b: json.dumps({**json.loads(b), "n_layer": 2}).encode())
+    elif damage == "state_mismatch":
+        rewrite("trainer_state.json", lambda b: json.dumps(
+            {**json.loads(b), "config": {**json.loads(b)["config"], "n_ctx": 8}}).encode())
+    elif damage == "truncate_state":
+        rewrite("trainer_state.json", lambda b: b[:20])
+    elif damage == "truncate_optimizer":
+        rewrite("optimizer.safetensors", lambda b: b[:100])
+    else:
+        rewrite("checkpoint.json", lambda b: b[:5])
+    before = snapshot(run) if damage != "truncate_pointer" else None
+    command = ["pretrain", "--resume", "--out", str(run), "--quiet"] if "optimizer" in damage else ["sample", str(run)]
+    one_error_line(capsys, command, expect)
+    if before is not None:
+        assert snapshot(run) == before
+
+
+def test_sample_from_hugging_face_directory_with_bpe(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    shutil.copytree(FIXTURE, hf)
+    # The fixture model has vocab_size 64: 62 byte tokens, one merge, and <|endoftext|>.
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789Ġ."
+    vocab = {c: i for i, c in enumerate(chars[:62])}
+    vocab["ab"] = 62
+    vocab["<|endoftext|>"] = 63
+    (hf / "vocab.json").write_text(json.dumps(vocab))
+    (hf / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert main(["sample", str(hf), "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("abc") and "Hugging Face weights" in out
+    text = out.split("\n---")[0]
+    assert set(text) <= set(chars[:62].replace("Ġ", " "))
+    one_error_line(capsys, ["sample", FIXTURE], "vocab_size is 64 but the byte tokenizer")
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("for i in range(10):\n    print(i)\n" * 40, encoding="utf-8")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "tinylm", "pretrain", "--out", str(out), "--data", str(data),
+                             "--steps", "100000", *TINY[:-7], "--checkpoint-every", "100000", "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted at step" in lines[0] and "--resume" in lines[0], stderr
+    step = int(lines[0].split("interrupted at step ")[1].split(",")[0])
+    last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert step >= 3 and step == last_logged
+    assert latest_checkpoint(str(out)).endswith(f"ckpt-{step:07d}")
+    assert subprocess.run([sys.executable, "-m", "tinylm", "info", str(out)], env=env, capture_output=True,
+                          text=True).stdout.count(f"step: {step} of 100000") == 1

@@ -1,0 +1,53 @@
+"""`tinylm sample`: continue a prompt with a trained model (default: runs/default) or a Hugging
+Face GPT-2 directory (its vocab.json + merges.txt give the BPE tokenizer). Token by token, with
+temperature, top-k and a KV cache."""
+import os
+import time
+
+import numpy as np
+
+from .pretrain import DEFAULT_OUT
+
+
+def add_parser(sub):
+    p = sub.add_parser("sample", help="generate text from a checkpoint", description=__doc__)
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_OUT,
+                   help=f"run, checkpoint or Hugging Face directory (default {DEFAULT_OUT})")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default 300)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all (default 40)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each token (slow; O(T²))")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (NumPy) or cuda (CuPy)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from tinylm.checkpoint import load_model
+    from tinylm.generate import generate
+    from tinylm.tokenizer import load_tokenizer
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
+        raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
+    model, ckpt_dir, state = load_model(args.checkpoint, device=args.device)
+    tokenizer = load_tokenizer(ckpt_dir, model.config.vocab_size)
+    prompt = tokenizer.encode(args.prompt)
+    if len(prompt) == 0:
+        raise ValueError("--prompt is empty; give at least one character")
+    if len(prompt) > model.config.n_ctx:
+        raise ValueError(f"--prompt is {len(prompt)} tokens, more than the model's n_ctx={model.config.n_ctx}; "
+                         "shorten it (prompts are never cropped silently)")
+    t0 = time.perf_counter()
+    out = generate(model, np.tile(prompt, (args.num_samples, 1)), args.max_new_tokens, args.temperature,
+                   args.top_k or None, np.random.default_rng(args.seed), tokenizer.eot_id, not args.no_cache)
+    seconds = time.perf_counter() - t0
+    for i, row in enumerate(out):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(tokenizer.decode(row))
+    step = f"step {state['step']}" if state else "Hugging Face weights"
+    print(f"--- {ckpt_dir} ({step}), {out.shape[1] - len(prompt)} new tokens per sample in {seconds:.1f}s ---")
+    return 0
