@@ -8,8 +8,9 @@ built-in instruction world:
     dpo     DPO on pairs                                           -> LM checkpoint
     eval    labeller success, mean RM score and KL of a policy on held-out instructions
 
-LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); a reward model is one
-plus reward_head.safetensors. Outputs must not exist yet: nothing is ever overwritten, and a run
+LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); --model also takes a
+`tinylm pretrain` run directory (its latest checkpoint). A reward model is an LM directory plus
+reward_head.safetensors. Outputs must not exist yet: nothing is ever overwritten, and a run
 writes into a temporary directory that is renamed only once it is complete.
 """
 import os
@@ -101,8 +102,9 @@ def world_and_rng(args):
 
 
 def load_lm(path):
-    from tinylm import GPT
-    return GPT.from_pretrained(path)
+    """A Hugging Face GPT-2 directory, a ckpt-* directory or a `tinylm pretrain` run (its latest)."""
+    from tinylm.checkpoint import load_model
+    return load_model(path)[0]
 
 
 # ----------------------------------------------------------------------------- steps
