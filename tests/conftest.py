@@ -9,3 +9,8 @@ settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The Numba kernels (tests/test_kernels.py) run under the CUDA simulator unless a caller chose
+# otherwise (bench/gpu_check.sh sets NUMBA_ENABLE_CUDASIM=0 to run them on a real GPU). Numba reads
+# the variable when it is first imported, so it is set here, before any test module imports numba.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")

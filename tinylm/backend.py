@@ -5,11 +5,14 @@ Model and layer code never branch on the device. Layers that must *create* an ar
 everything else is written with ufuncs, methods and `@`, which both libraries share.
 `import tinylm` never imports CuPy: it is only loaded when a caller asks for device="cuda".
 """
+import ctypes
 import sys
 
 import numpy as np
 
 DEVICES = ("cpu", "cuda")
+MATMULS = ("cublas", "numba")
+_matmul = {"name": "cublas"}
 
 
 def get_xp(device):
@@ -42,3 +45,51 @@ def array_module(x):
 def to_numpy(x):
     """A NumPy copy of a NumPy or CuPy array (for saving, printing, comparing)."""
     return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to reuse freed memory instead of handing it back to the OS.
+
+    A training step allocates and frees dozens of multi-megabyte temporaries. By default glibc
+    serves each from a fresh mmap and unmaps it when freed, so every new array page-faults on
+    first touch: at d_model 256 that costs about a quarter of the step. Serving blocks up to
+    32 MiB (glibc's maximum) from the heap and never trimming it makes the pages stay mapped.
+    Process-wide, so tinylm's entry points (CLI, benchmarks) call it, not `import tinylm`.
+    Returns False where there is no glibc (macOS, musl): nothing changes there.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    ok &= libc.mallopt(M_TOP_PAD, 64 << 20)
+    return bool(ok)
+
+
+def scatter_add(target, indices, values):
+    """target[indices[n]] += values[n] for every n, accumulating repeated indices (in place).
+    NumPy spells it np.add.at; CuPy has no ufunc.at and offers cupyx.scatter_add instead."""
+    if array_module(target) is np:
+        np.add.at(target, indices, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, indices, values)
+
+
+def set_matmul(name):
+    """Choose the GEMM behind every linear layer: "cublas", the array library's own (cuBLAS through
+    CuPy; BLAS through NumPy on the CPU), or "numba", the tiled kernel in kernels/matmul.py
+    (float32; CuPy arrays, or NumPy arrays under the CUDA simulator)."""
+    if name not in MATMULS:
+        raise ValueError(f"matmul must be one of {MATMULS}, got {name!r}")
+    _matmul["name"] = name
+
+
+def matmul(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) for 2-D arrays, op = transpose where asked, with the GEMM set_matmul chose."""
+    if _matmul["name"] == "numba":
+        import kernels              # only now: it loads numba.cuda
+        return kernels.matmul(a, b, trans_a, trans_b)
+    return (a.T if trans_a else a) @ (b.T if trans_b else b)

@@ -4,6 +4,8 @@ import argparse
 import importlib
 import sys
 
+from .backend import keep_freed_memory
+
 COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",
             "tinylm.commands.info", "tinylm.commands.rlhf", "tinylm.commands.demo"]
 
@@ -19,6 +21,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.command is None:
         parser.print_help()
         return 2

@@ -7,7 +7,7 @@ V = vocabulary. Every function works on NumPy or CuPy arrays alike.
 """
 import math
 
-from .backend import array_module
+from .backend import array_module, matmul, scatter_add
 
 LAYERNORM_EPS = 1e-5
 
@@ -25,9 +25,8 @@ def embedding_backward(dout, cache):
     `dweight[ids] += dout` would keep only the last write for a repeated id.
     """
     ids, shape = cache
-    xp = array_module(dout)
-    dweight = xp.zeros(shape, dtype=dout.dtype)
-    xp.add.at(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    dweight = array_module(dout).zeros(shape, dtype=dout.dtype)
+    scatter_add(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
     return dweight
 
 
@@ -62,7 +61,7 @@ def layernorm_backward(dy, cache):
 def linear_forward(x, weight, bias=None):
     """y = x @ weight + bias.   x (..., I), weight (I, O) (GPT-2's Conv1D layout), bias (O,) -> y (..., O)"""
     # One (B·T, I) @ (I, O) GEMM: a 3-D @ 2-D matmul would run B smaller ones.
-    y = (x.reshape(-1, x.shape[-1]) @ weight).reshape(*x.shape[:-1], weight.shape[1])
+    y = matmul(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[1])
     if bias is not None:
         y += bias
     return y, (x, weight, bias is not None)
@@ -75,9 +74,9 @@ def linear_backward(dy, cache):
     """
     x, weight, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dweight = x.reshape(-1, x.shape[-1]).T @ dy2
+    dweight = matmul(x.reshape(-1, x.shape[-1]), dy2, trans_a=True)
     dbias = dy2.sum(0) if has_bias else None
-    dx = (dy2 @ weight.T).reshape(x.shape)
+    dx = matmul(dy2, weight, trans_b=True).reshape(x.shape)
     return dx, dweight, dbias
 
 
@@ -118,14 +117,15 @@ def gelu_backward(dy, cache):
 
 
 # ----------------------------------------------------------------------------- attention
-def causal_mask(xp, n_query, n_key, dtype):
+def causal_mask(xp, n_query, n_key, dtype, offset=None):
     """Additive mask (n_query, n_key): 0 where query i (the last n_query of n_key positions) may see
-    key j, -inf where j is in its future.
+    key j, -inf where j is in its future. `offset` = (position of query 0) − (position of key 0)
+    places the queries elsewhere (flash attention's blocks); by default they are the last ones.
 
     -inf, never a finite -1e4: exp(-inf) is exactly 0, so no probability ever leaks from the
     future however large the scores grow, and a finite constant can be out-bid by a large score.
     """
-    offset = n_key - n_query
+    offset = n_key - n_query if offset is None else offset
     future = xp.arange(n_key)[None, :] > (xp.arange(n_query)[:, None] + offset)
     return xp.where(future, -xp.inf, 0.0).astype(dtype)
 
@@ -156,9 +156,8 @@ def attention_forward(qkv, n_head, past=None):
     if past is not None:
         k = xp.concatenate([past[0], k], axis=2)
         v = xp.concatenate([past[1], v], axis=2)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    att = q @ k.transpose(0, 1, 3, 2)                      # (B, H, T, P+T)
-    att *= scale
+    # Scale q (T·hd entries) rather than the scores (T·(P+T) entries): one pass over less memory.
+    att = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(0, 1, 3, 2)   # (B, H, T, P+T)
     att += causal_mask(xp, q.shape[2], k.shape[2], att.dtype)
     # Subtract the row max before exp so no score overflows; each row keeps at least one
     # finite entry (the query's own position), so the max is finite.
@@ -176,7 +175,6 @@ def attention_backward(dout, cache):
     Masked entries have att = 0, so they receive no gradient.
     """
     q, k, v, att = cache
-    xp = array_module(dout)
     B, H, T, hd = q.shape
     dy = dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
     dv = att.transpose(0, 1, 3, 2) @ dy
@@ -186,7 +184,13 @@ def attention_backward(dout, cache):
     datt *= 1.0 / math.sqrt(hd)
     dq = datt @ k
     dk = datt.transpose(0, 1, 3, 2) @ q
-    dqkv = xp.stack([dq, dk, dv])                           # (3, B, H, T, hd)
+    return merge_qkv_grads(dq, dk, dv)
+
+
+def merge_qkv_grads(dq, dk, dv):
+    """The inverse of split_heads for gradients: dq, dk, dv each (B, H, T, hd) -> dqkv (B, T, 3C)."""
+    B, H, T, hd = dq.shape
+    dqkv = array_module(dq).stack([dq, dk, dv])             # (3, B, H, T, hd)
     return dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * hd)
 
 

@@ -17,12 +17,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .backend import get_xp, to_numpy
+from .flash_attention import flash_attention_backward, flash_attention_forward
 from .layers import (attention_backward, attention_forward, cross_entropy_backward,
                      cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
                      linear_forward)
 
 DTYPES = ("float32", "float64")
+ATTENTIONS = ("naive", "flash", "auto")
+# "auto" switches to flash attention from this many positions on. On the CPU both take about the
+# same time (bench/attention_cpu.py: flash's forward 1.2–2× faster, forward+backward 0.6–1.3×), but
+# the naive T×T matrices grow from 17 MiB per head at T = 1024 to 4.3 GiB at 16384; flash keeps O(T).
+FLASH_MIN_T = 1024
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class GPTConfig:
     n_head: int = 12
     d_model: int = 768
     dtype: str = "float32"
+    attention: str = "auto"          # "naive" (T×T matrix), "flash" (blocked, O(T) memory) or "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model"):
@@ -43,6 +50,12 @@ class GPTConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+
+    def uses_flash(self, T):
+        """Whether T positions (without a KV cache) go through flash attention."""
+        return self.attention == "flash" or (self.attention == "auto" and T >= FLASH_MIN_T)
 
     @property
     def head_dim(self):
@@ -153,7 +166,10 @@ class GPT:
         p, h = self.params, f"h.{i}."
         a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
         a, c_attn = linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-        a, c_att = attention_forward(a, self.config.n_head, past)
+        if past is None and self.config.uses_flash(x.shape[1]):
+            a, c_att = flash_attention_forward(a, self.config.n_head)
+        else:       # generation with a KV cache: the naive path, which attends to past keys
+            a, c_att = attention_forward(a, self.config.n_head, past)
         a, c_aproj = linear_forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         x = x + a
         m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
@@ -173,7 +189,11 @@ class GPT:
         dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layernorm_backward(dm, c_ln2)
         dx = dx + dm
         da, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = linear_backward(dx, c_aproj)
-        da = attention_backward(da, c_att)
+        # (a backward only follows a forward without KV cache: T alone says which attention ran)
+        if self.config.uses_flash(dx.shape[1]):
+            da = flash_attention_backward(da, c_att)
+        else:
+            da = attention_backward(da, c_att)
         da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = linear_backward(da, c_attn)
         da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layernorm_backward(da, c_ln1)
         return dx + da
@@ -196,8 +216,7 @@ class GPT:
             layer_past = None if kv_cache is None else kv_cache.layers[i]
             x, c_block = self.block_forward(x, i, layer_past)
             if kv_cache is not None:
-                q, k, v, att = c_block[2]
-                kv_cache.layers[i] = (k, v)
+                kv_cache.layers[i] = c_block[2][1:3]       # both attention caches start (q, k, v)
             c_blocks.append(c_block)
         z, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
         return z, (c_tok, c_pos, c_blocks, c_lnf)

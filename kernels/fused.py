@@ -1,0 +1,219 @@
+"""The small fused kernels a GPU training step needs besides matmul and attention, float32, each
+the twin of a NumPy function it is tested against:
+
+    layernorm_forward / layernorm_backward   tinylm.layers.layernorm_forward / _backward
+    gelu_forward / gelu_backward             tinylm.layers.gelu_forward / _backward
+    softmax_cross_entropy                    tinylm.layers.cross_entropy_forward + _backward, fused
+    adamw_update                             tinylm.optim.adamw_step, for one tensor
+
+"Fused": one kernel reads its inputs once and writes its outputs once, where the NumPy code makes
+a temporary array per operation (gelu alone makes ~10 passes over memory): these kernels are
+memory-bound, so passes are what they cost.
+
+Row kernels (layernorm, cross-entropy) give each row one block of THREADS threads: each thread
+sums a strided slice of the row, then the block combines the partial results by a tree reduction
+in shared memory (no warp shuffles: the simulator has none).
+"""
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from tinylm.layers import GELU_C, LAYERNORM_EPS
+
+from .launch import check_float32, empty, n_blocks, zeros
+
+THREADS = 128                        # per row block (a power of two, for the tree reduction)
+ELEMENTWISE_THREADS = 256
+SQRT_2_OVER_PI = np.float32(GELU_C)  # NumPy float32 globals are float32 constants on the device
+GELU_A = np.float32(0.044715)
+
+
+@cuda.jit(device=True)
+def block_reduce(buf, value, take_max):
+    """Σ (or, with take_max, the max) of `value` over the block's THREADS threads, returned to all."""
+    t = cuda.threadIdx.x
+    buf[t] = value
+    cuda.syncthreads()
+    stride = THREADS // 2
+    while stride > 0:                # halve the live threads each step: log2(THREADS) steps
+        if t < stride:
+            other = buf[t + stride]
+            if not take_max:
+                buf[t] += other
+            elif other > buf[t]:
+                buf[t] = other
+        cuda.syncthreads()
+        stride //= 2
+    total = buf[0]
+    cuda.syncthreads()               # everyone has read buf[0] before the buffer is reused
+    return total
+
+
+# ----------------------------------------------------------------------------- layernorm
+@cuda.jit
+def layernorm_forward_kernel(x, weight, bias, y, mean, rstd, eps):
+    buf = cuda.shared.array(THREADS, float32)
+    row, t, C = cuda.blockIdx.x, cuda.threadIdx.x, x.shape[1]
+    inv_C = float32(1.0) / float32(C)                # float32 / int64 would promote to float64
+    partial = float32(0.0)
+    for c in range(t, C, THREADS):
+        partial += x[row, c]
+    mu = block_reduce(buf, partial, False) * inv_C
+    partial = float32(0.0)
+    for c in range(t, C, THREADS):   # two passes (mean, then squared deviations): no cancellation
+        partial += (x[row, c] - mu) * (x[row, c] - mu)
+    r = float32(1.0) / math.sqrt(block_reduce(buf, partial, False) * inv_C + eps)
+    for c in range(t, C, THREADS):
+        y[row, c] = (x[row, c] - mu) * r * weight[c] + bias[c]
+    if t == 0:
+        mean[row], rstd[row] = mu, r
+
+
+@cuda.jit
+def layernorm_backward_kernel(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    buf = cuda.shared.array(THREADS, float32)
+    row, t, C = cuda.blockIdx.x, cuda.threadIdx.x, x.shape[1]
+    inv_C = float32(1.0) / float32(C)
+    mu, r = mean[row], rstd[row]
+    sum_dxhat, sum_dxhat_xhat = float32(0.0), float32(0.0)
+    for c in range(t, C, THREADS):
+        xhat = (x[row, c] - mu) * r
+        dxhat = dy[row, c] * weight[c]
+        sum_dxhat += dxhat
+        sum_dxhat_xhat += dxhat * xhat
+        # every row adds into the same C entries: atomics, as rows run in parallel blocks
+        cuda.atomic.add(dweight, c, dy[row, c] * xhat)
+        cuda.atomic.add(dbias, c, dy[row, c])
+    mean_dxhat = block_reduce(buf, sum_dxhat, False) * inv_C
+    mean_dxhat_xhat = block_reduce(buf, sum_dxhat_xhat, False) * inv_C
+    for c in range(t, C, THREADS):
+        xhat = (x[row, c] - mu) * r
+        dx[row, c] = r * (dy[row, c] * weight[c] - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+def as_rows(x):
+    """(..., C) -> (N, C), a view for contiguous input."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
+    """x (..., C) -> y (..., C), mean (N,), rstd (N,) over N = all leading positions."""
+    check_float32(x=x, weight=weight, bias=bias)
+    rows = as_rows(x)
+    y, mean, rstd = empty(rows.shape, x), empty(rows.shape[:1], x), empty(rows.shape[:1], x)
+    layernorm_forward_kernel[rows.shape[0], THREADS](rows, weight, bias, y, mean, rstd, np.float32(eps))
+    return y.reshape(x.shape), mean, rstd
+
+
+def layernorm_backward(dy, x, mean, rstd, weight):
+    """-> dx (..., C), dweight (C,), dbias (C,)"""
+    check_float32(dy=dy, x=x, mean=mean, rstd=rstd, weight=weight)
+    rows = as_rows(x)
+    dx, dweight, dbias = empty(rows.shape, x), zeros(weight.shape, x), zeros(weight.shape, x)
+    layernorm_backward_kernel[rows.shape[0], THREADS](as_rows(dy), rows, mean, rstd, weight, dx, dweight, dbias)
+    return dx.reshape(x.shape), dweight, dbias
+
+
+# ----------------------------------------------------------------------------- gelu
+@cuda.jit
+def gelu_forward_kernel(x, y):
+    i = cuda.grid(1)
+    if i < x.size:
+        u = SQRT_2_OVER_PI * (x[i] + GELU_A * x[i] * x[i] * x[i])
+        y[i] = float32(0.5) * x[i] * (float32(1.0) + math.tanh(u))
+
+
+@cuda.jit
+def gelu_backward_kernel(dy, x, dx):
+    i = cuda.grid(1)
+    if i < x.size:
+        t = math.tanh(SQRT_2_OVER_PI * (x[i] + GELU_A * x[i] * x[i] * x[i]))
+        slope = SQRT_2_OVER_PI * (float32(1.0) + float32(3.0) * GELU_A * x[i] * x[i])
+        dx[i] = dy[i] * float32(0.5) * (float32(1.0) + t + x[i] * (float32(1.0) - t * t) * slope)
+
+
+def elementwise_launch(n):
+    return n_blocks(n, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS
+
+
+def gelu_forward(x):
+    """GPT-2's tanh GELU, any shape (contiguous)."""
+    check_float32(x=x)
+    y = empty(x.shape, x)
+    gelu_forward_kernel[elementwise_launch(x.size)](x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def gelu_backward(dy, x):
+    check_float32(dy=dy, x=x)
+    dx = empty(x.shape, x)
+    gelu_backward_kernel[elementwise_launch(x.size)](dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+# ----------------------------------------------------------------------------- softmax cross-entropy
+@cuda.jit
+def softmax_cross_entropy_kernel(logits, targets, weights, nll, dlogits):
+    buf = cuda.shared.array(THREADS, float32)
+    row, t, V = cuda.blockIdx.x, cuda.threadIdx.x, logits.shape[1]
+    partial = float32(-math.inf)
+    for c in range(t, V, THREADS):
+        if logits[row, c] > partial:
+            partial = logits[row, c]
+    row_max = block_reduce(buf, partial, True)          # subtract the max: exp never overflows
+    partial = float32(0.0)
+    for c in range(t, V, THREADS):
+        partial += math.exp(logits[row, c] - row_max)
+    sumexp = block_reduce(buf, partial, False)
+    target = targets[row]
+    weight = weights[row] if target >= 0 else float32(0.0)    # −1: no target, no loss, no gradient
+    for c in range(t, V, THREADS):
+        p = math.exp(logits[row, c] - row_max) / sumexp
+        dlogits[row, c] = (p - (float32(1.0) if c == target else float32(0.0))) * weight
+    if t == 0:
+        nll[row] = math.log(sumexp) + row_max - logits[row, target] if target >= 0 else float32(0.0)
+
+
+def softmax_cross_entropy(logits, targets, weights):
+    """nll = logsumexp(logits) − logits[target] and dlogits = (softmax − onehot)·weight in one pass.
+
+    logits (..., V) float32, targets (...) int (−1: ignored), weights (...) float32 (each
+    position's weight in the loss) -> nll (...), dlogits (..., V)."""
+    check_float32(logits=logits, weights=weights)
+    rows = as_rows(logits)
+    nll, dlogits = empty(rows.shape[:1], logits), empty(rows.shape, logits)
+    softmax_cross_entropy_kernel[rows.shape[0], THREADS](rows, targets.reshape(-1), weights.reshape(-1), nll, dlogits)
+    return nll.reshape(logits.shape[:-1]), dlogits.reshape(logits.shape)
+
+
+# ----------------------------------------------------------------------------- AdamW
+@cuda.jit
+def adamw_kernel(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
+    i = cuda.grid(1)
+    if i < p.size:
+        m[i] = beta1 * m[i] + (float32(1.0) - beta1) * g[i]
+        v[i] = beta2 * v[i] + (float32(1.0) - beta2) * g[i] * g[i]
+        p[i] *= float32(1.0) - lr * weight_decay
+        p[i] -= (lr / bias1) * m[i] / (math.sqrt(v[i] / bias2) + eps)
+
+
+def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+    """One AdamW step for one tensor, in place on p, m, v (contiguous); `step` counts from 1.
+    weight_decay is this tensor's (0 for the ones tinylm.optim.decays exempts)."""
+    check_float32(p=p, g=g, m=m, v=v)
+    beta1, beta2 = betas
+    scalars = [np.float32(s) for s in (lr, beta1, beta2, eps, weight_decay, 1 - beta1 ** step, 1 - beta2 ** step)]
+    flat = [a.reshape(-1) for a in (p, g, m, v)]
+    adamw_kernel[elementwise_launch(p.size)](*flat, *scalars)
+
+
+def kernels_and_signatures():
+    """For kernels.ptx_check: every kernel here with the argument types the entry points pass."""
+    A1, A2, f = "float32[:]", "float32[:, :]", "float32"
+    yield "layernorm fwd", layernorm_forward_kernel, f"void({A2}, {A1}, {A1}, {A2}, {A1}, {A1}, {f})"
+    yield "layernorm bwd", layernorm_backward_kernel, f"void({A2}, {A2}, {A1}, {A1}, {A1}, {A2}, {A1}, {A1})"
+    yield "gelu fwd", gelu_forward_kernel, f"void({A1}, {A1})"
+    yield "gelu bwd", gelu_backward_kernel, f"void({A1}, {A1}, {A1})"
+    yield "cross-entropy", softmax_cross_entropy_kernel, f"void({A2}, int64[:], {A1}, {A1}, {A2})"
+    yield "adamw", adamw_kernel, f"void({A1}, {A1}, {A1}, {A1}, {', '.join([f] * 7)})"

@@ -1,0 +1,63 @@
+"""Compile every float32 kernel to PTX for sm_90 and list any float64 instruction in it.
+
+    NUMBA_ENABLE_CUDASIM=0 python -m kernels.ptx_check     (needs no GPU: NVVM runs on the CPU)
+
+A Python float literal (0.5 instead of float32(0.5)) or a float64 helper silently promotes a
+float32 expression to f64, which runs at 1/64 of the FP32 rate on an H100: the PTX shows it as
+`.f64` instructions. Prints one line per kernel and exits 1 if any kernel has one.
+"""
+import sys
+from types import SimpleNamespace
+
+from numba import cuda
+
+from . import flash_attention, fused
+from .matmul import DEFAULT_TILE, make_matmul_kernel
+
+A2, A3, A4 = "float32[:, :]", "float32[:, :, :]", "float32[:, :, :, :]"
+
+
+def kernels_and_signatures():
+    """(name, Python function, signature) for every kernel at its default sizes."""
+    forward, row_dot, dk_dv, dq = flash_attention.make_kernels(64, *flash_attention.DEFAULT_BLOCKS)
+    attention_args = "int64, int64, int64, float32, boolean"
+    yield "matmul", make_matmul_kernel(*DEFAULT_TILE), \
+        f"void({A2}, {A2}, {A2}, int64, int64, int64, boolean, boolean)"
+    yield "flash forward", forward, f"void({A4}, {A4}, {A4}, {A4}, {A3}, {attention_args})"
+    yield "flash row_dot", row_dot, f"void({A4}, {A4}, {A3}, int64, int64, int64)"
+    yield "flash dk_dv", dk_dv, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {A4}, {attention_args})"
+    yield "flash dq", dq, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {attention_args})"
+    yield from fused.kernels_and_signatures()
+
+
+def compile_without_a_gpu():
+    """Numba's built-in CUDA target compiles a called device function for the *current* device's
+    compute capability, even inside compile_ptx(cc=...), and so asks the driver. Without a GPU,
+    answer sm_90 for it (numba-cuda does not need this)."""
+    from numba.cuda import dispatcher
+    if not cuda.is_available() and hasattr(dispatcher, "get_current_device"):
+        dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
+
+
+def f64_lines(ptx):
+    return [line.strip() for line in ptx.splitlines() if ".f64" in line]
+
+
+def main():
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        print("ptx_check: set NUMBA_ENABLE_CUDASIM=0 (the simulator cannot compile PTX)")
+        return 2
+    compile_without_a_gpu()
+    bad = 0
+    for name, kernel, signature in kernels_and_signatures():
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        lines = f64_lines(ptx)
+        bad += bool(lines)
+        print(f"{name:16s} {len(ptx.splitlines()):6d} PTX lines, {len(lines)} with .f64" +
+              "".join(f"\n    {line}" for line in lines[:5]))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

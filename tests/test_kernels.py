@@ -1,0 +1,194 @@
+"""The Numba CUDA kernels against the NumPy code they must match (within 1e-5, float32), on tiny
+ragged shapes. Under the CUDA simulator (tests/conftest.py sets NUMBA_ENABLE_CUDASIM=1 unless told
+otherwise) they take NumPy arrays; on a real GPU (bench/gpu_check.sh) the same tests pass CuPy
+arrays. Plus: every kernel compiles to sm_90 PTX without a float64 instruction."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from numba import config
+
+import kernels
+from tinylm.backend import to_numpy
+from tinylm.flash_attention import flash_backward, flash_forward
+from tinylm.layers import (cross_entropy_backward, cross_entropy_forward, gelu_backward, gelu_forward,
+                           layernorm_backward, layernorm_forward)
+from tinylm.optim import adamw_init, adamw_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_TILE = (16, 16, 4, 2, 2)           # 64 threads: the simulator runs one Python thread each
+SMALL_BLOCKS = (8, 4)
+
+
+def device(x):
+    """float32 input for a kernel: NumPy under the simulator, CuPy on a real GPU."""
+    x = np.asarray(x, dtype=np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x)
+    if config.ENABLE_CUDASIM:
+        return x
+    import cupy
+    return cupy.asarray(x)
+
+
+def close(got, want):
+    np.testing.assert_allclose(to_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+def data(rng, *shape):
+    """float32 values and the same values in float64, for the NumPy reference."""
+    x = rng.normal(size=shape).astype(np.float32)
+    return x, x.astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- matmul
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("M,N,K", [(17, 23, 9), (33, 5, 18)])   # no dimension a multiple of the tile
+def test_matmul_matches_numpy(M, N, K, trans_a, trans_b):
+    rng = np.random.default_rng(M + K)
+    a, a64 = data(rng, *((K, M) if trans_a else (M, K)))
+    b, b64 = data(rng, *((N, K) if trans_b else (K, N)))
+    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    close(kernels.matmul(device(a), device(b), trans_a, trans_b, tile=SMALL_TILE), want)
+
+
+def test_matmul_default_tile_and_strided_views():
+    """The real tile size (one 128×128 block) and a transposed *view* read through its strides."""
+    rng = np.random.default_rng(0)
+    a, a64 = data(rng, 19, 13)
+    b, b64 = data(rng, 7, 13)
+    close(kernels.matmul(device(a), device(b).T), a64 @ b64.T)
+
+
+def test_matmul_rejects_bad_input():
+    a = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        kernels.matmul(a, a)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.matmul(a.astype(np.float64), a.T)
+
+
+# ----------------------------------------------------------------------------- flash attention
+@pytest.mark.parametrize("B,H,T,hd,causal,blocks", [
+    (1, 2, 13, 5, True, SMALL_BLOCKS),       # T not a multiple of either block size
+    (2, 1, 11, 3, False, SMALL_BLOCKS),
+    (1, 1, 9, 33, True, (4, 8)),             # head_dim 33 -> the 64 bucket; ROWS < TILE
+    (1, 1, 6, 128, True, (4, 4)),            # the largest head_dim
+])
+def test_flash_attention_kernels_match_numpy(B, H, T, hd, causal, blocks):
+    rng = np.random.default_rng(T)
+    (q, q64), (k, k64), (v, v64), (do, do64) = (data(rng, B, H, T, hd) for _ in range(4))
+    o_ref, lse_ref = flash_forward(q64, k64, v64, causal)
+    o, lse = kernels.flash_attention_forward(device(q), device(k), device(v), causal, blocks)
+    close(o, o_ref)
+    close(lse, lse_ref)
+    grads = kernels.flash_attention_backward(device(q), device(k), device(v), o, lse, device(do), causal, blocks)
+    for got, want in zip(grads, flash_backward(q64, k64, v64, o_ref, lse_ref, do64, causal)):
+        close(got, want)
+
+
+def test_flash_attention_rejects_bad_input():
+    q = np.zeros((1, 1, 4, 129), np.float32)
+    with pytest.raises(ValueError, match="head_dim must be at most 128"):
+        kernels.flash_attention_forward(q, q, q)
+    q = np.zeros((1, 1, 4, 8), np.float32)
+    with pytest.raises(ValueError, match="k must have shape"):
+        kernels.flash_attention_forward(q, q[:, :, :3], q)
+
+
+# ----------------------------------------------------------------------------- fused kernels
+def test_layernorm_kernels_match_numpy():
+    rng = np.random.default_rng(1)
+    (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 3, 70), data(rng, 70), data(rng, 70), data(rng, 3, 70)
+    x, x64 = x.reshape(3, 1, 70) * 3 + 1, x64.reshape(3, 1, 70) * 3 + 1      # C = 70: not a power of two
+    y_ref, cache = layernorm_forward(x64, w64, b64)
+    y, mean, rstd = kernels.layernorm_forward(device(x), device(w), device(b))
+    close(y, y_ref)
+    close(rstd, cache[1].reshape(-1))
+    dy, dy64 = dy.reshape(3, 1, 70), dy64.reshape(3, 1, 70)
+    got = kernels.layernorm_backward(device(dy), device(x), mean, rstd, device(w))
+    for g, want in zip(got, layernorm_backward(dy64, cache)):
+        close(g, want)
+
+
+def test_gelu_kernels_match_numpy():
+    rng = np.random.default_rng(2)
+    (x, x64), (dy, dy64) = data(rng, 5, 41), data(rng, 5, 41)
+    y_ref, cache = gelu_forward(x64 * 3)
+    close(kernels.gelu_forward(device(x * 3)), y_ref)
+    close(kernels.gelu_backward(device(dy), device(x * 3)), gelu_backward(dy64, cache))
+
+
+def test_softmax_cross_entropy_kernel_matches_numpy():
+    rng = np.random.default_rng(3)
+    logits, logits64 = data(rng, 2, 3, 150)
+    logits, logits64 = logits * 4, logits64 * 4
+    targets = rng.integers(0, 150, size=(2, 3))
+    targets[0, 1] = -1                                       # an ignored position
+    weights, weights64 = data(rng, 2, 3)
+    nll_ref, cache = cross_entropy_forward(logits64, targets)
+    nll, dlogits = kernels.softmax_cross_entropy(device(logits), device(targets), device(weights))
+    close(nll, nll_ref)
+    close(dlogits, cross_entropy_backward(weights64, cache))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_kernel_matches_optim(weight_decay):
+    rng = np.random.default_rng(4)
+    p, p64 = data(rng, 4, 9)
+    params, state = {"w": p64}, adamw_init({"w": p64})
+    p_dev = device(p)
+    m, v = device(np.zeros_like(p)), device(np.zeros_like(p))
+    for step in (1, 2, 3):                                   # the bias corrections change per step
+        g, g64 = data(rng, 4, 9)
+        adamw_step(params, {"w": g64}, state, lr=0.01, weight_decay=weight_decay, decay=lambda n, s: True)
+        kernels.adamw_update(p_dev, device(g), m, v, lr=0.01, step=step, weight_decay=weight_decay)
+    close(p_dev, params["w"])
+    close(m, state["m"]["w"])
+
+
+# ----------------------------------------------------------------------------- PTX: no float64
+PTX_SCRIPT = """
+from numba import cuda, float32
+from kernels import ptx_check
+status = ptx_check.main()
+def promoted(x, y):                 # the bug ptx_check exists to catch: a Python float literal
+    i = cuda.grid(1)
+    if i < x.size:
+        y[i] = x[i] * 0.1
+ptx, _ = cuda.compile_ptx(promoted, "void(float32[:], float32[:])", cc=(9, 0))
+print("promoted kernel .f64 lines:", len(ptx_check.f64_lines(ptx)))
+raise SystemExit(status)
+"""
+
+
+def test_kernels_compile_to_ptx_without_float64():
+    """compile_ptx needs the real CUDA target (not the simulator) but no GPU: a subprocess."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert sum("0 with .f64" in line for line in lines) == 11, run.stdout      # every kernel listed, clean
+    promoted = int(lines[-1].split(":")[1])
+    assert promoted > 0, "the checker must see the f64 that a 0.5 literal causes"
+
+
+# ----------------------------------------------------------------------------- the model's switch
+def test_linear_layers_run_on_the_numba_matmul():
+    """backend.set_matmul("numba") routes linear_forward / linear_backward through kernels.matmul."""
+    from tinylm.backend import set_matmul
+    from tinylm.layers import linear_backward, linear_forward
+    rng = np.random.default_rng(5)
+    (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 2, 5, 6), data(rng, 6, 7), data(rng, 7), data(rng, 2, 5, 7)
+    y_ref, cache_ref = linear_forward(x64, w64, b64)
+    grads_ref = linear_backward(dy64, cache_ref)
+    set_matmul("numba")
+    try:
+        y, cache = linear_forward(device(x), device(w), device(b))
+        grads = linear_backward(device(dy), cache)
+    finally:
+        set_matmul("cublas")
+    close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        close(got, want)
