@@ -24,7 +24,7 @@ def run(args):
 
     from tinylm.pipeline import QUICK, DemoConfig, run_demo
 
-    outputs = [args.json] + [os.path.join(args.plot, f"rl_{key}.png") for key, _ in PLOTS] * bool(args.plot)
+    outputs = [args.json] + ([os.path.join(args.plot, f"rl_{key}.png") for key, _ in PLOTS] if args.plot else [])
     for path in filter(None, outputs):
         if os.path.exists(path):
             raise ValueError(f"{path!r} already exists: choose a new path (the demo never overwrites files)")
