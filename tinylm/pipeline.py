@@ -47,7 +47,7 @@ class DemoConfig:
     rm_batch: int = 32
     rm_lr: float = 1e-3
     # policy and DPO
-    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig(beta=0.1, steps=150, lr=3e-4))
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     rm_round_instructions: int = 600
     dpo_epochs: int = 2
     dpo_batch: int = 32
@@ -123,6 +123,11 @@ def true_order(pairs):
                        [w if f else l for f, w, l in zip(flipped, pairs.chosen, pairs.rejected)], pairs.instructions)
 
 
+def success_rate(instructions, responses):
+    """The labeller's verdict: the fraction of responses that are exactly right."""
+    return float(np.mean([Labeller.success(t, s, TOKENIZER.decode(r)) for (t, s), r in zip(instructions, responses)]))
+
+
 def evaluate(policy, reference, rm, instructions, samples, max_new_tokens, rng):
     """Sample `samples` responses per instruction at temperature 1 and measure: the labeller's
     success rate (exact answers), the mean reward-model score, and KL(policy ‖ reference) — the
@@ -130,11 +135,11 @@ def evaluate(policy, reference, rm, instructions, samples, max_new_tokens, rng):
     repeated = [ins for ins in instructions for _ in range(samples)]
     prompts = encode_prompts(repeated)
     responses = sample_responses(policy, prompts, max_new_tokens, 1.0, rng, TOKENIZER.eot_id)
-    success = np.mean([Labeller.success(t, s, TOKENIZER.decode(r)) for (t, s), r in zip(repeated, responses)])
     idx, lengths, starts = pack(prompts, responses)
     inputs, targets = response_targets(idx, lengths, starts)
     kl = (to_numpy(policy.token_logprobs(inputs, targets)) - to_numpy(reference.token_logprobs(inputs, targets)))
-    return {"success": float(success), "reward": float(rm.rewards(idx, lengths).mean()), "kl": float(kl.sum(1).mean())}
+    return {"success": success_rate(repeated, responses), "reward": float(rm.rewards(idx, lengths).mean()),
+            "kl": float(kl.sum(1).mean())}
 
 
 def train_policy(base, rm, world, labeller, pcfg, cfg, pairs, rng, progress=True, desc="rlhf"):
@@ -153,8 +158,8 @@ def train_policy(base, rm, world, labeller, pcfg, cfg, pairs, rng, progress=True
         instructions = world.instructions(pcfg.prompts_per_step, rng)
         out = policy_step(policy, base, rm, opt, encode_prompts(instructions), pcfg, rng, TOKENIZER.eot_id)
         repeated = [ins for ins in instructions for _ in range(pcfg.samples_per_prompt)]
-        success = np.mean([Labeller.success(t, s, TOKENIZER.decode(r)) for (t, s), r in zip(repeated, out["responses"])])
-        history.append({"step": step, "reward": out["reward"], "kl": out["kl"], "success": float(success)})
+        history.append({"step": step, "reward": out["reward"], "kl": out["kl"],
+                        "success": success_rate(repeated, out["responses"])})
     return policy, rm, history
 
 
@@ -207,5 +212,6 @@ def run_ablations(base, rm, world, labeller, cfg, pairs, eval_set, rng, progress
     for name, pcfg in runs.items():
         policy, _, history = train_policy(base, copy_rm(rm), world, labeller, pcfg, cfg, pairs, rng, progress, name)
         out[name] = {**evaluate(policy, base, rm, eval_set, cfg.eval_samples, pcfg.max_new_tokens, rng),
-                     "examples": examples(policy, eval_set, pcfg.max_new_tokens, cfg.seed), "beta": pcfg.beta, "steps": pcfg.steps, "rm_rounds": pcfg.rm_rounds, "history": history}
+                     "examples": examples(policy, eval_set, pcfg.max_new_tokens, cfg.seed),
+                     "beta": pcfg.beta, "steps": pcfg.steps, "rm_rounds": pcfg.rm_rounds, "history": history}
     return out

@@ -136,7 +136,10 @@ def leave_one_out_baseline(rewards):
 
 
 def kl_to_go(logratio, mask):
-    """G_t = Σ_{s ≥ t} ℓ_s over response tokens.   logratio, mask (B, T) -> (B, T), 0 off the response."""
+    """G_t = Σ_{s ≥ t} ℓ_s over response tokens.   logratio, mask (B, T) -> (B, T), 0 off the response.
+
+    Weighting every token by the whole response's Σ_s ℓ_s would be unbiased too (E[ℓ_s ∇log π(y_t)]
+    = 0 for s < t), but the earlier log-ratios only add noise to token t's weight."""
     ell = logratio * mask
     return np.cumsum(ell[:, ::-1], axis=1)[:, ::-1] * mask
 
@@ -154,12 +157,12 @@ def check_rewards(rewards):
 
 @dataclass
 class PolicyConfig:
-    beta: float = 0.05              # weight of the KL penalty to the reference
+    beta: float = 0.1               # weight of the KL penalty to the reference
     samples_per_prompt: int = 4     # k, for the leave-one-out baseline
     prompts_per_step: int = 16
     temperature: float = 1.0
     lr: float = 3e-4
-    steps: int = 100
+    steps: int = 150
     rm_rounds: int = 0              # reward-model retraining rounds on the policy's own samples
     max_new_tokens: int = 7
 

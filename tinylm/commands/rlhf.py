@@ -50,12 +50,12 @@ def add_parser(sub):
     s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
     s.add_argument("--reward", required=True, help="reward model directory")
     s.add_argument("--out", required=True)
-    s.add_argument("--beta", type=float, default=0.05, help="weight of KL(policy ‖ reference)")
+    s.add_argument("--beta", type=float, default=0.1, help="weight of KL(policy ‖ reference)")
     s.add_argument("--steps", type=int, default=150)
     s.add_argument("--samples-per-prompt", type=int, default=4)
     s.add_argument("--prompts-per-step", type=int, default=16)
     s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--lr", type=float, default=3e-4)
     s.add_argument("--rm-rounds", type=int, default=0,
                    help="reward-model retraining rounds on the policy's own samples (needs --pairs)")
     s.add_argument("--pairs", help="the reward model's training pairs (kept when it is retrained)")
@@ -155,8 +155,9 @@ def run_policy(args):
     from tinylm.rlhf import PolicyConfig, Preferences
     from tinylm.world import Labeller
     fresh(args.out)
-    pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt, prompts_per_step=args.prompts_per_step,
-                        temperature=args.temperature, lr=args.lr, steps=args.steps, rm_rounds=args.rm_rounds)
+    pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt,
+                        prompts_per_step=args.prompts_per_step, temperature=args.temperature, lr=args.lr,
+                        steps=args.steps, rm_rounds=args.rm_rounds)
     if args.rm_rounds and not args.pairs:
         raise ValueError("--rm-rounds needs --pairs (the reward model's training pairs, kept when it is retrained)")
     world, rng = world_and_rng(args)
