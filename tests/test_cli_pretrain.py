@@ -64,6 +64,9 @@ def test_info_and_sample(run_dir, capsys):
     (["pretrain", "--data", "{tmp}/short.txt"], "fewer than one context window of n_ctx + 1 = 17"),
     (["pretrain", "--data", "{tmp}/short.txt", "--lr", "nan"], "lr must be a finite number >= 0"),
     (["pretrain", "--resume"], "has no checkpoint.json (no checkpoint was saved there)"),
+    (["pretrain", "--data", "{tmp}/long.txt", "--steps", "5", "--stop-at", "9"], "stop_at must be in 1..5"),
+    (["pretrain", "--data", "{tmp}/long.txt", "--out", "{tmp}/long.txt"], "is a file, not a directory"),
+    (["pretrain", "--data", "{tmp}/long.txt", "--device", "gpu"], "invalid choice: 'gpu'"),
     (["sample", "{tmp}/nowhere"], "no checkpoint at"),
     (["sample", "{tmp}"], "expected checkpoint.json (a tinylm run) or config.json + model.safetensors"),
     (["info", "{tmp}/nowhere"], "the directory does not exist"),
@@ -73,10 +76,25 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, expect):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("too short for a window")
+    (tmp_path / "long.txt").write_text("long enough for many windows " * 20)
     argv = [a.format(tmp=tmp_path) for a in argv]
     if argv[0] == "pretrain":
-        argv += ["--out", str(tmp_path / "run"), *TINY]
+        argv = argv[:1] + ["--out", str(tmp_path / "run"), *TINY] + argv[1:]     # a later --out wins
+    if "invalid choice" in expect:             # argparse's own usage error: exit 2, usage + one error line
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and expect in capsys.readouterr().err
+        return
     one_error_line(capsys, argv, expect)
+    assert not (tmp_path / "run").exists()           # a refused run leaves nothing behind
+
+
+def test_resuming_a_finished_run_does_nothing(run_dir, tmp_path, capsys):
+    shutil.copytree(run_dir, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    assert main(["pretrain", "--resume", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("done: step 6, train loss")
+    assert snapshot(tmp_path / "run") == before
 
 
 def test_prompt_longer_than_n_ctx_is_refused(run_dir, capsys):
@@ -145,7 +163,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "tinylm", "pretrain", "--out", str(out), "--data", str(data),
-                             "--steps", "100000", *TINY[:-7], "--checkpoint-every", "100000", "--quiet"],
+                             "--steps", "100000", *TINY, "--checkpoint-every", "100000"],   # the last flag wins
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 60

@@ -56,16 +56,16 @@ def test_sampling_with_a_seed_is_reproducible_and_cache_independent():
 
 
 def test_sample_next_frequencies_follow_softmax_and_top_k():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    logits = np.repeat(np.log([[0.5, 0.3, 0.15, 0.05]]), 20000, axis=0)     # 20000 independent rows
     rng = np.random.default_rng(0)
-    draws = np.array([sample_next(logits, 1.0, None, rng)[0] for _ in range(20000)])
-    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 20000, [0.5, 0.3, 0.15, 0.05], atol=0.015)
-    draws = np.array([sample_next(logits, 1.0, 2, rng)[0] for _ in range(20000)])
-    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 20000, [0.625, 0.375, 0, 0], atol=0.015)
-    # temperature 2 flattens: p ∝ sqrt(p)
-    p = np.sqrt([0.5, 0.3, 0.15, 0.05])
-    draws = np.array([sample_next(logits, 2.0, None, rng)[0] for _ in range(20000)])
-    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 20000, p / p.sum(), atol=0.015)
+
+    def frequencies(temperature, top_k):
+        return np.bincount(sample_next(logits, temperature, top_k, rng), minlength=4) / 20000
+    np.testing.assert_allclose(frequencies(1.0, None), [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    np.testing.assert_allclose(frequencies(1.0, 2), [0.625, 0.375, 0, 0], atol=0.015)
+    p = np.sqrt([0.5, 0.3, 0.15, 0.05])                 # temperature 2 flattens: p ∝ sqrt(p)
+    np.testing.assert_allclose(frequencies(2.0, None), p / p.sum(), atol=0.015)
+    assert (frequencies(0, None) == [1, 0, 0, 0]).all()
 
 
 def test_eot_stops_a_row_and_pads_it():

@@ -78,3 +78,10 @@ def test_load_tokenizer_refuses_vocab_mismatch(tmp_path):
     write_bpe(tmp_path, MERGES)
     with pytest.raises(ValueError, match="vocab_size is 300 but vocab.json has 262 ids"):
         load_tokenizer(tmp_path, vocab_size=300)
+
+
+def test_bpe_refuses_a_vocabulary_that_is_not_byte_level(tmp_path):
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "\u2603": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="is not made of GPT-2's byte characters"):
+        load_tokenizer(tmp_path)

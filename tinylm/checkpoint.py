@@ -26,6 +26,7 @@ from .model import GPT, GPTConfig, param_shapes
 POINTER = "checkpoint.json"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
+RESUME_KEYS = ("step", "train_config", "data_rng", "data_sha256", "loss", "val_loss", "elapsed_s", "optimizer_step")
 
 
 def write_json_atomic(path, obj):
@@ -117,6 +118,8 @@ def load_model(path, device="cpu", dtype=None):
     dtype = dtype or (state["config"]["dtype"] if state else "float32")
     model = GPT.from_pretrained(ckpt_dir, dtype=dtype, device=device)
     if state is not None:
+        if not isinstance(state.get("config"), dict):
+            raise ValueError(f"checkpoint {ckpt_dir!r}: {STATE} lacks the model config")
         saved = GPTConfig(**{**state["config"], "dtype": dtype})
         if saved != model.config:
             raise ValueError(f"checkpoint {ckpt_dir!r}: config.json ({model.config}) does not match "
@@ -132,6 +135,9 @@ def load_training_checkpoint(run_dir, device="cpu"):
     model, ckpt_dir, state = load_model(run_dir, device)
     if state is None:
         raise ValueError(f"cannot resume from {ckpt_dir!r}: it has no {STATE}")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"cannot resume from {ckpt_dir!r}: {STATE} lacks {', '.join(missing)}")
     try:
         moments = load_file(os.path.join(ckpt_dir, OPTIMIZER))
     except Exception as e:                     # missing, truncated or not safetensors

@@ -30,6 +30,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("tinylm: interrupted", file=sys.stderr)
         return 130
-    except ValueError as e:      # bad input: one readable line, no traceback
+    except (ValueError, OSError) as e:      # bad input, unwritable or full disk: one readable line, no traceback
         print(f"tinylm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -70,6 +70,10 @@ class BPETokenizer:
         self.ranks = {tuple(pair): r for r, pair in enumerate(merges)}
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
+        foreign = [t for t in self.encoder if t != self.EOT and not set(t) <= self.char_byte.keys()]
+        if foreign:
+            raise ValueError(f"vocab.json token {foreign[0]!r} is not made of GPT-2's byte characters "
+                             "(not a byte-level BPE vocabulary)")
         self.vocab_size = max(self.decoder) + 1
         self.eot_id = self.encoder.get(self.EOT)
         self.word_cache = {}

@@ -190,91 +190,116 @@ def plot_metrics(metrics_path, png_path):
     plt.close(fig)
 
 
+@dataclass
+class Run:
+    """A run's state between steps: exactly what a checkpoint holds."""
+    cfg: TrainConfig
+    model: GPT
+    opt_state: dict
+    rng: np.random.Generator            # the data order: which windows each step trains on
+    step: int = 0
+    elapsed_s: float = 0.0              # time inside training steps, summed over resumes
+    loss: float = None
+    val_loss: float = None
+    data_sha256: str = None
+
+    def trainer_state(self):
+        return {"step": self.step, "train_config": asdict(self.cfg), "data_rng": self.rng.bit_generator.state,
+                "data_sha256": self.data_sha256, "tokenizer": ByteTokenizer.name, "loss": self.loss,
+                "val_loss": self.val_loss, "elapsed_s": self.elapsed_s}
+
+
+def new_run(out_dir, settings, device):
+    cfg = TrainConfig(**settings)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir!r} is a file, not a directory")
+    if latest_checkpoint(out_dir) is not None:
+        raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
+                         f"{read_trainer_state(latest_checkpoint(out_dir))['step']}); pass --resume to "
+                         "continue it or --out to start a new one elsewhere")
+    model = GPT(cfg.model_config(ByteTokenizer.vocab_size), seed=cfg.seed, device=device)
+    return Run(cfg, model, adamw_init(model.params), np.random.default_rng(cfg.seed))
+
+
+def resumed_run(out_dir, settings, device):
+    model, opt_state, state = load_training_checkpoint(out_dir, device)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["data_rng"]
+    return Run(resumed_config(TrainConfig(**state["train_config"]), settings, out_dir), model, opt_state, rng,
+               state["step"], state["elapsed_s"], state["loss"], state["val_loss"], state["data_sha256"])
+
+
+def run_dataset(run):
+    """The run's data as a Dataset; a resumed run's data must be the very text it trained on."""
+    ids = ByteTokenizer().encode(load_text(run.cfg.data))
+    fingerprint = data_fingerprint(ids)
+    if run.data_sha256 not in (None, fingerprint):
+        raise ValueError(f"the data ({run.cfg.data or 'built-in corpus'}) differs from the data this run was "
+                         "trained on (its SHA-256 changed); resuming would not continue the same run")
+    run.data_sha256 = fingerprint
+    return Dataset(ids, run.cfg.n_ctx, run.cfg.val_fraction)
+
+
 def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", plot=False, progress=True):
     """Train a new run in out_dir with TrainConfig(**settings), or resume the run there (settings
-    then may only change RESUMABLE_CHANGES). stop_at: end early after that step, with a
-    checkpoint, leaving the schedule planned for max_steps (resume later). Returns a summary dict with "status": "done",
-    "stopped" (reached stop_at) or "interrupted" (Ctrl-C), and the step / losses / checkpoint.
+    may then change only RESUMABLE_CHANGES). stop_at: end early after that step, with a checkpoint,
+    keeping the schedule planned for max_steps (resume later). Returns a summary dict with
+    "status": "done", "stopped" (reached stop_at) or "interrupted" (Ctrl-C), and step / losses /
+    checkpoint / elapsed_s.
 
     Raises ValueError for bad input and when the loss stops being finite (naming the step and
     the last good checkpoint, which is kept)."""
-    tokenizer = ByteTokenizer()
     settings = dict(settings or {})
     if settings.get("data") is not None:       # absolute, so --resume works from any directory
         settings["data"] = os.path.abspath(settings["data"])
-    if resume:
-        model, opt_state, state = load_training_checkpoint(out_dir, device)
-        cfg = resumed_config(TrainConfig(**state["train_config"]), settings, out_dir)
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["data_rng"]
-        step, elapsed = state["step"], state["elapsed_s"]
-    else:
-        cfg = TrainConfig(**settings)
-        os.makedirs(out_dir, exist_ok=True)
-        if latest_checkpoint(out_dir) is not None:
-            raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
-                             f"{read_trainer_state(latest_checkpoint(out_dir))['step']}); pass --resume to "
-                             "continue it or --out to start a new one elsewhere")
-        model = GPT(cfg.model_config(tokenizer.vocab_size), seed=cfg.seed, device=device)
-        opt_state = adamw_init(model.params)
-        rng = np.random.default_rng(cfg.seed)
-        step, elapsed = 0, 0.0
-    ids = tokenizer.encode(load_text(cfg.data))
-    dataset = Dataset(ids, cfg.n_ctx, cfg.val_fraction)
-    fingerprint = data_fingerprint(ids)
-    if resume and fingerprint != state["data_sha256"]:
-        raise ValueError(f"the data ({cfg.data or 'built-in corpus'}) differs from the data this run was trained on "
-                         "(its SHA-256 changed); resuming would not continue the same run")
-    val_loss = state.get("val_loss") if resume else None
+    run = resumed_run(out_dir, settings, device) if resume else new_run(out_dir, settings, device)
+    cfg, model = run.cfg, run.model
+    dataset = run_dataset(run)
+    if stop_at is not None and not run.step < stop_at <= cfg.max_steps:
+        raise ValueError(f"stop_at must be in {run.step + 1}..{cfg.max_steps} (after the current step {run.step}, "
+                         f"at most max_steps), got {stop_at}")
+    os.makedirs(out_dir, exist_ok=True)        # only now: bad input above leaves no empty run behind
     ckpt_dir = latest_checkpoint(out_dir)
-
-    def save():
-        nonlocal ckpt_dir
-        ckpt_dir = save_checkpoint(out_dir, model, opt_state, {
-            "step": step, "train_config": asdict(cfg), "data_rng": rng.bit_generator.state,
-            "data_sha256": fingerprint, "tokenizer": tokenizer.name, "val_loss": val_loss, "elapsed_s": elapsed})
-
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), step if resume else None)
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), run.step if resume else None)
     tokens_per_step = cfg.batch_size * cfg.n_ctx
     status = "done"
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", disable=not progress,
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="pretrain", unit="step", disable=not progress,
                dynamic_ncols=True)
     try:
         with StopFlag() as flag:
-            while step < cfg.max_steps:
+            while run.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                idx, targets = dataset.get_batch("train", cfg.batch_size, rng)
-                lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-                loss, norm = train_step(model, opt_state, model.xp.asarray(idx), model.xp.asarray(targets), lr,
+                idx, targets = dataset.get_batch("train", cfg.batch_size, run.rng)
+                lr = lr_at(run.step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+                loss, norm = train_step(model, run.opt_state, model.xp.asarray(idx), model.xp.asarray(targets), lr,
                                         cfg.grad_clip, weight_decay=cfg.weight_decay)
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     kept = f"the last good checkpoint, {ckpt_dir}, is kept" if ckpt_dir else "no checkpoint was saved yet"
-                    raise ValueError(f"loss became {loss} (gradient norm {norm}) at step {step + 1}; training stopped "
-                                     f"and {kept}; try a lower --lr")
-                step += 1
+                    raise ValueError(f"loss became {loss} (gradient norm {norm}) at step {run.step + 1}; training "
+                                     f"stopped and {kept}; try a lower --lr")
                 dt = time.perf_counter() - t0
-                elapsed += dt
-                log.write(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
-                          elapsed_s=round(elapsed, 3))
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    val_loss = estimate_loss(model, dataset, "val", cfg.batch_size, cfg.eval_batches)
-                    log.write(step=step, val_loss=val_loss)
+                run.step, run.loss, run.elapsed_s = run.step + 1, loss, run.elapsed_s + dt
+                log.write(step=run.step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
+                          elapsed_s=round(run.elapsed_s, 3))
+                if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+                    run.val_loss = estimate_loss(model, dataset, "val", cfg.batch_size, cfg.eval_batches)
+                    log.write(step=run.step, val_loss=run.val_loss)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.val_loss:.3f}" if run.val_loss else "-",
                                 tok_s=f"{tokens_per_step / dt:,.0f}")
-                if flag.stop or step == stop_at:
+                if flag.stop or run.step == stop_at:
                     status = "interrupted" if flag.stop else "stopped"
                     break
-                if step % cfg.checkpoint_every == 0:
-                    save()
-            save()
+                if run.step % cfg.checkpoint_every == 0:
+                    ckpt_dir = save_checkpoint(out_dir, model, run.opt_state, run.trainer_state())
+            ckpt_dir = save_checkpoint(out_dir, model, run.opt_state, run.trainer_state())
     finally:
         bar.close()
         log.close()
     if plot:
         plot_metrics(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "loss.png"))
-    return {"status": status, "step": step, "loss": loss if step else None, "val_loss": val_loss,
-            "checkpoint": ckpt_dir, "elapsed_s": elapsed}
+    return {"status": status, "step": run.step, "loss": run.loss, "val_loss": run.val_loss,
+            "checkpoint": ckpt_dir, "elapsed_s": run.elapsed_s}
 
 
 def resumed_config(saved, given, out_dir):

@@ -55,7 +55,8 @@ def run(args):
     settings = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, device=args.device,
                       plot=args.plot, progress=not args.quiet)
-    summary = (f"step {result['step']}, train loss {result['loss']:.4f}, "
+    summary = (f"step {result['step']}, "
+               + (f"train loss {result['loss']:.4f}, " if result["loss"] is not None else "")
                + (f"validation loss {result['val_loss']:.4f}, " if result["val_loss"] is not None else "")
                + f"{result['elapsed_s']:.0f}s of training; checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":
