@@ -7,7 +7,8 @@ import sys
 from .backend import keep_freed_memory
 
 COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",
-            "tinylm.commands.info", "tinylm.commands.scaling"]
+            "tinylm.commands.info", "tinylm.commands.rlhf", "tinylm.commands.demo",
+            "tinylm.commands.scaling"]
 
 
 def build_parser():

@@ -1,0 +1,195 @@
+"""`tinylm rlhf STEP`: the RLHF pipeline one step at a time, on checkpoint directories, for the
+built-in instruction world:
+
+    base    pretrain a base LM on the world's corpus              -> LM checkpoint
+    pairs   sample two responses per instruction, the labeller picks -> pairs .json
+    reward  train a reward model on pairs (Bradley–Terry)          -> RM checkpoint
+    policy  REINFORCE + KL leash against a reward model            -> LM checkpoint
+    dpo     DPO on pairs                                           -> LM checkpoint
+    eval    labeller success, mean RM score and KL of a policy on held-out instructions
+
+LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); --model also takes a
+`tinylm pretrain` run directory (its latest checkpoint). A reward model is an LM directory plus
+reward_head.safetensors. Outputs must not exist yet: nothing is ever overwritten, and a run
+writes into a temporary directory that is renamed only once it is complete.
+"""
+import os
+import shutil
+
+import numpy as np
+
+
+def add_parser(sub):
+    p = sub.add_parser("rlhf", help="RLHF step by step: base, pairs, reward, policy, dpo, eval",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    steps = p.add_subparsers(dest="step", metavar="STEP", required=True)
+
+    s = steps.add_parser("base", help="pretrain a base LM on the instruction world's corpus")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=1500)
+    s.set_defaults(func=run_base)
+
+    s = steps.add_parser("pairs", help="sample response pairs from an LM and have the labeller choose")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True, help="pairs file (.json)")
+    s.add_argument("--instructions", type=int, default=2000, help="instructions to sample (ties are dropped)")
+    s.add_argument("--heldout", action="store_true", help="use held-out instructions (for measuring)")
+    s.add_argument("--noise", type=float, default=0.1, help="label noise: probability a label is flipped")
+    s.set_defaults(func=run_pairs)
+
+    s = steps.add_parser("reward", help="train a reward model on pairs")
+    s.add_argument("--model", required=True, help="the LM whose copy becomes the reward model")
+    s.add_argument("--pairs", required=True)
+    s.add_argument("--heldout-pairs", help="pairs to measure held-out accuracy on")
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=int, default=2)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.set_defaults(func=run_reward)
+
+    s = steps.add_parser("policy", help="REINFORCE with a KL penalty to the starting LM")
+    s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
+    s.add_argument("--reward", required=True, help="reward model directory")
+    s.add_argument("--out", required=True)
+    s.add_argument("--beta", type=float, default=0.1, help="weight of KL(policy ‖ reference)")
+    s.add_argument("--steps", type=int, default=150)
+    s.add_argument("--samples-per-prompt", type=int, default=4)
+    s.add_argument("--prompts-per-step", type=int, default=16)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--lr", type=float, default=3e-4)
+    s.add_argument("--rm-rounds", type=int, default=0,
+                   help="reward-model retraining rounds on the policy's own samples (needs --pairs)")
+    s.add_argument("--pairs", help="the reward model's training pairs (kept when it is retrained)")
+    s.set_defaults(func=run_policy)
+
+    s = steps.add_parser("dpo", help="direct preference optimisation on pairs")
+    s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
+    s.add_argument("--pairs", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--beta", type=float, default=0.1)
+    s.add_argument("--epochs", type=int, default=2)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.set_defaults(func=run_dpo)
+
+    s = steps.add_parser("eval", help="success, RM score and KL of a policy on held-out instructions")
+    s.add_argument("--model", required=True)
+    s.add_argument("--reference", required=True)
+    s.add_argument("--reward", required=True)
+    s.add_argument("--instructions", type=int, default=300)
+    s.set_defaults(func=run_eval)
+    for s in steps.choices.values():
+        s.add_argument("--seed", type=int, default=0)
+
+
+# ----------------------------------------------------------------------------- helpers
+def fresh(path):
+    if os.path.exists(path):
+        raise ValueError(f"--out {path!r} already exists: choose a new path (nothing is overwritten)")
+    return path
+
+
+def save_atomically(path, save):
+    """save(tmp) writes a checkpoint directory; it appears at `path` only once complete."""
+    tmp = path + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    os.rename(tmp, path)
+    print(f"wrote {path}")
+
+
+def world_and_rng(args):
+    from tinylm.world import World
+    return World(seed=0), np.random.default_rng(args.seed)
+
+
+def load_lm(path):
+    """A Hugging Face GPT-2 directory, a ckpt-* directory or a `tinylm pretrain` run (its latest)."""
+    from tinylm.checkpoint import load_model
+    return load_model(path)[0]
+
+
+# ----------------------------------------------------------------------------- steps
+def run_base(args):
+    from dataclasses import replace
+
+    from tinylm.pipeline import DemoConfig, pretrain_base
+    fresh(args.out)
+    world, rng = world_and_rng(args)
+    model = pretrain_base(world, replace(DemoConfig(), pretrain_steps=args.steps, seed=args.seed), rng)
+    save_atomically(args.out, model.save_pretrained)
+
+
+def run_pairs(args):
+    from tinylm.pipeline import make_pairs
+    from tinylm.world import Labeller
+    fresh(args.out)
+    world, rng = world_and_rng(args)
+    model = load_lm(args.model)
+    pairs = make_pairs(model, world.instructions(args.instructions, rng, heldout=args.heldout),
+                       Labeller(args.noise, seed=args.seed), 7, rng)
+    pairs.validate()
+    pairs.save(args.out + ".partial")
+    os.rename(args.out + ".partial", args.out)
+    print(f"wrote {args.out}: {len(pairs)} labelled pairs from {args.instructions} instructions (ties dropped)")
+
+
+def run_reward(args):
+    from tinylm.reward import RewardModel
+    from tinylm.rlhf import Preferences, reward_model_accuracy, train_reward_model
+    fresh(args.out)
+    _, rng = world_and_rng(args)
+    pairs = Preferences.load(args.pairs)
+    heldout = Preferences.load(args.heldout_pairs) if args.heldout_pairs else None
+    rm = RewardModel.from_lm(load_lm(args.model))
+    losses = train_reward_model(rm, pairs, args.epochs, 32, args.lr, rng)
+    print(f"Bradley–Terry loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}; train accuracy "
+          f"{reward_model_accuracy(rm, pairs):.3f}" + (f", held-out accuracy {reward_model_accuracy(rm, heldout):.3f}"
+                                                     if heldout else ""))
+    save_atomically(args.out, rm.save)
+
+
+def run_policy(args):
+    from dataclasses import replace
+
+    from tinylm.pipeline import DemoConfig, train_policy
+    from tinylm.reward import RewardModel
+    from tinylm.rlhf import PolicyConfig, Preferences
+    from tinylm.world import Labeller
+    fresh(args.out)
+    pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt,
+                        prompts_per_step=args.prompts_per_step, temperature=args.temperature, lr=args.lr,
+                        steps=args.steps, rm_rounds=args.rm_rounds)
+    if args.rm_rounds and not args.pairs:
+        raise ValueError("--rm-rounds needs --pairs (the reward model's training pairs, kept when it is retrained)")
+    world, rng = world_and_rng(args)
+    base, rm = load_lm(args.model), RewardModel.load(args.reward)
+    rm.check_vocab(base.config)
+    pairs = Preferences.load(args.pairs) if args.pairs else None
+    policy, _, history = train_policy(base, rm, world, Labeller(seed=args.seed), pcfg,
+                                      replace(DemoConfig(), seed=args.seed), pairs, rng)
+    last = history[-10:]
+    print(f"last {len(last)} steps: reward {np.mean([h['reward'] for h in last]):.3f}, "
+          f"KL {np.mean([h['kl'] for h in last]):.3f}, sample success {np.mean([h['success'] for h in last]):.3f}")
+    save_atomically(args.out, policy.save_pretrained)
+
+
+def run_dpo(args):
+    from tinylm.rlhf import Preferences, train_dpo
+    fresh(args.out)
+    _, rng = world_and_rng(args)
+    pairs = Preferences.load(args.pairs)
+    base = load_lm(args.model)
+    policy = base.copy()
+    losses = train_dpo(policy, base, pairs, args.epochs, 32, args.lr, args.beta, rng)
+    print(f"DPO loss {losses[0]:.3f} (ln 2 = 0.693) -> {np.mean(losses[-10:]):.3f}")
+    save_atomically(args.out, policy.save_pretrained)
+
+
+def run_eval(args):
+    from tinylm.pipeline import evaluate
+    from tinylm.reward import RewardModel
+    world, rng = world_and_rng(args)
+    model, reference, rm = load_lm(args.model), load_lm(args.reference), RewardModel.load(args.reward)
+    rm.check_vocab(model.config)
+    result = evaluate(model, reference, rm, world.instructions(args.instructions, rng, heldout=True), 2, 7, rng)
+    print(f"labeller success {result['success']:.3f} | mean RM score {result['reward']:.3f} | "
+          f"KL to reference {result['kl']:.3f}")

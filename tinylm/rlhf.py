@@ -1,0 +1,281 @@
+"""RLHF on top of the core model: preference pairs, reward-model training, REINFORCE with a KL
+leash, and DPO. Every gradient is the core's `nll_backward` with per-token weights.
+
+Policy gradient (REINFORCE with a leave-one-out baseline, RLOO). For k samples y_1..y_k of one
+instruction x, with rewards r_i from the reward model and b_i = mean of the other k − 1 rewards:
+
+    loss = Σ_i (r_i − b_i) · (−log π(y_i | x))          summed over response tokens only
+
+The reward is a constant for backpropagation, so the gradient is (r − b) times the gradient of
+−log π: gradient descent raises the probability of responses scoring above their siblings.
+
+KL leash. KL(π ‖ π_ref) = E_{y∼π} Σ_t ℓ_t with ℓ_t = log π(y_t | ·) − log π_ref(y_t | ·), estimated
+on the sampled tokens (the "k1" estimator; 0 when π = π_ref). Its gradient, by the score-function
+rule and causality (a token cannot change the log-ratios before it), is
+
+    ∇ KL = E Σ_t G_t · ∇ log π(y_t | ·),    G_t = Σ_{s ≥ t} ℓ_s   (the KL still to come)
+
+(the other term, E Σ_t ∇ℓ_t = E Σ_t ∇ log π(y_t), is zero in expectation). So β·KL enters as the
+per-token weight −β·G_t on −log π, and the total weight of response token t of sample i is
+
+    w_{i,t} = (r_i − b_i) − β · G_{i,t}        (constants: nothing backpropagates into them)
+
+tests/test_rlhf.py enumerates every response of a tiny model and checks by finite differences
+that these weights give the exact gradient of E[r] − β·KL.
+
+DPO. With the implicit reward β·(log π(y) − log π_ref(y)), the Bradley–Terry loss on a pair is
+−log σ(β[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]); its gradient puts weight
+−β·σ(−margin)/N on every chosen token's −log π and +β·σ(−margin)/N on every rejected token's.
+"""
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .backend import to_numpy
+from .optim import adamw_init, adamw_step, clip_grad_norm
+from .reward import (bradley_terry_backward, bradley_terry_forward, bradley_terry_loss_and_grads, pack,
+                     pairwise_accuracy, stack_padded)
+
+# ----------------------------------------------------------------------------- preference pairs
+
+
+@dataclass
+class Preferences:
+    """Preference pairs: prompts[i] with responses chosen[i] preferred to rejected[i] (1-D token
+    ids each). `instructions` keeps (task, letters) for evaluation; the trainers never read it."""
+    prompts: list
+    chosen: list
+    rejected: list
+    instructions: list
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def validate(self):
+        """A preference set must be non-empty and every pair must compare two different responses."""
+        if len(self) == 0:
+            raise ValueError("the preference set is empty: need at least one (chosen, rejected) pair")
+        if not len(self.chosen) == len(self.rejected) == len(self):
+            raise ValueError(f"preference set: {len(self)} prompts but {len(self.chosen)} chosen and "
+                             f"{len(self.rejected)} rejected responses")
+        for i, (w, l) in enumerate(zip(self.chosen, self.rejected)):
+            if len(w) == len(l) and np.array_equal(w, l):
+                raise ValueError(f"preference pair {i} has identical chosen and rejected responses: "
+                                 "it carries no preference")
+
+    def subset(self, index):
+        return Preferences(*([field[i] for i in index] for field in
+                             (self.prompts, self.chosen, self.rejected, self.instructions)))
+
+    def packed(self, index=None):
+        """(idx, lengths) of chosen sequences, of rejected ones, and the prompt lengths."""
+        pairs = self if index is None else self.subset(index)
+        idx_w, len_w, starts = pack(pairs.prompts, pairs.chosen)
+        idx_l, len_l, _ = pack(pairs.prompts, pairs.rejected)
+        return (idx_w, len_w), (idx_l, len_l), starts
+
+    def save(self, path):
+        rows = [{"prompt": p.tolist(), "chosen": w.tolist(), "rejected": l.tolist(), "instruction": list(ins)}
+                for p, w, l, ins in zip(self.prompts, self.chosen, self.rejected, self.instructions)]
+        with open(path, "w") as f:
+            json.dump(rows, f)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            rows = json.load(f)
+        pairs = cls(*([np.array(r[k], dtype=np.int64) for r in rows] for k in ("prompt", "chosen", "rejected")),
+                    [tuple(r["instruction"]) for r in rows])
+        pairs.validate()
+        return pairs
+
+
+# ----------------------------------------------------------------------------- sampling
+def check_prompts(prompts, max_new_tokens, config):
+    """Every instruction plus its longest response must fit in the context."""
+    for i, p in enumerate(prompts):
+        if len(p) < 1 or len(p) + max_new_tokens > config.n_ctx:
+            raise ValueError(f"instruction {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} "
+                             f"it needs 1..{config.n_ctx - max_new_tokens} tokens to fit n_ctx={config.n_ctx}")
+
+
+def sample_responses(policy, prompts, max_new_tokens, temperature, rng, eot_id):
+    """One sampled response per prompt: the generated ids up to and including the first eot_id
+    (the policy also learns when to stop). Prompts of equal length are sampled as one batch."""
+    from .generate import generate
+    check_prompts(prompts, max_new_tokens, policy.config)
+    responses = [None] * len(prompts)
+    for n in sorted({len(p) for p in prompts}):
+        rows = [i for i, p in enumerate(prompts) if len(p) == n]
+        out = to_numpy(generate(policy, np.stack([prompts[i] for i in rows]), max_new_tokens,
+                                temperature=temperature, rng=rng, eot_id=eot_id))[:, n:]
+        for i, ids in zip(rows, out):
+            stop = np.flatnonzero(ids == eot_id)
+            responses[i] = ids[:stop[0] + 1] if stop.size else ids
+    return responses
+
+
+def response_targets(idx, lengths, starts):
+    """Inputs idx[:, :-1] and targets idx[:, 1:], with target −1 everywhere except on response
+    tokens (positions starts..lengths−1), so log-probabilities and losses cover the response only."""
+    inputs, targets = idx[:, :-1], idx[:, 1:].copy()
+    pos = np.arange(targets.shape[1])[None, :] + 1           # position of each target in idx
+    targets[(pos < starts[:, None]) | (pos >= lengths[:, None])] = -1
+    return inputs, targets
+
+
+# ----------------------------------------------------------------------------- policy gradient
+def leave_one_out_baseline(rewards):
+    """rewards (P, k), k samples of each of P prompts -> b (P, k), the mean of the other k − 1."""
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError(f"a leave-one-out baseline needs samples_per_prompt >= 2, got {k}")
+    return (rewards.sum(1, keepdims=True) - rewards) / (k - 1)
+
+
+def kl_to_go(logratio, mask):
+    """G_t = Σ_{s ≥ t} ℓ_s over response tokens.   logratio, mask (B, T) -> (B, T), 0 off the response.
+
+    Weighting every token by the whole response's Σ_s ℓ_s would be unbiased too (E[ℓ_s ∇log π(y_t)]
+    = 0 for s < t), but the earlier log-ratios only add noise to token t's weight."""
+    ell = logratio * mask
+    return np.cumsum(ell[:, ::-1], axis=1)[:, ::-1] * mask
+
+
+def policy_token_weights(advantages, logratio, mask, beta):
+    """w_{i,t} = (r_i − b_i) − β·G_{i,t} on response tokens, 0 elsewhere (see the module docstring)."""
+    return (advantages[:, None] - beta * kl_to_go(logratio, mask)) * mask
+
+
+def check_rewards(rewards):
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if bad.size:
+        raise ValueError(f"reward of sample {bad[0]} is {rewards[bad[0]]}: rewards must be finite numbers")
+
+
+@dataclass
+class PolicyConfig:
+    beta: float = 0.1               # weight of the KL penalty to the reference
+    samples_per_prompt: int = 4     # k, for the leave-one-out baseline
+    prompts_per_step: int = 16
+    temperature: float = 1.0
+    lr: float = 3e-4
+    steps: int = 150
+    rm_rounds: int = 0              # reward-model retraining rounds on the policy's own samples
+    max_new_tokens: int = 7
+
+    def __post_init__(self):
+        if not (np.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 (leave-one-out baseline), got {self.samples_per_prompt}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("prompts_per_step", "steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rm_rounds < 0:
+            raise ValueError(f"rm_rounds must be >= 0, got {self.rm_rounds}")
+
+
+def policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta):
+    """The REINFORCE + KL surrogate for one batch of k samples per prompt (rows grouped by prompt).
+    -> (surrogate loss, grads, per-sample KL estimate Σ_t ℓ_t)."""
+    check_rewards(rewards)
+    mask = (targets >= 0).astype(np.float64)
+    nll, cache = policy.token_nll(inputs, targets)
+    logratio = -to_numpy(nll).astype(np.float64) - to_numpy(reference.token_logprobs(inputs, targets))
+    advantages = rewards - leave_one_out_baseline(rewards.reshape(-1, k)).reshape(-1)
+    weights = policy_token_weights(advantages, logratio, mask, beta) / len(rewards)
+    grads = policy.nll_backward(policy.xp.asarray(weights, dtype=policy.config.dtype), cache)
+    return float((weights * to_numpy(nll)).sum()), grads, (logratio * mask).sum(1)
+
+
+def policy_step(policy, reference, rm, opt_state, prompts, cfg, rng, eot_id, grad_clip=1.0):
+    """Sample k responses per prompt, score them with the reward model, take one AdamW step.
+    -> dict with the mean reward, KL estimate and the samples (for logging and RM retraining)."""
+    rm.check_vocab(policy.config)
+    repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    responses = sample_responses(policy, repeated, cfg.max_new_tokens, cfg.temperature, rng, eot_id)
+    idx, lengths, starts = pack(repeated, responses)
+    rewards = rm.rewards(idx, lengths).astype(np.float64)
+    inputs, targets = response_targets(idx, lengths, starts)
+    loss, grads, kl = policy_loss_and_grads(policy, reference, inputs, targets, rewards,
+                                            cfg.samples_per_prompt, cfg.beta)
+    clip_grad_norm(grads, grad_clip)
+    adamw_step(policy.params, grads, opt_state, cfg.lr, weight_decay=0.0)
+    return {"reward": float(rewards.mean()), "kl": float(kl.mean()), "responses": responses}
+
+
+# ----------------------------------------------------------------------------- DPO
+def dpo_loss_and_grads(policy, pairs_batch, ref_logratio_terms, beta):
+    """DPO on a batch of pairs. pairs_batch: (chosen, rejected, starts) from Preferences.packed;
+    ref_logratio_terms: (log π_ref(y_w), log π_ref(y_l)) per pair. -> loss, grads, chosen log-ratios."""
+    (idx_w, len_w), (idx_l, len_l), starts = pairs_batch
+    n = len(len_w)
+    inputs, targets = response_targets(stack_padded(idx_w, idx_l), np.concatenate([len_w, len_l]),
+                                       np.concatenate([starts, starts]))
+    nll, cache = policy.token_nll(inputs, targets)
+    logp = -to_numpy(nll).astype(np.float64).sum(1)
+    ref_w, ref_l = ref_logratio_terms
+    # DPO is Bradley–Terry on the implicit rewards β·(log π − log π_ref).
+    loss, margin = bradley_terry_forward(beta * (logp[:n] - ref_w), beta * (logp[n:] - ref_l))
+    dr_w, dr_l = bradley_terry_backward(margin)
+    dlogp = beta * np.concatenate([dr_w, dr_l])                 # ∂loss/∂log π(y) per sequence
+    weights = -dlogp[:, None] * (targets >= 0)                   # ∂loss/∂(−log π(y_t)) per token
+    grads = policy.nll_backward(policy.xp.asarray(weights, dtype=policy.config.dtype), cache)
+    return loss, grads, logp[:n] - ref_w
+
+
+def sequence_logprobs(model, pairs_batch):
+    """log π(y_w | x) and log π(y_l | x) summed over response tokens, per pair."""
+    (idx_w, len_w), (idx_l, len_l), starts = pairs_batch
+    return tuple(to_numpy(model.token_logprobs(*response_targets(idx, lengths, starts))).astype(np.float64).sum(1)
+                 for idx, lengths in ((idx_w, len_w), (idx_l, len_l)))
+
+
+# ----------------------------------------------------------------------------- training loops
+def optimise_on_pairs(params, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc):
+    """AdamW (no weight decay, gradients clipped to norm 1) over shuffled minibatches of pairs;
+    loss_and_grads(packed batch) -> (loss, grads). -> list of per-step losses."""
+    pairs.validate()
+    opt = adamw_init(params)
+    losses = []
+    for _ in tqdm(range(epochs), desc=desc, disable=None, leave=False):
+        for index in np.array_split(rng.permutation(len(pairs)), max(1, -(-len(pairs) // batch_size))):
+            loss, grads = loss_and_grads(pairs.packed(index))
+            clip_grad_norm(grads, 1.0)
+            adamw_step(params, grads, opt, lr, weight_decay=0.0)
+            losses.append(loss)
+    return losses
+
+
+def train_reward_model(rm, pairs, epochs, batch_size, lr, rng):
+    """Bradley–Terry training of `rm` on `pairs`; -> list of per-step losses."""
+    def loss_and_grads(batch):
+        chosen, rejected, _ = batch
+        return bradley_terry_loss_and_grads(rm, chosen, rejected)[:2]
+    return optimise_on_pairs(rm.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model")
+
+
+def reward_model_accuracy(rm, pairs, batch_size=256):
+    """Held-out pairwise accuracy: the fraction of pairs with r(chosen) > r(rejected)."""
+    pairs.validate()
+    r_w, r_l = [], []
+    for i in range(0, len(pairs), batch_size):
+        (idx_w, len_w), (idx_l, len_l), _ = pairs.packed(range(i, min(i + batch_size, len(pairs))))
+        r_w.append(rm.rewards(idx_w, len_w))
+        r_l.append(rm.rewards(idx_l, len_l))
+    return pairwise_accuracy(np.concatenate(r_w), np.concatenate(r_l))
+
+
+def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng):
+    """DPO on `pairs` from `reference`; -> list of per-step losses."""
+    if policy.config.vocab_size != reference.config.vocab_size:
+        raise ValueError(f"policy vocab_size={policy.config.vocab_size} differs from the reference's "
+                         f"{reference.config.vocab_size}")
+    def loss_and_grads(batch):
+        return dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)[:2]
+    return optimise_on_pairs(policy.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")
