@@ -90,3 +90,16 @@ def test_non_finite_loss_leaves_weights_and_optimizer_alone():
     assert math.isnan(loss) and state["step"] == 0
     for k in before:
         np.testing.assert_array_equal(model.params[k], before[k])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=0), r"batch_size must be a positive integer \(>= 1\), got 0"),
+    (dict(max_steps=2.5), "max_steps must be a positive integer"),
+    (dict(n_layer=True), "n_layer must be a positive integer"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
+])
+def test_train_config_refuses_bad_integers(change, message):
+    from tinylm.train import TrainConfig
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change)
+    TrainConfig(warmup_steps=0)                       # 0 warm-up steps is allowed

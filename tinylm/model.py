@@ -35,6 +35,13 @@ ATTENTIONS = ("naive", "flash", "auto")
 FLASH_MIN_T = 1024
 
 
+def check_int(name, value, minimum=1):
+    """ValueError naming `name` unless value is an integer (a bool is not) and >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive integer (>= 1)" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 50257
@@ -51,9 +58,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_state", "d_conv", "expand"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+            check_int(name, getattr(self, name))
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.dtype not in DTYPES:

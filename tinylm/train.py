@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_training_checkpoint, read_trainer_state, save_checkpoint
 from .data import Dataset, load_text
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, check_int
 from .optim import adamw_init, adamw_step, clip_grad_norm
 from .tokenizer import ByteTokenizer
 
@@ -76,11 +76,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("n_layer", "n_head", "d_model", "n_ctx", "batch_size", "max_steps", "eval_every",
                      "eval_batches", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+            check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
         for name in ("lr", "min_lr", "weight_decay"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
