@@ -8,7 +8,7 @@ import pytest
 
 from tinylm import GPT, GPTConfig, adamw_init
 from tinylm.data import Dataset, default_corpus, load_text
-from tinylm.train import lr_at, train_step
+from tinylm.train import TrainConfig, lr_at, train_step
 
 
 def test_batches_are_shifted_windows_and_seeded():
@@ -99,7 +99,6 @@ def test_non_finite_loss_leaves_weights_and_optimizer_alone():
     (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
 ])
 def test_train_config_refuses_bad_integers(change, message):
-    from tinylm.train import TrainConfig
     with pytest.raises(ValueError, match=message):
         TrainConfig(**change)
     TrainConfig(warmup_steps=0)                       # 0 warm-up steps is allowed
