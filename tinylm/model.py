@@ -333,9 +333,9 @@ class GPT:
             raise ValueError(f"weights shape {tuple(weights.shape)} differs from idx shape {tuple(nll.shape)}")
         return float((weights * nll).sum()), self.nll_backward(weights, cache)
 
-    def loss_and_grads(self, idx, targets, loss_mask=None):
-        """Mean cross-entropy over the positions that count (loss_mask 1 and target != −1), and
-        the gradient of every parameter (same keys as params)."""
+    def mean_weights(self, idx, targets, loss_mask=None):
+        """Per-position weights (B, T) that turn Σ weights·nll into the mean over the positions that
+        count (loss_mask 1 and target != −1)."""
         self.check_targets(idx, targets)
         counts = (targets >= 0).astype(self.config.dtype)
         if loss_mask is not None:
@@ -346,13 +346,17 @@ class GPT:
         n = float(counts.sum())
         if n == 0:
             raise ValueError("no position counts towards the loss (loss_mask is all 0 or every target is -1)")
-        return self.weighted_nll_and_grads(idx, targets, counts / n)
+        return counts / n
+
+    def loss_and_grads(self, idx, targets, loss_mask=None):
+        """Mean cross-entropy over the positions that count (loss_mask 1 and target != −1), and
+        the gradient of every parameter (same keys as params)."""
+        return self.weighted_nll_and_grads(idx, targets, self.mean_weights(idx, targets, loss_mask))
 
     def loss(self, idx, targets, loss_mask=None):
-        """The loss alone (no backward)."""
-        nll, _ = self.token_nll(idx, targets)
-        counts = (targets >= 0) * (1 if loss_mask is None else self.xp.asarray(loss_mask))
-        return float((nll * counts).sum() / counts.sum())
+        """The loss alone (no backward): the same mean as loss_and_grads."""
+        weights = self.mean_weights(idx, targets, loss_mask)
+        return float((self.token_nll(idx, targets)[0] * weights).sum())
 
     def token_logprobs(self, idx, targets):
         """log p(targets[b, t] | idx[b, :t+1]) for each position (0 where the target is −1)."""
