@@ -1,0 +1,49 @@
+"""argparse types that range-check a number while the command line is parsed, before any work
+starts: a bad value is one line naming the flag (argparse's own `error: argument --lr: ...`, exit 2).
+
+    p.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=at_least(0), ...)        # an int >= 0
+    p.add_argument("--noise", type=fraction, ...)            # a float in [0, 1]
+"""
+import argparse
+import math
+
+
+def _parse(kind, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive(kind=int):
+    """A type for values > 0 (int or float)."""
+    def parse(text):
+        value = _parse(kind, text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def at_least(minimum, kind=int):
+    """A type for values >= minimum."""
+    def parse(text):
+        value = _parse(kind, text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    parse.__name__ = f"{kind.__name__} >= {minimum}"
+    return parse
+
+
+def fraction(text):
+    """A float in [0, 1] (a probability, a share of the data)."""
+    value = _parse(float, text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
