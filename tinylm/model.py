@@ -14,70 +14,17 @@ state-space layer of ssm.py. Parameters are named as Hugging Face's GPT-2 keys w
 `model.params` (an ssm model's `h.{i}.ssm.*` have no GPT-2 counterpart).
 """
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .backend import get_xp, to_numpy
+from .config import ATTENTIONS, DTYPES, MIXERS, GPTConfig, check_int  # noqa: F401  (re-exported)
 from .flash_attention import flash_attention_backward, flash_attention_forward
 from .layers import (attention_backward, attention_forward, cross_entropy_backward,
                      cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
                      linear_forward)
 from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
-
-DTYPES = ("float32", "float64")
-MIXERS = ("attention", "ssm")
-ATTENTIONS = ("naive", "flash", "auto")
-# "auto" switches to flash attention from this many positions on. On the CPU both take about the
-# same time (bench/attention_cpu.py: flash's forward 1.2–2× faster, forward+backward 0.6–1.3×), but
-# the naive T×T matrices grow from 17 MiB per head at T = 1024 to 4.3 GiB at 16384; flash keeps O(T).
-FLASH_MIN_T = 1024
-
-
-def check_int(name, value, minimum=1):
-    """ValueError naming `name` unless value is an integer (a bool is not) and >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        kind = "a positive integer (>= 1)" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 50257
-    n_ctx: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    d_model: int = 768
-    dtype: str = "float32"
-    mixer: str = "attention"     # what mixes tokens in each block: "attention", or "ssm" (see ssm.py)
-    d_state: int = 16            # ssm only: state size N per channel
-    d_conv: int = 4              # ssm only: causal conv width K
-    expand: int = 2              # ssm only: E = expand·d_model inner channels
-    attention: str = "auto"          # "naive" (T×T matrix), "flash" (blocked, O(T) memory) or "auto"
-
-    def __post_init__(self):
-        for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_state", "d_conv", "expand"):
-            check_int(name, getattr(self, name))
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-
-    def uses_flash(self, T):
-        """Whether T positions (without a KV cache) go through flash attention."""
-        return self.attention == "flash" or (self.attention == "auto" and T >= FLASH_MIN_T)
-
-    @property
-    def head_dim(self):
-        return self.d_model // self.n_head
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def param_shapes(config):

@@ -14,8 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_training_checkpoint, read_trainer_state, save_checkpoint
+from .config import GPTConfig, check_int
 from .data import Dataset, load_text
-from .model import GPT, GPTConfig, check_int
+from .model import GPT
 from .optim import adamw_init, adamw_step, clip_grad_norm
 from .tokenizer import ByteTokenizer
 
