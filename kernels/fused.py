@@ -19,77 +19,114 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from tinylm.layers import GELU_C, LAYERNORM_EPS
-
 from .launch import check_float32, empty, n_blocks, zeros
 
 THREADS = 128                        # per row block (a power of two, for the tree reduction)
 ELEMENTWISE_THREADS = 256
-SQRT_2_OVER_PI = np.float32(GELU_C)  # NumPy float32 globals are float32 constants on the device
+_row_kernels = {}
+# The constants tinylm.layers shares (kernels/ imports nothing from tinylm, so they are written
+# twice; tests/test_kernels.py asserts both copies agree). NumPy float32 globals are float32
+# constants on the device: a Python float would promote the arithmetic to float64.
+LAYERNORM_EPS = 1e-5
+SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 GELU_A = np.float32(0.044715)
 
 
-@cuda.jit(device=True)
-def block_reduce(buf, value, take_max):
-    """Σ (or, with take_max, the max) of `value` over the block's THREADS threads, returned to all."""
-    t = cuda.threadIdx.x
-    buf[t] = value
-    cuda.syncthreads()
-    stride = THREADS // 2
-    while stride > 0:                # halve the live threads each step: log2(THREADS) steps
-        if t < stride:
-            other = buf[t + stride]
-            if not take_max:
-                buf[t] += other
-            elif other > buf[t]:
-                buf[t] = other
+# ----------------------------------------------------------------------------- row kernels
+def make_row_kernels(THREADS):
+    """The row kernels (layernorm forward / backward, softmax cross-entropy) for THREADS threads per
+    row, a power of two and a compile-time constant of the shared buffer and the reduction. The model
+    runs THREADS = 128; the simulator's tests run fewer (it runs one Python thread per thread)."""
+
+    @cuda.jit(device=True)
+    def block_reduce(buf, value, take_max):
+        """Σ (or, with take_max, the max) of `value` over the block's THREADS threads, returned to all."""
+        t = cuda.threadIdx.x
+        buf[t] = value
         cuda.syncthreads()
-        stride //= 2
-    total = buf[0]
-    cuda.syncthreads()               # everyone has read buf[0] before the buffer is reused
-    return total
+        stride = THREADS // 2
+        while stride > 0:                # halve the live threads each step: log2(THREADS) steps
+            if t < stride:
+                other = buf[t + stride]
+                if not take_max:
+                    buf[t] += other
+                elif other > buf[t]:
+                    buf[t] = other
+            cuda.syncthreads()
+            stride //= 2
+        total = buf[0]
+        cuda.syncthreads()               # everyone has read buf[0] before the buffer is reused
+        return total
+
+    @cuda.jit
+    def layernorm_forward_kernel(x, weight, bias, y, mean, rstd, eps):
+        buf = cuda.shared.array(THREADS, float32)
+        row, t, C = cuda.blockIdx.x, cuda.threadIdx.x, x.shape[1]
+        inv_C = float32(1.0) / float32(C)                # float32 / int64 would promote to float64
+        partial = float32(0.0)
+        for c in range(t, C, THREADS):
+            partial += x[row, c]
+        mu = block_reduce(buf, partial, False) * inv_C
+        partial = float32(0.0)
+        for c in range(t, C, THREADS):   # two passes (mean, then squared deviations): no cancellation
+            partial += (x[row, c] - mu) * (x[row, c] - mu)
+        r = float32(1.0) / math.sqrt(block_reduce(buf, partial, False) * inv_C + eps)
+        for c in range(t, C, THREADS):
+            y[row, c] = (x[row, c] - mu) * r * weight[c] + bias[c]
+        if t == 0:
+            mean[row], rstd[row] = mu, r
+
+    @cuda.jit
+    def layernorm_backward_kernel(dy, x, mean, rstd, weight, dx, dweight, dbias):
+        buf = cuda.shared.array(THREADS, float32)
+        row, t, C = cuda.blockIdx.x, cuda.threadIdx.x, x.shape[1]
+        inv_C = float32(1.0) / float32(C)
+        mu, r = mean[row], rstd[row]
+        sum_dxhat, sum_dxhat_xhat = float32(0.0), float32(0.0)
+        for c in range(t, C, THREADS):
+            xhat = (x[row, c] - mu) * r
+            dxhat = dy[row, c] * weight[c]
+            sum_dxhat += dxhat
+            sum_dxhat_xhat += dxhat * xhat
+            # every row adds into the same C entries: atomics, as rows run in parallel blocks
+            cuda.atomic.add(dweight, c, dy[row, c] * xhat)
+            cuda.atomic.add(dbias, c, dy[row, c])
+        mean_dxhat = block_reduce(buf, sum_dxhat, False) * inv_C
+        mean_dxhat_xhat = block_reduce(buf, sum_dxhat_xhat, False) * inv_C
+        for c in range(t, C, THREADS):
+            xhat = (x[row, c] - mu) * r
+            dx[row, c] = r * (dy[row, c] * weight[c] - mean_dxhat - xhat * mean_dxhat_xhat)
+
+    @cuda.jit
+    def softmax_cross_entropy_kernel(logits, targets, weights, nll, dlogits):
+        buf = cuda.shared.array(THREADS, float32)
+        row, t, V = cuda.blockIdx.x, cuda.threadIdx.x, logits.shape[1]
+        partial = float32(-math.inf)
+        for c in range(t, V, THREADS):
+            if logits[row, c] > partial:
+                partial = logits[row, c]
+        row_max = block_reduce(buf, partial, True)          # subtract the max: exp never overflows
+        partial = float32(0.0)
+        for c in range(t, V, THREADS):
+            partial += math.exp(logits[row, c] - row_max)
+        sumexp = block_reduce(buf, partial, False)
+        target = targets[row]
+        weight = weights[row] if target >= 0 else float32(0.0)    # −1: no target, no loss, no gradient
+        for c in range(t, V, THREADS):
+            p = math.exp(logits[row, c] - row_max) / sumexp
+            dlogits[row, c] = (p - (float32(1.0) if c == target else float32(0.0))) * weight
+        if t == 0:
+            nll[row] = math.log(sumexp) + row_max - logits[row, target] if target >= 0 else float32(0.0)
+
+    return layernorm_forward_kernel, layernorm_backward_kernel, softmax_cross_entropy_kernel
 
 
-# ----------------------------------------------------------------------------- layernorm
-@cuda.jit
-def layernorm_forward_kernel(x, weight, bias, y, mean, rstd, eps):
-    buf = cuda.shared.array(THREADS, float32)
-    row, t, C = cuda.blockIdx.x, cuda.threadIdx.x, x.shape[1]
-    inv_C = float32(1.0) / float32(C)                # float32 / int64 would promote to float64
-    partial = float32(0.0)
-    for c in range(t, C, THREADS):
-        partial += x[row, c]
-    mu = block_reduce(buf, partial, False) * inv_C
-    partial = float32(0.0)
-    for c in range(t, C, THREADS):   # two passes (mean, then squared deviations): no cancellation
-        partial += (x[row, c] - mu) * (x[row, c] - mu)
-    r = float32(1.0) / math.sqrt(block_reduce(buf, partial, False) * inv_C + eps)
-    for c in range(t, C, THREADS):
-        y[row, c] = (x[row, c] - mu) * r * weight[c] + bias[c]
-    if t == 0:
-        mean[row], rstd[row] = mu, r
-
-
-@cuda.jit
-def layernorm_backward_kernel(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    buf = cuda.shared.array(THREADS, float32)
-    row, t, C = cuda.blockIdx.x, cuda.threadIdx.x, x.shape[1]
-    inv_C = float32(1.0) / float32(C)
-    mu, r = mean[row], rstd[row]
-    sum_dxhat, sum_dxhat_xhat = float32(0.0), float32(0.0)
-    for c in range(t, C, THREADS):
-        xhat = (x[row, c] - mu) * r
-        dxhat = dy[row, c] * weight[c]
-        sum_dxhat += dxhat
-        sum_dxhat_xhat += dxhat * xhat
-        # every row adds into the same C entries: atomics, as rows run in parallel blocks
-        cuda.atomic.add(dweight, c, dy[row, c] * xhat)
-        cuda.atomic.add(dbias, c, dy[row, c])
-    mean_dxhat = block_reduce(buf, sum_dxhat, False) * inv_C
-    mean_dxhat_xhat = block_reduce(buf, sum_dxhat_xhat, False) * inv_C
-    for c in range(t, C, THREADS):
-        xhat = (x[row, c] - mu) * r
-        dx[row, c] = r * (dy[row, c] * weight[c] - mean_dxhat - xhat * mean_dxhat_xhat)
+def row_kernels(threads):
+    if threads not in _row_kernels:
+        if threads < 1 or threads & (threads - 1):
+            raise ValueError(f"threads must be a power of two, got {threads}")
+        _row_kernels[threads] = make_row_kernels(threads)
+    return _row_kernels[threads]
 
 
 def as_rows(x):
@@ -97,21 +134,22 @@ def as_rows(x):
     return x.reshape(-1, x.shape[-1])
 
 
-def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
-    """x (..., C) -> y (..., C), mean (N,), rstd (N,) over N = all leading positions."""
+def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS, threads=THREADS):
+    """x (..., C) -> y (..., C), mean (N,), rstd (N,) over N = all leading positions; one block of
+    `threads` threads per row (any C: each thread takes every threads-th column)."""
     check_float32(x=x, weight=weight, bias=bias)
     rows = as_rows(x)
     y, mean, rstd = empty(rows.shape, x), empty(rows.shape[:1], x), empty(rows.shape[:1], x)
-    layernorm_forward_kernel[rows.shape[0], THREADS](rows, weight, bias, y, mean, rstd, np.float32(eps))
+    row_kernels(threads)[0][rows.shape[0], threads](rows, weight, bias, y, mean, rstd, np.float32(eps))
     return y.reshape(x.shape), mean, rstd
 
 
-def layernorm_backward(dy, x, mean, rstd, weight):
+def layernorm_backward(dy, x, mean, rstd, weight, threads=THREADS):
     """-> dx (..., C), dweight (C,), dbias (C,)"""
     check_float32(dy=dy, x=x, mean=mean, rstd=rstd, weight=weight)
     rows = as_rows(x)
     dx, dweight, dbias = empty(rows.shape, x), zeros(weight.shape, x), zeros(weight.shape, x)
-    layernorm_backward_kernel[rows.shape[0], THREADS](as_rows(dy), rows, mean, rstd, weight, dx, dweight, dbias)
+    row_kernels(threads)[1][rows.shape[0], threads](as_rows(dy), rows, mean, rstd, weight, dx, dweight, dbias)
     return dx.reshape(x.shape), dweight, dbias
 
 
@@ -153,29 +191,7 @@ def gelu_backward(dy, x):
 
 
 # ----------------------------------------------------------------------------- softmax cross-entropy
-@cuda.jit
-def softmax_cross_entropy_kernel(logits, targets, weights, nll, dlogits):
-    buf = cuda.shared.array(THREADS, float32)
-    row, t, V = cuda.blockIdx.x, cuda.threadIdx.x, logits.shape[1]
-    partial = float32(-math.inf)
-    for c in range(t, V, THREADS):
-        if logits[row, c] > partial:
-            partial = logits[row, c]
-    row_max = block_reduce(buf, partial, True)          # subtract the max: exp never overflows
-    partial = float32(0.0)
-    for c in range(t, V, THREADS):
-        partial += math.exp(logits[row, c] - row_max)
-    sumexp = block_reduce(buf, partial, False)
-    target = targets[row]
-    weight = weights[row] if target >= 0 else float32(0.0)    # −1: no target, no loss, no gradient
-    for c in range(t, V, THREADS):
-        p = math.exp(logits[row, c] - row_max) / sumexp
-        dlogits[row, c] = (p - (float32(1.0) if c == target else float32(0.0))) * weight
-    if t == 0:
-        nll[row] = math.log(sumexp) + row_max - logits[row, target] if target >= 0 else float32(0.0)
-
-
-def softmax_cross_entropy(logits, targets, weights):
+def softmax_cross_entropy(logits, targets, weights, threads=THREADS):
     """nll = logsumexp(logits) − logits[target] and dlogits = (softmax − onehot)·weight in one pass.
 
     logits (..., V) float32, targets (...) int (−1: ignored), weights (...) float32 (each
@@ -183,7 +199,8 @@ def softmax_cross_entropy(logits, targets, weights):
     check_float32(logits=logits, weights=weights)
     rows = as_rows(logits)
     nll, dlogits = empty(rows.shape[:1], logits), empty(rows.shape, logits)
-    softmax_cross_entropy_kernel[rows.shape[0], THREADS](rows, targets.reshape(-1), weights.reshape(-1), nll, dlogits)
+    kernel = row_kernels(threads)[2]
+    kernel[rows.shape[0], threads](rows, targets.reshape(-1), weights.reshape(-1), nll, dlogits)
     return nll.reshape(logits.shape[:-1]), dlogits.reshape(logits.shape)
 
 
@@ -211,6 +228,7 @@ def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay
 def kernels_and_signatures():
     """For kernels.ptx_check: every kernel here with the argument types the entry points pass."""
     A1, A2, f = "float32[:]", "float32[:, :]", "float32"
+    layernorm_forward_kernel, layernorm_backward_kernel, softmax_cross_entropy_kernel = row_kernels(THREADS)
     yield "layernorm fwd", layernorm_forward_kernel, f"void({A2}, {A1}, {A1}, {A2}, {A1}, {A1}, {f})"
     yield "layernorm bwd", layernorm_backward_kernel, f"void({A2}, {A2}, {A1}, {A1}, {A1}, {A2}, {A1}, {A1})"
     yield "gelu fwd", gelu_forward_kernel, f"void({A1}, {A1})"

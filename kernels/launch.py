@@ -5,9 +5,15 @@ pointer, shape, strides; no host copy); under the CUDA simulator (NUMBA_ENABLE_C
 same call gets NumPy arrays. Outputs are allocated with the inputs' own module, so a CuPy caller
 gets CuPy arrays back and a NumPy caller NumPy arrays.
 """
+import sys
+
 import numpy as np
 
-from tinylm.backend import array_module
+
+def array_module(x):
+    """The module that made x: numpy for a NumPy array, cupy for a CuPy array (kernels/ imports
+    nothing from tinylm, and never imports CuPy itself: a CuPy array means CuPy is loaded)."""
+    return sys.modules[type(x).__module__.split(".")[0]]
 
 
 def check_float32(**arrays):

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from tinylm.backend import array_module
+from .launch import array_module
 
 MAX_STATE = 64            # h lives in a per-thread local array, whose size must be a constant
 THREADS = 128

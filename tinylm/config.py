@@ -47,9 +47,10 @@ class GPTConfig:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
 
-    def uses_flash(self, T):
-        """Whether T positions (without a KV cache) go through flash attention."""
-        return self.attention == "flash" or (self.attention == "auto" and T >= FLASH_MIN_T)
+    def uses_flash(self, T, auto_from=FLASH_MIN_T):
+        """Whether T positions (without a KV cache) go through flash attention; "auto" switches at
+        auto_from (the model's layer set says where: layers.Layers.auto_flash_from)."""
+        return self.attention == "flash" or (self.attention == "auto" and T >= auto_from)
 
     @property
     def head_dim(self):

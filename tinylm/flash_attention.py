@@ -16,11 +16,21 @@ Backward, with D = rowsum(dO ∘ O), recomputing P = exp(S − L) one block at a
 With a causal mask, blocks entirely above the diagonal (every key after every query) are skipped.
 """
 import math
+from typing import NamedTuple
 
 from .backend import array_module
 from .layers import causal_mask, merge_heads, merge_qkv_grads, split_heads
 
 BLOCK = 64
+
+
+class FlashAttentionCache(NamedTuple):
+    q: object
+    k: object
+    v: object
+    o: object
+    lse: object                     # (B, H, T) log-sum-exp per row: all the backward needs of the softmax
+    block: int
 
 
 def check_block(block):
@@ -110,7 +120,7 @@ def flash_attention_forward(qkv, n_head, block=BLOCK):
     The cache starts (q, k, v) like the naive one's, so a KV cache can be filled from either."""
     q, k, v = split_heads(qkv, n_head)
     o, lse = flash_forward(q, k, v, causal=True, block=block)
-    return merge_heads(o), (q, k, v, o, lse, block)
+    return merge_heads(o), FlashAttentionCache(q, k, v, o, lse, block)
 
 
 def flash_attention_backward(dout, cache):

@@ -3,19 +3,65 @@
 Convention (as in llm.c): `name_forward(inputs, params) -> (out, cache)` saves exactly what the
 backward needs; `name_backward(dout, cache)` returns the gradients of the inputs and parameters,
 in the order they were passed to the forward. B = batch, T = time, C = d_model, H = heads,
-V = vocabulary. Every function works on NumPy or CuPy arrays alike.
+V = vocabulary. Every function works on NumPy or CuPy arrays alike. Each cache is a NamedTuple.
+tinylm/kernel_layers.py offers the same pairs on the Numba CUDA kernels; `Layers` (at the end)
+names every pair the model calls, so it can hold one set or the other.
 """
 import math
+from typing import Callable, NamedTuple
 
 from .backend import array_module, matmul, scatter_add
 
 LAYERNORM_EPS = 1e-5
 
 
+class EmbeddingCache(NamedTuple):
+    ids: object
+    shape: tuple
+
+
+class LayernormCache(NamedTuple):
+    xhat: object
+    rstd: object
+    weight: object
+
+
+class LinearCache(NamedTuple):
+    x: object
+    weight: object
+    has_bias: bool
+    gemm: Callable                  # the GEMM the forward used: the backward uses the same
+
+
+class GeluCache(NamedTuple):
+    x: object
+    t: object                       # the forward's tanh(√(2/π)(x + 0.044715 x³))
+
+
+class AttentionCache(NamedTuple):
+    q: object
+    k: object                       # all P + T keys and values (a KV cache's next `past`)
+    v: object
+    att: object                     # softmax weights (B, H, T, P+T)
+
+
+class CrossEntropyCache(NamedTuple):
+    logp: object
+    safe: object                    # targets with −1 replaced by 0 (a valid index)
+    valid: object
+
+
+class RewardHeadCache(NamedTuple):
+    z_last: object
+    last: object
+    shape: tuple
+    reward_vector: object
+
+
 # ----------------------------------------------------------------------------- embedding
 def embedding_forward(ids, weight):
     """out[b, t] = weight[ids[b, t]].   ids (B, T) int, weight (N, C) -> out (B, T, C)"""
-    return weight[ids], (ids, weight.shape)
+    return weight[ids], EmbeddingCache(ids, weight.shape)
 
 
 def embedding_backward(dout, cache):
@@ -38,7 +84,7 @@ def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
     var = (xc * xc).mean(-1, keepdims=True)
     rstd = 1.0 / (var + eps) ** 0.5
     xhat = xc * rstd
-    return xhat * weight + bias, (xhat, rstd, weight)
+    return xhat * weight + bias, LayernormCache(xhat, rstd, weight)
 
 
 def layernorm_backward(dy, cache):
@@ -58,13 +104,16 @@ def layernorm_backward(dy, cache):
 
 
 # ----------------------------------------------------------------------------- linear
-def linear_forward(x, weight, bias=None):
-    """y = x @ weight + bias.   x (..., I), weight (I, O) (GPT-2's Conv1D layout), bias (O,) -> y (..., O)"""
+def linear_forward(x, weight, bias=None, gemm=matmul):
+    """y = x @ weight + bias.   x (..., I), weight (I, O) (GPT-2's Conv1D layout), bias (O,) -> y (..., O)
+
+    gemm(a, b, trans_a, trans_b) = op(a) @ op(b) on 2-D arrays: the array library's by default,
+    kernels.matmul on the kernel path (kernel_layers)."""
     # One (B·T, I) @ (I, O) GEMM: a 3-D @ 2-D matmul would run B smaller ones.
-    y = matmul(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[1])
+    y = gemm(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[1])
     if bias is not None:
         y += bias
-    return y, (x, weight, bias is not None)
+    return y, LinearCache(x, weight, bias is not None, gemm)
 
 
 def linear_backward(dy, cache):
@@ -72,16 +121,33 @@ def linear_backward(dy, cache):
 
     Returns (dx, dweight, dbias); dbias is None when the forward had no bias.
     """
-    x, weight, has_bias = cache
+    x, weight, has_bias, gemm = cache
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dweight = matmul(x.reshape(-1, x.shape[-1]), dy2, trans_a=True)
+    dweight = gemm(x.reshape(-1, x.shape[-1]), dy2, trans_a=True)
     dbias = dy2.sum(0) if has_bias else None
-    dx = matmul(dy2, weight, trans_b=True).reshape(x.shape)
+    dx = gemm(dy2, weight, trans_b=True).reshape(x.shape)
     return dx, dweight, dbias
+
+
+def lm_head_forward(z, wte, gemm=matmul):
+    """logits = z @ wteᵀ: the output head shares the token embedding (tied weights).
+    z (..., C), wte (V, C) -> logits (..., V). wte is read as stored, through trans_b: no transposed
+    copy, and no strided wte.T for a GEMM kernel to read column by column."""
+    logits = gemm(z.reshape(-1, z.shape[-1]), wte, trans_b=True).reshape(*z.shape[:-1], wte.shape[0])
+    return logits, LinearCache(z, wte, False, gemm)
+
+
+def lm_head_backward(dlogits, cache):
+    """dz = dlogits @ wte, dwte = dlogitsᵀ @ z (in wte's own (V, C) layout).   -> (dz, dwte)"""
+    z, wte, _, gemm = cache
+    dlogits2 = dlogits.reshape(-1, dlogits.shape[-1])
+    dwte = gemm(dlogits2, z.reshape(-1, z.shape[-1]), trans_a=True)
+    return gemm(dlogits2, wte).reshape(z.shape), dwte
 
 
 # ----------------------------------------------------------------------------- gelu
 GELU_C = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
 
 
 def gelu_forward(x):
@@ -89,7 +155,7 @@ def gelu_forward(x):
     xp = array_module(x)
     # In place where possible: at d_model 256 every temporary is a fresh 8 MB the OS must fault in.
     t = x * x
-    t *= 0.044715
+    t *= GELU_A
     t += 1.0
     t *= x
     t *= GELU_C
@@ -97,14 +163,14 @@ def gelu_forward(x):
     y = t + 1.0
     y *= x
     y *= 0.5
-    return y, (x, t)
+    return y, GeluCache(x, t)
 
 
 def gelu_backward(dy, cache):
     """dy/dx = 0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²), with t the forward's tanh."""
     x, t = cache
     dx = x * x
-    dx *= 3 * 0.044715 * GELU_C
+    dx *= 3 * GELU_A * GELU_C
     dx += GELU_C
     dx *= x
     dx *= t * t - 1.0                               # -(1 - tanh²)
@@ -127,7 +193,9 @@ def causal_mask(xp, n_query, n_key, dtype, offset=None):
     """
     offset = n_key - n_query if offset is None else offset
     future = xp.arange(n_key)[None, :] > (xp.arange(n_query)[:, None] + offset)
-    return xp.where(future, -xp.inf, 0.0).astype(dtype)
+    # Both branches are 0-d arrays of `dtype`: the mask is built in that dtype, never as a T×T
+    # float64 array first (8 bytes per score, then a cast) as xp.where(future, -inf, 0.0) would.
+    return xp.where(future, xp.asarray(-math.inf, dtype=dtype), xp.asarray(0.0, dtype=dtype))
 
 
 def split_heads(qkv, n_head):
@@ -165,7 +233,7 @@ def attention_forward(qkv, n_head, past=None):
     xp.exp(att, out=att)
     att /= att.sum(-1, keepdims=True)
     y = att @ v                                            # (B, H, T, hd)
-    return merge_heads(y), (q, k, v, att)
+    return merge_heads(y), AttentionCache(q, k, v, att)
 
 
 def attention_backward(dout, cache):
@@ -209,7 +277,7 @@ def cross_entropy_forward(logits, targets):
     safe = xp.where(valid, targets, 0)
     nll = -xp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
     nll *= valid
-    return nll, (logp, safe, valid)
+    return nll, CrossEntropyCache(logp, safe, valid)
 
 
 def cross_entropy_backward(dnll, cache):
@@ -237,7 +305,7 @@ def reward_head_forward(z, last, reward_vector, reward_bias):
     """
     xp = array_module(z)
     z_last = z[xp.arange(z.shape[0]), last]                # (B, C)
-    return z_last @ reward_vector + reward_bias, (z_last, last, z.shape, reward_vector)
+    return z_last @ reward_vector + reward_bias, RewardHeadCache(z_last, last, z.shape, reward_vector)
 
 
 def reward_head_backward(dr, cache):
@@ -248,3 +316,30 @@ def reward_head_backward(dr, cache):
     dz = xp.zeros(shape, dtype=z_last.dtype)
     dz[xp.arange(shape[0]), last] = dr[:, None] * reward_vector
     return dz, z_last.T @ dr, dr.sum()
+
+
+# ----------------------------------------------------------------------------- a set of layers
+class Layers(NamedTuple):
+    """Every layer pair the model calls, each with this module's contract, plus the one policy that
+    differs between sets. The model holds one set, chosen once at construction (model.layers_for):
+    this module's pairs on NumPy or CuPy arrays, or tinylm/kernel_layers.py's on the Numba kernels.
+    Parameters are float arrays; adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay)
+    updates one tensor in place."""
+    linear_forward: Callable
+    linear_backward: Callable
+    lm_head_forward: Callable
+    lm_head_backward: Callable
+    layernorm_forward: Callable
+    layernorm_backward: Callable
+    gelu_forward: Callable
+    gelu_backward: Callable
+    attention_forward: Callable           # naive, with an optional KV cache (generation)
+    attention_backward: Callable
+    flash_attention_forward: Callable     # without a KV cache
+    flash_attention_backward: Callable
+    cross_entropy_forward: Callable
+    cross_entropy_backward: Callable
+    selective_scan_forward: Callable
+    selective_scan_backward: Callable
+    adamw_update: Callable
+    auto_flash_from: float                # attention="auto" runs flash from this T on (inf: never)

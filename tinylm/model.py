@@ -14,17 +14,75 @@ state-space layer of ssm.py. Parameters are named as Hugging Face's GPT-2 keys w
 `model.params` (an ssm model's `h.{i}.ssm.*` have no GPT-2 counterpart).
 """
 import math
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .backend import get_xp, to_numpy
-from .config import ATTENTIONS, DTYPES, MIXERS, GPTConfig, check_int  # noqa: F401  (re-exported)
+from .config import ATTENTIONS, DTYPES, FLASH_MIN_T, MIXERS, GPTConfig, check_int  # noqa: F401  (re-exported)
 from .flash_attention import flash_attention_backward, flash_attention_forward
-from .layers import (attention_backward, attention_forward, cross_entropy_backward,
+from .layers import (Layers, attention_backward, attention_forward, cross_entropy_backward,
                      cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
-                     linear_forward)
-from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
+                     linear_forward, lm_head_backward, lm_head_forward)
+from .optim import adamw_update
+from .ssm import (selective_scan_backward, selective_scan_forward, ssm_init_param, ssm_mixer_backward,
+                  ssm_mixer_forward, ssm_param_shapes, ssm_state)
+
+# The layers on the array library, NumPy on the CPU: "auto" attention switches to the blocked flash
+# of flash_attention.py from FLASH_MIN_T positions on (same time, O(T) memory instead of O(T²)).
+ARRAY_LAYERS = Layers(
+    linear_forward=linear_forward, linear_backward=linear_backward,
+    lm_head_forward=lm_head_forward, lm_head_backward=lm_head_backward,
+    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
+    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
+    attention_forward=attention_forward, attention_backward=attention_backward,
+    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
+    cross_entropy_forward=cross_entropy_forward, cross_entropy_backward=cross_entropy_backward,
+    selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
+    adamw_update=adamw_update,
+    auto_flash_from=FLASH_MIN_T)
+
+
+def layers_for(device, kernels, dtype):
+    """The layer set a model runs, chosen once at construction so the model code never branches on
+    it: the Numba kernels (kernel_layers.LAYERS), or the array library's layers. On CuPy (cuBLAS)
+    "auto" attention stays naive at every T: the blocked flash of flash_attention.py is written for
+    NumPy and would cost a GPU thousands of tiny launches."""
+    if kernels:
+        from . import kernel_layers          # loads numba.cuda: only when the kernels are asked for
+        kernel_layers.check_usable(device, dtype)
+        return kernel_layers.LAYERS
+    return ARRAY_LAYERS if device == "cpu" else ARRAY_LAYERS._replace(auto_flash_from=math.inf)
+
+
+class AttentionSublayerCache(NamedTuple):
+    c_attn: tuple
+    attention: tuple                # the cache of the attention that ran (naive or flash) ...
+    attention_backward: Callable    # ... and the backward that matches it
+    c_proj: tuple
+
+
+class BlockCache(NamedTuple):
+    ln_1: tuple
+    mixer: tuple
+    ln_2: tuple
+    fc: tuple
+    gelu: tuple
+    mlp_proj: tuple
+
+
+class TrunkCache(NamedTuple):
+    tok: tuple
+    pos: tuple
+    blocks: list
+    ln_f: tuple
+
+
+class NllCache(NamedTuple):
+    trunk: TrunkCache
+    head: tuple
+    cross_entropy: tuple
 
 
 def param_shapes(config):
@@ -89,12 +147,21 @@ class GPT:
     model.params: dict name -> array. model.forward(idx) -> logits. model.loss_and_grads(idx,
     targets) -> (loss, grads). model.hidden(idx) -> (z, cache) and model.hidden_backward(dz, cache)
     expose the final-layer vectors z for heads other than the LM's (the reward model).
+
+    device "cpu" (NumPy) or "cuda" (CuPy). kernels: run every layer on the Numba CUDA kernels
+    (kernel_layers) instead of the array library's (layers.py; cuBLAS on a GPU); default True on
+    "cuda", False on "cpu", where True runs the kernels in Numba's CUDA simulator. model.layers is
+    the set chosen, and model.layers.adamw_update the matching per-tensor AdamW for optim.adamw_step.
     """
 
-    def __init__(self, config, seed=0, device="cpu", params=None):
+    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None):
+        if kernels not in (None, True, False):
+            raise ValueError(f"kernels must be True, False or None (the device's default), got {kernels!r}")
         self.config = config
         self.device = device
         self.xp = get_xp(device)
+        self.kernels = device == "cuda" if kernels is None else kernels
+        self.layers = layers_for(device, self.kernels, config.dtype)
         params = init_params(config, seed) if params is None else params
         self.params = {k: self.xp.asarray(v, dtype=config.dtype) for k, v in params.items()}
         # The token mixer of every block, chosen once: the block code doesn't branch on it.
@@ -138,31 +205,29 @@ class GPT:
     # ------------------------------------------------------------------ token mixers
     def attention_sublayer_forward(self, a, i, past=None):
         """c_proj(attention(c_attn(a))).   a (B, T, C) -> (out, cache, (k, v) for the KV cache)"""
-        p, h = self.params, f"h.{i}.attn."
-        a, c_attn = linear_forward(a, p[h + "c_attn.weight"], p[h + "c_attn.bias"])
-        if past is None and self.config.uses_flash(a.shape[1]):
-            a, c_att = flash_attention_forward(a, self.config.n_head)
+        L, p, h = self.layers, self.params, f"h.{i}.attn."
+        a, c_attn = L.linear_forward(a, p[h + "c_attn.weight"], p[h + "c_attn.bias"])
+        if past is None and self.config.uses_flash(a.shape[1], L.auto_flash_from):
+            a, c_att = L.flash_attention_forward(a, self.config.n_head)
+            backward = L.flash_attention_backward
         else:       # generation with a KV cache: the naive path, which attends to past keys
-            a, c_att = attention_forward(a, self.config.n_head, past)
-        a, c_aproj = linear_forward(a, p[h + "c_proj.weight"], p[h + "c_proj.bias"])
-        return a, (c_attn, c_att, c_aproj), c_att[1:3]      # both attention caches start (q, k, v)
+            a, c_att = L.attention_forward(a, self.config.n_head, past)
+            backward = L.attention_backward
+        a, c_aproj = L.linear_forward(a, p[h + "c_proj.weight"], p[h + "c_proj.bias"])
+        return a, AttentionSublayerCache(c_attn, c_att, backward, c_aproj), (c_att.k, c_att.v)
 
     def attention_sublayer_backward(self, da, cache, i, grads):
-        c_attn, c_att, c_aproj = cache
-        h = f"h.{i}.attn."
-        da, grads[h + "c_proj.weight"], grads[h + "c_proj.bias"] = linear_backward(da, c_aproj)
-        # (a backward only follows a forward without KV cache: T alone says which attention ran)
-        if self.config.uses_flash(da.shape[1]):
-            da = flash_attention_backward(da, c_att)
-        else:
-            da = attention_backward(da, c_att)
-        da, grads[h + "c_attn.weight"], grads[h + "c_attn.bias"] = linear_backward(da, c_attn)
+        L, h = self.layers, f"h.{i}.attn."
+        da, grads[h + "c_proj.weight"], grads[h + "c_proj.bias"] = L.linear_backward(da, cache.c_proj)
+        da = cache.attention_backward(da, cache.attention)
+        da, grads[h + "c_attn.weight"], grads[h + "c_attn.bias"] = L.linear_backward(da, cache.c_attn)
         return da
 
     def ssm_sublayer_forward(self, a, i, past=None):
         """The selective state-space mixer of ssm.py.   a (B, T, C) -> (out, cache, fixed-size state)"""
         h = f"h.{i}.ssm."
-        a, cache = ssm_mixer_forward(a, {k[len(h):]: v for k, v in self.params.items() if k.startswith(h)}, past)
+        params = {k[len(h):]: v for k, v in self.params.items() if k.startswith(h)}
+        a, cache = ssm_mixer_forward(a, params, past, self.layers)
         return a, cache, ssm_state(cache)
 
     def ssm_sublayer_backward(self, da, cache, i, grads):
@@ -174,28 +239,28 @@ class GPT:
     def block_forward(self, x, i, past=None):
         """One pre-LN block: x + mixer(ln_1(x)), then + mlp(ln_2(·)).   x (B, T, C)
         Returns (x, cache, the mixer's state for the KV cache)."""
-        p, h = self.params, f"h.{i}."
-        a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        L, p, h = self.layers, self.params, f"h.{i}."
+        a, c_ln1 = L.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
         a, c_mix, state = self.mixer_forward(a, i, past)
         x = x + a
-        m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        m, c_fc = linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
-        m, c_gelu = gelu_forward(m)
-        m, c_mproj = linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+        m, c_ln2 = L.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        m, c_fc = L.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
+        m, c_gelu = L.gelu_forward(m)
+        m, c_mproj = L.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
         x = x + m
-        return x, (c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj), state
+        return x, BlockCache(c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj), state
 
     def block_backward(self, dx, cache, i, grads):
         """The block's forward in reverse; the residual adds pass dx through unchanged."""
         c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj = cache
-        h = f"h.{i}."
-        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = linear_backward(dx, c_mproj)
-        dm = gelu_backward(dm, c_gelu)
-        dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = linear_backward(dm, c_fc)
-        dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layernorm_backward(dm, c_ln2)
+        L, h = self.layers, f"h.{i}."
+        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = L.linear_backward(dx, c_mproj)
+        dm = L.gelu_backward(dm, c_gelu)
+        dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = L.linear_backward(dm, c_fc)
+        dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = L.layernorm_backward(dm, c_ln2)
         dx = dx + dm
         da = self.mixer_backward(dx, c_mix, i, grads)
-        da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layernorm_backward(da, c_ln1)
+        da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = L.layernorm_backward(da, c_ln1)
         return dx + da
 
     # ------------------------------------------------------------------ trunk: idx -> z
@@ -220,8 +285,8 @@ class GPT:
             c_blocks.append(c_block)
         if kv_cache is not None:
             kv_cache.length += idx.shape[1]
-        z, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-        return z, (c_tok, c_pos, c_blocks, c_lnf)
+        z, c_lnf = self.layers.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        return z, TrunkCache(c_tok, c_pos, c_blocks, c_lnf)
 
     def hidden_backward(self, dz, cache, grads=None):
         """Backpropagate a gradient dz (B, T, C) given on z through the trunk.
@@ -231,7 +296,7 @@ class GPT:
         """
         c_tok, c_pos, c_blocks, c_lnf = cache
         grads = {} if grads is None else grads
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(dz, c_lnf)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = self.layers.layernorm_backward(dz, c_lnf)
         for i in reversed(range(self.config.n_layer)):
             dx = self.block_backward(dx, c_blocks[i], i, grads)
         grads["wpe.weight"] = embedding_backward(dx.sum(0), c_pos)
@@ -242,12 +307,11 @@ class GPT:
     # ------------------------------------------------------------------ head: z -> logits
     def head_forward(self, z):
         """logits = z @ wteᵀ: the output head shares the token embedding (tied weights)."""
-        return linear_forward(z, self.params["wte.weight"].T)
+        return self.layers.lm_head_forward(z, self.params["wte.weight"])
 
     def head_backward(self, dlogits, cache):
-        """-> dz, dwte (the transpose of the head's weight gradient)."""
-        dz, dweight, _ = linear_backward(dlogits, cache)
-        return dz, dweight.T
+        """-> dz, dwte"""
+        return self.layers.lm_head_backward(dlogits, cache)
 
     # ------------------------------------------------------------------ public API
     def forward(self, idx, kv_cache=None):
@@ -261,13 +325,13 @@ class GPT:
         self.check_targets(idx, targets)
         z, c_trunk = self.hidden(idx)
         logits, c_head = self.head_forward(z)
-        nll, c_ce = cross_entropy_forward(logits, targets)
-        return nll, (c_trunk, c_head, c_ce)
+        nll, c_ce = self.layers.cross_entropy_forward(logits, targets)
+        return nll, NllCache(c_trunk, c_head, c_ce)
 
     def nll_backward(self, dnll, cache):
         """Gradients of sum(dnll · nll): dnll (B, T) is each position's weight in the loss."""
         c_trunk, c_head, c_ce = cache
-        dlogits = cross_entropy_backward(dnll, c_ce)
+        dlogits = self.layers.cross_entropy_backward(dnll, c_ce)
         dz, dwte = self.head_backward(dlogits, c_head)
         return self.hidden_backward(dz, c_trunk, {"wte.weight": dwte})
 
@@ -314,17 +378,18 @@ class GPT:
 
     # ------------------------------------------------------------------ copies and checkpoints
     def copy(self):
-        return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()})
+        return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()},
+                   kernels=self.kernels)
 
     def numpy_params(self):
         return {k: to_numpy(v) for k, v in self.params.items()}
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", device="cpu"):
+    def from_pretrained(cls, path, dtype="float32", device="cpu", kernels=None):
         """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
         from .hf import load_hf
         config, params = load_hf(path, dtype)
-        return cls(config, device=device, params=params)
+        return cls(config, device=device, params=params, kernels=kernels)
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads."""

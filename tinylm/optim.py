@@ -4,6 +4,8 @@ The optimizer state is a dict of arrays plus a step count, so it saves next to t
 """
 import math
 
+import numpy as np
+
 from .backend import array_module
 
 
@@ -21,36 +23,44 @@ def adamw_init(params):
     return {"step": 0, "m": {k: zeros(p) for k, p in params.items()}, "v": {k: zeros(p) for k, p in params.items()}}
 
 
-def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay=decays):
-    """One AdamW update, in place:
+def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+    """AdamW for one tensor, in place on p, m, v; `step` counts from 1 (the reference that
+    kernels.adamw_update, the kernel path's update, is tested against):
 
         m = β1 m + (1−β1) g;   v = β2 v + (1−β2) g²;   m̂ = m/(1−β1ᵗ);   v̂ = v/(1−β2ᵗ)
-        θ = θ − lr·(m̂ / (√v̂ + ε) + wd·θ)      (wd only where decay(name, shape))
+        θ = θ − lr·(m̂ / (√v̂ + ε) + wd·θ)
 
     Weight decay is decoupled (Loshchilov & Hutter): it shrinks θ directly instead of being added
     to g, so Adam's per-parameter scaling doesn't weaken it for parameters with large gradients.
     """
+    beta1, beta2 = betas
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * (g * g)
+    if weight_decay:
+        p *= 1 - lr * weight_decay
+    p -= (lr / (1 - beta1 ** step)) * m / ((v / (1 - beta2 ** step)) ** 0.5 + eps)
+
+
+def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay=decays,
+               update=adamw_update):
+    """One AdamW step over every parameter, in place (see adamw_update), with weight decay only
+    where decay(name, shape). `update` is the per-tensor update: adamw_update here, or the model's
+    (model.layers.adamw_update: the AdamW kernel on the kernel path)."""
     if set(grads) != set(params):
         missing, extra = sorted(set(params) - set(grads)), sorted(set(grads) - set(params))
         raise ValueError(f"grads must have the params' keys; missing {missing[:5]}, unexpected {extra[:5]}")
-    beta1, beta2 = betas
     state["step"] += 1
-    t = state["step"]
-    bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
     for name, p in params.items():
-        g, m, v = grads[name], state["m"][name], state["v"][name]
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        if weight_decay and decay(name, p.shape):
-            p *= 1 - lr * weight_decay
-        p -= (lr / bias1) * m / ((v / bias2) ** 0.5 + eps)
+        wd = weight_decay if decay(name, p.shape) else 0.0
+        update(p, grads[name], state["m"][name], state["v"][name], lr, state["step"], betas, eps, wd)
 
 
 def grad_norm(grads):
-    """Global L2 norm over every gradient."""
-    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    """Global L2 norm over every gradient, with one host sync: the per-tensor sums stay on the
+    device (float64, so ~150 float32 partial sums add without loss) and only the total is read."""
+    return math.sqrt(float(sum((g * g).sum(dtype=np.float64) for g in grads.values())))
 
 
 def clip_grad_norm(grads, max_norm):

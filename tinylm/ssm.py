@@ -15,6 +15,8 @@ Mixing across time happens only in the conv and the recurrence, both causal, so 
 in T and generation carries a fixed-size state per layer: the conv's last K−1 inputs and h.
 """
 import math
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,6 +65,43 @@ def ssm_init_param(name, shape, rng, out_std):
     return rng.normal(0.0, out_std if name == "out_proj.weight" else 0.02, size=shape)
 
 
+class SiluCache(NamedTuple):
+    x: object
+    s: object                       # σ(x)
+
+
+class ConvCache(NamedTuple):
+    xpad: object                    # (B, K−1+T, E): the past inputs, then x
+    weight: object
+
+
+class ScanCache(NamedTuple):
+    u: object
+    delta: object
+    A: object
+    Bm: object
+    Cm: object
+    D: object
+    a: object                       # exp(Δ A) per step
+    hs: object                      # every state h_t (B, T, E, N)
+    h0: object
+
+
+class MixerCache(NamedTuple):
+    in_proj: tuple
+    conv: ConvCache
+    act: SiluCache
+    x_proj: tuple
+    dt_proj: tuple
+    softplus: object
+    scan: tuple                     # the scan's cache, whichever implementation ran (its `hs` = every state)
+    y: object
+    gate: object
+    c_gate: SiluCache
+    out_proj: tuple
+    layers: object                  # the layers the forward ran: the backward runs their pairs
+
+
 # ----------------------------------------------------------------------------- elementwise
 def sigmoid(x):
     """σ(x) = ½(1 + tanh(x/2)): the tanh form never overflows, for any x."""
@@ -73,7 +112,7 @@ def sigmoid(x):
 def silu_forward(x):
     """y = x·σ(x).   any shape"""
     s = sigmoid(x)
-    return x * s, (x, s)
+    return x * s, SiluCache(x, s)
 
 
 def silu_backward(dy, cache):
@@ -107,7 +146,7 @@ def causal_conv_forward(x, weight, bias, past=None):
     xpad = xp.concatenate([past, x], axis=1)                 # (B, K−1+T, E)
     T = x.shape[1]
     y = bias + sum(weight[k] * xpad[:, k:k + T] for k in range(K))
-    return y, (xpad, weight)
+    return y, ConvCache(xpad, weight)
 
 
 def causal_conv_backward(dy, cache):
@@ -150,7 +189,7 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
         h = a[:, t] * h + b[:, t]
         hs[:, t] = h
     y = (hs @ Cm[..., None])[..., 0] + D * u                 # (B, T, E, N) @ (B, T, N, 1)
-    return y, (u, delta, A, Bm, Cm, D, a, hs, h0)
+    return y, ScanCache(u, delta, A, Bm, Cm, D, a, hs, h0)
 
 
 def selective_scan_backward(dy, cache):
@@ -185,53 +224,59 @@ def selective_scan_backward(dy, cache):
 
 def scan_state(cache):
     """h after the last position (B, E, N): the next call's h0."""
-    hs = cache[7]
-    return hs[:, -1]
+    return cache.hs[:, -1]
 
 
 # ----------------------------------------------------------------------------- the mixer
-def ssm_mixer_forward(x, params, state=None):
+# The pairs the mixer takes from a layer set (layers.Layers): these NumPy/CuPy ones by default; the
+# model passes its own set, so on the kernel path the projections and the scan run on the kernels.
+ARRAY_LAYERS = SimpleNamespace(linear_forward=linear_forward, linear_backward=linear_backward,
+                               selective_scan_forward=selective_scan_forward,
+                               selective_scan_backward=selective_scan_backward)
+
+
+def ssm_mixer_forward(x, params, state=None, layers=ARRAY_LAYERS):
     """The whole mixer (see the module docstring).   x (B, T, C) -> out (B, T, C)
 
     params: the names of ssm_param_shapes. state: (conv inputs (B, K−1, E), h (B, E, N)) carried
     from earlier positions at generation, or None. ssm_state(cache) gives the state after x.
+    layers: where linear_* and selective_scan_* come from (a layers.Layers, or ARRAY_LAYERS).
     """
-    p = params
+    p, L = params, layers
     E = p["D"].shape[0]
     N = p["A_log"].shape[1]
     conv_past, h0 = (None, None) if state is None else state
-    uz, c_in = linear_forward(x, p["in_proj.weight"])
+    uz, c_in = L.linear_forward(x, p["in_proj.weight"])
     u, z = uz[..., :E], uz[..., E:]
     u, c_conv = causal_conv_forward(u, p["conv.weight"], p["conv.bias"], conv_past)
     u, c_act = silu_forward(u)
-    dbc, c_x = linear_forward(u, p["x_proj.weight"])
+    dbc, c_x = L.linear_forward(u, p["x_proj.weight"])
     R = dbc.shape[-1] - 2 * N
-    dt, c_dt = linear_forward(dbc[..., :R], p["dt_proj.weight"], p["dt_proj.bias"])
+    dt, c_dt = L.linear_forward(dbc[..., :R], p["dt_proj.weight"], p["dt_proj.bias"])
     delta, c_sp = softplus_forward(dt)
-    y, c_scan = selective_scan_forward(u, delta, p["A_log"], dbc[..., R:R + N], dbc[..., R + N:], p["D"], h0)
+    y, c_scan = L.selective_scan_forward(u, delta, p["A_log"], dbc[..., R:R + N], dbc[..., R + N:], p["D"], h0)
     gate, c_gate = silu_forward(z)
-    out, c_out = linear_forward(y * gate, p["out_proj.weight"])
-    return out, (c_in, c_conv, c_act, c_x, c_dt, c_sp, c_scan, y, gate, c_gate, c_out)
+    out, c_out = L.linear_forward(y * gate, p["out_proj.weight"])
+    return out, MixerCache(c_in, c_conv, c_act, c_x, c_dt, c_sp, c_scan, y, gate, c_gate, c_out, L)
 
 
 def ssm_mixer_backward(dout, cache):
     """The mixer's forward in reverse. -> (dx, grads: dict with the names of ssm_param_shapes)"""
-    c_in, c_conv, c_act, c_x, c_dt, c_sp, c_scan, y, gate, c_gate, c_out = cache
+    c_in, c_conv, c_act, c_x, c_dt, c_sp, c_scan, y, gate, c_gate, c_out, L = cache
     xp = array_module(dout)
     grads = {}
-    dyg, grads["out_proj.weight"], _ = linear_backward(dout, c_out)
+    dyg, grads["out_proj.weight"], _ = L.linear_backward(dout, c_out)
     dz = silu_backward(dyg * y, c_gate)
-    du, ddelta, grads["A_log"], dBm, dCm, grads["D"] = selective_scan_backward(dyg * gate, c_scan)
+    du, ddelta, grads["A_log"], dBm, dCm, grads["D"] = L.selective_scan_backward(dyg * gate, c_scan)
     ddt = softplus_backward(ddelta, c_sp)
-    ddt_low, grads["dt_proj.weight"], grads["dt_proj.bias"] = linear_backward(ddt, c_dt)
-    du_x, grads["x_proj.weight"], _ = linear_backward(xp.concatenate([ddt_low, dBm, dCm], axis=-1), c_x)
+    ddt_low, grads["dt_proj.weight"], grads["dt_proj.bias"] = L.linear_backward(ddt, c_dt)
+    du_x, grads["x_proj.weight"], _ = L.linear_backward(xp.concatenate([ddt_low, dBm, dCm], axis=-1), c_x)
     du = silu_backward(du + du_x, c_act)
     du, grads["conv.weight"], grads["conv.bias"] = causal_conv_backward(du, c_conv)
-    dx, grads["in_proj.weight"], _ = linear_backward(xp.concatenate([du, dz], axis=-1), c_in)
+    dx, grads["in_proj.weight"], _ = L.linear_backward(xp.concatenate([du, dz], axis=-1), c_in)
     return dx, grads
 
 
 def ssm_state(cache):
     """The fixed-size state after the positions the forward saw: (conv inputs (B, K−1, E), h (B, E, N))."""
-    _, c_conv, _, _, _, _, c_scan, *_ = cache
-    return conv_state(c_conv), scan_state(c_scan)
+    return conv_state(cache.conv), scan_state(cache.scan)
