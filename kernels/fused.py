@@ -171,22 +171,22 @@ def gelu_backward_kernel(dy, x, dx):
         dx[i] = dy[i] * float32(0.5) * (float32(1.0) + t + x[i] * (float32(1.0) - t * t) * slope)
 
 
-def elementwise_launch(n):
-    return n_blocks(n, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS
+def elementwise_launch(n, threads):
+    return n_blocks(n, threads), threads
 
 
-def gelu_forward(x):
-    """GPT-2's tanh GELU, any shape (contiguous)."""
+def gelu_forward(x, threads=ELEMENTWISE_THREADS):
+    """GPT-2's tanh GELU, any shape (contiguous); `threads` per block, one element each."""
     check_float32(x=x)
     y = empty(x.shape, x)
-    gelu_forward_kernel[elementwise_launch(x.size)](x.reshape(-1), y.reshape(-1))
+    gelu_forward_kernel[elementwise_launch(x.size, threads)](x.reshape(-1), y.reshape(-1))
     return y
 
 
-def gelu_backward(dy, x):
+def gelu_backward(dy, x, threads=ELEMENTWISE_THREADS):
     check_float32(dy=dy, x=x)
     dx = empty(x.shape, x)
-    gelu_backward_kernel[elementwise_launch(x.size)](dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    gelu_backward_kernel[elementwise_launch(x.size, threads)](dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
     return dx
 
 
@@ -215,14 +215,14 @@ def adamw_kernel(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
         p[i] -= (lr / bias1) * m[i] / (math.sqrt(v[i] / bias2) + eps)
 
 
-def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, threads=ELEMENTWISE_THREADS):
     """One AdamW step for one tensor, in place on p, m, v (contiguous); `step` counts from 1.
     weight_decay is this tensor's (0 for the ones tinylm.optim.decays exempts)."""
     check_float32(p=p, g=g, m=m, v=v)
     beta1, beta2 = betas
     scalars = [np.float32(s) for s in (lr, beta1, beta2, eps, weight_decay, 1 - beta1 ** step, 1 - beta2 ** step)]
     flat = [a.reshape(-1) for a in (p, g, m, v)]
-    adamw_kernel[elementwise_launch(p.size)](*flat, *scalars)
+    adamw_kernel[elementwise_launch(p.size, threads)](*flat, *scalars)
 
 
 def kernels_and_signatures():

@@ -28,9 +28,10 @@ from .layers import Layers, merge_heads, merge_qkv_grads, split_heads
 # Launch sizes: the kernels' own defaults on a GPU. The simulator costs ~35 µs per thread-op and
 # more per block, so there the same kernels run with small blocks: a tiny model's step takes seconds.
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
-MATMUL_LAUNCH = {"tile": (16, 16, 8, 4, 4)} if SIMULATOR else {}
+MATMUL_LAUNCH = {"tile": (16, 64, 16, 4, 16)} if SIMULATOR else {}
 FLASH_LAUNCH = {"blocks": (8, 8)} if SIMULATOR else {}
-ROW_LAUNCH = {"threads": 8} if SIMULATOR else {}
+ROW_LAUNCH = {"threads": 2} if SIMULATOR else {}
+ELEMENTWISE_LAUNCH = {"threads": 32} if SIMULATOR else {}
 
 
 def check_usable(device, dtype):
@@ -47,7 +48,9 @@ def check_usable(device, dtype):
 # ----------------------------------------------------------------------------- linear, LM head
 def gemm(a, b, trans_a=False, trans_b=False):
     """op(a) @ op(b) on the matmul kernel: what LinearCache keeps, so the backward uses it too."""
-    return kernels.matmul(a, b, trans_a, trans_b, **MATMUL_LAUNCH)
+    xp = array_module(a)
+    # Slices such as the ssm's dbc[..., :R] reach here as strided views: the kernels take dense arrays.
+    return kernels.matmul(xp.ascontiguousarray(a), xp.ascontiguousarray(b), trans_a, trans_b, **MATMUL_LAUNCH)
 
 
 def linear_forward(x, weight, bias=None):
@@ -77,11 +80,11 @@ def layernorm_backward(dy, cache):
 
 # ----------------------------------------------------------------------------- gelu
 def gelu_forward(x):
-    return kernels.gelu_forward(x), x             # the cache is x: the backward recomputes tanh
+    return kernels.gelu_forward(x, **ELEMENTWISE_LAUNCH), x     # the cache is x: the backward recomputes tanh
 
 
 def gelu_backward(dy, x):
-    return kernels.gelu_backward(dy, x)
+    return kernels.gelu_backward(dy, x, **ELEMENTWISE_LAUNCH)
 
 
 # ----------------------------------------------------------------------------- flash attention
@@ -138,6 +141,8 @@ class ScanCache(NamedTuple):
 
 
 def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
+    xp = array_module(u)
+    Bm, Cm = xp.ascontiguousarray(Bm), xp.ascontiguousarray(Cm)     # slices of the x_proj output
     y, hs = kernels.selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0)
     return y, ScanCache(u, delta, A_log, Bm, Cm, D, hs, h0)
 
@@ -145,6 +150,12 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
 def selective_scan_backward(dy, cache):
     u, delta, A_log, Bm, Cm, D, hs, h0 = cache
     return kernels.selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0)
+
+
+# ----------------------------------------------------------------------------- AdamW
+def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+    """optim.adamw_update's contract, on the AdamW kernel (p, m, v contiguous, updated in place)."""
+    kernels.adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay, **ELEMENTWISE_LAUNCH)
 
 
 LAYERS = Layers(
@@ -156,5 +167,5 @@ LAYERS = Layers(
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     cross_entropy_forward=cross_entropy_forward, cross_entropy_backward=cross_entropy_backward,
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
-    adamw_update=kernels.adamw_update,
+    adamw_update=adamw_update,
     auto_flash_from=1)
