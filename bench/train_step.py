@@ -2,7 +2,7 @@
 matmul speed measured in the same run: the ratio is the model-FLOPs utilisation (MFU).
 
     python bench/train_step.py [--d-model 256 --n-layer 4 --n-head 4 --seq 256 --batch 8 --vocab 256]
-                               [--device cpu|cuda --matmul cublas|numba --attention naive|flash|auto]
+                               [--device cpu|cuda [--no-kernels] --attention naive|flash|auto]
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm import GPT, GPTConfig, adamw_init, adamw_step, clip_grad_norm, flops_per_token  # noqa: E402
-from tinylm.backend import DEVICES, MATMULS, keep_freed_memory, set_matmul  # noqa: E402
+from tinylm.backend import DEVICES, keep_freed_memory  # noqa: E402
 from tinylm.model import ATTENTIONS  # noqa: E402
 
 
@@ -34,9 +34,10 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def seconds_per_step(config, batch, device="cpu", steps=10, seed=0):
-    """Median wall time of one training step (loss_and_grads + clipping + AdamW), after a warm-up."""
-    model = GPT(config, seed=seed, device=device)
+def seconds_per_step(config, batch, device="cpu", steps=10, seed=0, kernels=None):
+    """Median wall time of one training step (loss_and_grads + clipping + AdamW), after a warm-up.
+    kernels: GPT's (None: the Numba kernels on "cuda", the array library on "cpu")."""
+    model = GPT(config, seed=seed, device=device, kernels=kernels)
     xp = model.xp
     rng = np.random.default_rng(seed)
     idx = xp.asarray(rng.integers(0, config.vocab_size, size=(batch, config.n_ctx)))
@@ -46,7 +47,7 @@ def seconds_per_step(config, batch, device="cpu", steps=10, seed=0):
     def step():
         loss, grads = model.loss_and_grads(idx, targets)
         clip_grad_norm(grads, 1.0)
-        adamw_step(model.params, grads, state, lr=1e-4)
+        adamw_step(model.params, grads, state, lr=1e-4, update=model.layers.adamw_update)
         if xp is not np:                                    # GPU work is asynchronous: wait for it
             xp.cuda.runtime.deviceSynchronize()
         return loss
@@ -66,8 +67,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu", choices=DEVICES)
-    ap.add_argument("--matmul", default="cublas", choices=MATMULS,
-                    help="GEMM behind the linear layers: the array library's (cuBLAS / BLAS) or kernels/matmul.py")
+    ap.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
+                    help="with --device cuda: every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
     ap.add_argument("--attention", default="auto", choices=ATTENTIONS)
     ap.add_argument("--no-keep-freed-memory", action="store_true",
                     help="leave glibc's malloc at its defaults (fresh, page-faulting memory for each temporary)")
@@ -76,15 +77,14 @@ def main(argv=None):
 
     config = GPTConfig(vocab_size=args.vocab, n_ctx=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        d_model=args.d_model, dtype=args.dtype, attention=args.attention)
-    set_matmul(args.matmul)
-    ms = 1000 * seconds_per_step(config, args.batch, args.device, args.steps)
+    ms = 1000 * seconds_per_step(config, args.batch, args.device, args.steps, kernels=args.kernels)
     tokens = args.batch * args.seq
     flops = flops_per_token(config, args.seq)["exact_forward_backward"] * tokens
     achieved = flops / (ms / 1000) / 1e9
     peak = matmul_gflops(dtype=args.dtype)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
     print(f"config: d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} T={args.seq} "
-          f"B={args.batch} vocab={args.vocab} {args.dtype} device={args.device} matmul={args.matmul} "
+          f"B={args.batch} vocab={args.vocab} {args.dtype} device={args.device} kernels={args.kernels is not False and args.device == 'cuda'} "
           f"attention={args.attention} keep_freed_memory={kept}")
     print(f"train step: {ms:.1f} ms/step (median of {args.steps}), {tokens / (ms / 1000):,.0f} tokens/s, "
           f"{achieved:.1f} GFLOP/s ({flops / 1e9:.2f} GFLOP/step)")

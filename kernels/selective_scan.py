@@ -111,23 +111,23 @@ def prepare(u, delta, A_log, Bm, Cm, D, h0):
     return xp, A, xp.zeros((u.shape[0], u.shape[2], A_log.shape[1]), dtype=np.float32) if h0 is None else h0
 
 
-def n_blocks(n):
-    return (n + THREADS - 1) // THREADS
+def n_blocks(n, threads):
+    return (n + threads - 1) // threads
 
 
-def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
+def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None, threads=THREADS):
     """Same arguments as tinylm.ssm.selective_scan_forward (float32 NumPy arrays under the
     simulator, CuPy arrays on a GPU). -> y (B, T, E), hs (B, T, E, N): every state, for the backward
-    (hs[:, -1] is the state to carry on at generation)."""
+    (hs[:, -1] is the state to carry on at generation). One thread per (b, e), `threads` per block."""
     xp, A, h0 = prepare(u, delta, A_log, Bm, Cm, D, h0)
     (B, T, E), N = u.shape, A_log.shape[1]
     y = xp.empty((B, T, E), dtype=np.float32)
     hs = xp.empty((B, T, E, N), dtype=np.float32)
-    scan_forward_kernel[n_blocks(B * E), THREADS](u, delta, A, Bm, Cm, D, h0, y, hs)
+    scan_forward_kernel[n_blocks(B * E, threads), threads](u, delta, A, Bm, Cm, D, h0, y, hs)
     return y, hs
 
 
-def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None):
+def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None, threads=THREADS):
     """-> (du, ddelta, dA_log, dBm, dCm, dD), as tinylm.ssm.selective_scan_backward returns them."""
     xp, A, h0 = prepare(u, delta, A_log, Bm, Cm, D, h0)
     if dy.dtype != np.float32 or dy.shape != u.shape:
@@ -137,7 +137,7 @@ def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None):
     dBm, dCm = xp.zeros_like(Bm), xp.zeros_like(Cm)        # atomics add into them
     dA_part = xp.empty((B, E, N), dtype=np.float32)
     dD_part = xp.empty((B, E), dtype=np.float32)
-    scan_backward_kernel[n_blocks(B * E), THREADS](u, delta, A, Bm, Cm, D, h0, hs, dy,
+    scan_backward_kernel[n_blocks(B * E, threads), threads](u, delta, A, Bm, Cm, D, h0, hs, dy,
                                                     du, ddelta, dA_part, dBm, dCm, dD_part)
     return du, ddelta, dA_part.sum(0) * A, dBm, dCm, dD_part.sum(0)
 

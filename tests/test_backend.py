@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig
-from tinylm.backend import matmul, scatter_add, set_matmul
+from tinylm.backend import matmul, scatter_add
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,11 +26,6 @@ def test_cuda_without_cupy_is_a_clear_error(monkeypatch):
         GPT(GPTConfig(vocab_size=5, n_ctx=4, n_layer=1, n_head=1, d_model=4), device="cuda")
     with pytest.raises(ValueError, match=r"device must be one of \('cpu', 'cuda'\)"):
         GPT(GPTConfig(vocab_size=5, n_ctx=4, n_layer=1, n_head=1, d_model=4), device="gpu")
-
-
-def test_set_matmul_is_validated():
-    with pytest.raises(ValueError, match=r"matmul must be one of \('cublas', 'numba'\), got 'mkl'"):
-        set_matmul("mkl")
 
 
 def test_matmul_transposes_and_scatter_add_accumulates():

@@ -13,6 +13,7 @@ from numba import config
 import kernels
 from tinylm.backend import to_numpy
 from tinylm.flash_attention import flash_backward, flash_forward
+from tinylm import layers
 from tinylm.layers import (cross_entropy_backward, cross_entropy_forward, gelu_backward, gelu_forward,
                            layernorm_backward, layernorm_forward)
 from tinylm.optim import adamw_init, adamw_step
@@ -104,11 +105,43 @@ def test_layernorm_kernels_match_numpy():
     y_ref, cache = layernorm_forward(x64, w64, b64)
     y, mean, rstd = kernels.layernorm_forward(device(x), device(w), device(b))
     close(y, y_ref)
-    close(rstd, cache[1].reshape(-1))
+    close(rstd, cache.rstd.reshape(-1))
     dy, dy64 = dy.reshape(3, 1, 70), dy64.reshape(3, 1, 70)
     got = kernels.layernorm_backward(device(dy), device(x), mean, rstd, device(w))
     for g, want in zip(got, layernorm_backward(dy64, cache)):
         close(g, want)
+
+
+def test_layernorm_kernels_cover_rows_wider_than_the_block():
+    """C = 2·THREADS + 3: each thread sums three columns (two for some), the case the strided loops
+    `range(t, C, THREADS)` exist for. Checked: with those loops cut to one column per thread
+    (`for c in range(t, min(t + 1, C), THREADS)`), this test fails and the C = 70 one passes."""
+    from kernels.fused import THREADS
+    C = 2 * THREADS + 3
+    rng = np.random.default_rng(6)
+    (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 2, C), data(rng, C), data(rng, C), data(rng, 2, C)
+    y_ref, cache = layernorm_forward(x64 * 2 + 1, w64, b64)
+    y, mean, rstd = kernels.layernorm_forward(device(x * 2 + 1), device(w), device(b))
+    close(y, y_ref)
+    got = kernels.layernorm_backward(device(dy), device(x * 2 + 1), mean, rstd, device(w))
+    for g, want in zip(got, layernorm_backward(dy64, cache)):
+        close(g, want)
+
+
+def test_kernel_constants_agree_with_tinylm():
+    """kernels/ imports nothing from tinylm, so the layernorm eps and GELU's √(2/π) and 0.044715 are
+    written in both: they must agree (the kernel's float32 copies to float32 precision)."""
+    from kernels import fused
+    assert fused.LAYERNORM_EPS == layers.LAYERNORM_EPS
+    assert fused.SQRT_2_OVER_PI == np.float32(layers.GELU_C)
+    assert fused.GELU_A == np.float32(layers.GELU_A)
+
+
+def test_kernels_import_nothing_from_tinylm():
+    code = "import sys, kernels; print(sorted(m for m in sys.modules if m.split('.')[0] == 'tinylm'))"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
 
 
 def test_gelu_kernels_match_numpy():
@@ -134,6 +167,8 @@ def test_softmax_cross_entropy_kernel_matches_numpy():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_kernel_matches_optim(weight_decay):
+    """p, m and v after every step. Checked: a kernel that keeps √v in v (and squares it back for
+    p, so p and m stay right) passed the earlier p-and-m-only test; it fails here, at v."""
     rng = np.random.default_rng(4)
     p, p64 = data(rng, 4, 9)
     params, state = {"w": p64}, adamw_init({"w": p64})
@@ -143,8 +178,10 @@ def test_adamw_kernel_matches_optim(weight_decay):
         g, g64 = data(rng, 4, 9)
         adamw_step(params, {"w": g64}, state, lr=0.01, weight_decay=weight_decay, decay=lambda n, s: True)
         kernels.adamw_update(p_dev, device(g), m, v, lr=0.01, step=step, weight_decay=weight_decay)
-    close(p_dev, params["w"])
-    close(m, state["m"]["w"])
+        # every step, both moments: they are saved in checkpoints, and v feeds only later steps' p
+        close(v, state["v"]["w"])
+        close(m, state["m"]["w"])
+        close(p_dev, params["w"])
 
 
 # ----------------------------------------------------------------------------- PTX: no float64
@@ -174,21 +211,20 @@ def test_kernels_compile_to_ptx_without_float64():
     assert promoted > 0, "the checker must see the f64 that a 0.5 literal causes"
 
 
-# ----------------------------------------------------------------------------- the model's switch
-def test_linear_layers_run_on_the_numba_matmul():
-    """backend.set_matmul("numba") routes linear_forward / linear_backward through kernels.matmul."""
-    from tinylm.backend import set_matmul
-    from tinylm.layers import linear_backward, linear_forward
+# ----------------------------------------------------------------------------- the adapter
+def test_kernel_linear_and_head_layers_match_numpy():
+    """kernel_layers' linear and tied LM head (kernels.matmul as the layers' gemm, wte read through
+    trans_b) against layers.py's, forward and backward."""
+    from tinylm import kernel_layers
     rng = np.random.default_rng(5)
     (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 2, 5, 6), data(rng, 6, 7), data(rng, 7), data(rng, 2, 5, 7)
-    y_ref, cache_ref = linear_forward(x64, w64, b64)
-    grads_ref = linear_backward(dy64, cache_ref)
-    set_matmul("numba")
-    try:
-        y, cache = linear_forward(device(x), device(w), device(b))
-        grads = linear_backward(device(dy), cache)
-    finally:
-        set_matmul("cublas")
+    y_ref, cache_ref = layers.linear_forward(x64, w64, b64)
+    y, cache = kernel_layers.linear_forward(device(x), device(w), device(b))
     close(y, y_ref)
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(kernel_layers.LAYERS.linear_backward(device(dy), cache), layers.linear_backward(dy64, cache_ref)):
+        close(got, want)
+    logits_ref, head_ref = layers.lm_head_forward(x64, w64.T.copy())          # wte (V, C) = (7, 6)
+    logits, head = kernel_layers.lm_head_forward(device(x), device(w.T.copy()))
+    close(logits, logits_ref)
+    for got, want in zip(kernel_layers.LAYERS.lm_head_backward(device(dy), head), layers.lm_head_backward(dy64, head_ref)):
         close(got, want)

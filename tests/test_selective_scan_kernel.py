@@ -28,11 +28,27 @@ def test_kernel_matches_the_numpy_scan(B, T, E, N, with_h0):
     h0_device = None if h0 is None else device(h0)
     y, hs = selective_scan_forward(*on_device, h0_device)
     close(y, y_ref)
-    close(hs, cache[7])                                   # every state h_t, read by the backward
+    close(hs, cache.hs)                                   # every state h_t, read by the backward
     dy = rng.normal(size=(B, T, E)).astype(np.float32)
     want = ssm.selective_scan_backward(dy.astype(np.float64), cache)
     got = selective_scan_backward(device(dy), *on_device, hs, h0_device)
     for g, w in zip(got, want):
+        close(g, w)
+
+
+def test_kernel_matches_over_several_blocks():
+    """B·E = 14 threads at 4 per block: 4 blocks, the last one half idle. Checked: with the thread
+    index taken as cuda.threadIdx.x instead of cuda.grid(1) (right for one block only), this test
+    fails while the single-block ones above pass."""
+    rng = np.random.default_rng(9)
+    inputs, args64 = scan_inputs(rng, 2, 3, 7, 2)
+    y_ref, cache = ssm.selective_scan_forward(*args64)
+    on_device = [device(x) for x in inputs.values()]
+    y, hs = selective_scan_forward(*on_device, threads=4)
+    close(y, y_ref)
+    dy = rng.normal(size=(2, 3, 7)).astype(np.float32)
+    got = selective_scan_backward(device(dy), *on_device, hs, threads=4)
+    for g, w in zip(got, ssm.selective_scan_backward(dy.astype(np.float64), cache)):
         close(g, w)
 
 

@@ -11,8 +11,6 @@ import sys
 import numpy as np
 
 DEVICES = ("cpu", "cuda")
-MATMULS = ("cublas", "numba")
-_matmul = {"name": "cublas"}
 
 
 def get_xp(device):
@@ -78,18 +76,7 @@ def scatter_add(target, indices, values):
         cupyx.scatter_add(target, indices, values)
 
 
-def set_matmul(name):
-    """Choose the GEMM behind every linear layer: "cublas", the array library's own (cuBLAS through
-    CuPy; BLAS through NumPy on the CPU), or "numba", the tiled kernel in kernels/matmul.py
-    (float32; CuPy arrays, or NumPy arrays under the CUDA simulator)."""
-    if name not in MATMULS:
-        raise ValueError(f"matmul must be one of {MATMULS}, got {name!r}")
-    _matmul["name"] = name
-
-
 def matmul(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b) for 2-D arrays, op = transpose where asked, with the GEMM set_matmul chose."""
-    if _matmul["name"] == "numba":
-        import kernels              # only now: it loads numba.cuda
-        return kernels.matmul(a, b, trans_a, trans_b)
+    """op(a) @ op(b) for 2-D arrays, op = transpose where asked: the array library's GEMM (BLAS or
+    cuBLAS), which reads a transposed view in place. kernel_layers.gemm is the same on the kernels."""
     return (a.T if trans_a else a) @ (b.T if trans_b else b)
