@@ -40,12 +40,14 @@ def main(argv=None):
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=257)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
+                    help="with --device cuda: CuPy/cuBLAS layers instead of the Numba kernels")
     args = ap.parse_args(argv)
 
     T = args.prompt_len + args.new_tokens          # the context is never full: no window sliding
     config = GPTConfig(vocab_size=args.vocab, n_ctx=T, n_layer=args.n_layer, n_head=args.n_head,
                        d_model=args.d_model, dtype="float32")
-    model = GPT(config, seed=0, device=args.device)
+    model = GPT(config, seed=0, device=args.device, kernels=args.kernels)
     prompt = np.random.default_rng(0).integers(0, args.vocab, size=(1, args.prompt_len))
     list(generate_steps(model, prompt, 4, temperature=0))          # warm-up
     cached, t_cached = timed_steps(model, prompt, args.new_tokens, use_cache=True)

@@ -110,13 +110,13 @@ def read_json(path):
     return obj
 
 
-def load_model(path, device="cpu", dtype=None):
+def load_model(path, device="cpu", dtype=None, kernels=None):
     """-> (model, ckpt_dir, trainer_state or None) from a run, checkpoint or Hugging Face directory.
     The dtype defaults to the one the run trained in (float32 for Hugging Face directories)."""
     ckpt_dir = resolve(path)
     state = read_trainer_state(ckpt_dir)
     dtype = dtype or (state["config"]["dtype"] if state else "float32")
-    model = GPT.from_pretrained(ckpt_dir, dtype=dtype, device=device)
+    model = GPT.from_pretrained(ckpt_dir, dtype=dtype, device=device, kernels=kernels)
     if state is not None:
         if not isinstance(state.get("config"), dict):
             raise ValueError(f"checkpoint {ckpt_dir!r}: {STATE} lacks the model config")
@@ -127,12 +127,12 @@ def load_model(path, device="cpu", dtype=None):
     return model, ckpt_dir, state
 
 
-def load_training_checkpoint(run_dir, device="cpu"):
+def load_training_checkpoint(run_dir, device="cpu", kernels=None):
     """-> (model, opt_state, trainer_state) to resume a run exactly."""
     from safetensors.numpy import load_file
     if latest_checkpoint(run_dir) is None:
         raise ValueError(f"cannot resume: {run_dir!r} has no {POINTER} (no checkpoint was saved there)")
-    model, ckpt_dir, state = load_model(run_dir, device)
+    model, ckpt_dir, state = load_model(run_dir, device, kernels=kernels)
     if state is None:
         raise ValueError(f"cannot resume from {ckpt_dir!r}: it has no {STATE}")
     missing = [k for k in RESUME_KEYS if k not in state]

@@ -44,7 +44,7 @@ def train_step(model, opt_state, idx, targets, lr, grad_clip=1.0, loss_mask=None
     loss, grads = model.loss_and_grads(idx, targets, loss_mask)
     norm = clip_grad_norm(grads, grad_clip)
     if math.isfinite(loss) and math.isfinite(norm):
-        adamw_step(model.params, grads, opt_state, lr, weight_decay=weight_decay)
+        adamw_step(model.params, grads, opt_state, lr, weight_decay=weight_decay, update=model.layers.adamw_update)
     return loss, norm
 
 
@@ -207,7 +207,7 @@ class Run:
                 "val_loss": self.val_loss, "elapsed_s": self.elapsed_s}
 
 
-def new_run(out_dir, settings, device):
+def new_run(out_dir, settings, device, kernels=None):
     cfg = TrainConfig(**settings)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir!r} is a file, not a directory")
@@ -215,12 +215,12 @@ def new_run(out_dir, settings, device):
         raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
                          f"{read_trainer_state(latest_checkpoint(out_dir))['step']}); pass --resume to "
                          "continue it or --out to start a new one elsewhere")
-    model = GPT(cfg.model_config(ByteTokenizer.vocab_size), seed=cfg.seed, device=device)
+    model = GPT(cfg.model_config(ByteTokenizer.vocab_size), seed=cfg.seed, device=device, kernels=kernels)
     return Run(cfg, model, adamw_init(model.params), np.random.default_rng(cfg.seed))
 
 
-def resumed_run(out_dir, settings, device):
-    model, opt_state, state = load_training_checkpoint(out_dir, device)
+def resumed_run(out_dir, settings, device, kernels=None):
+    model, opt_state, state = load_training_checkpoint(out_dir, device, kernels)
     rng = np.random.default_rng()
     rng.bit_generator.state = state["data_rng"]
     return Run(resumed_config(TrainConfig(**state["train_config"]), settings, out_dir), model, opt_state, rng,
@@ -238,19 +238,20 @@ def run_dataset(run):
     return Dataset(ids, run.cfg.n_ctx, run.cfg.val_fraction)
 
 
-def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", plot=False, progress=True):
+def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", plot=False, progress=True,
+             kernels=None):
     """Train a new run in out_dir with TrainConfig(**settings), or resume the run there (settings
     may then change only RESUMABLE_CHANGES). stop_at: end early after that step, with a checkpoint,
     keeping the schedule planned for max_steps (resume later). Returns a summary dict with
     "status": "done", "stopped" (reached stop_at) or "interrupted" (Ctrl-C), and step / losses /
-    checkpoint / elapsed_s.
+    checkpoint / elapsed_s. device and kernels are GPT's (kernels None: the Numba kernels on "cuda").
 
     Raises ValueError for bad input and when the loss stops being finite (naming the step and
     the last good checkpoint, which is kept)."""
     settings = dict(settings or {})
     if settings.get("data") is not None:       # absolute, so --resume works from any directory
         settings["data"] = os.path.abspath(settings["data"])
-    run = resumed_run(out_dir, settings, device) if resume else new_run(out_dir, settings, device)
+    run = resumed_run(out_dir, settings, device, kernels) if resume else new_run(out_dir, settings, device, kernels)
     cfg, model = run.cfg, run.model
     dataset = run_dataset(run)
     if stop_at is not None and not run.step < stop_at <= cfg.max_steps:

@@ -39,7 +39,10 @@ def add_parser(sub):
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="save and stop after this step, keeping the --steps schedule (resume later)")
     p.add_argument("--plot", action="store_true", help="write OUT/loss.png (train and validation loss)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (NumPy) or cuda (CuPy)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels)")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
+                   help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     types = {"data": str, "lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float,
@@ -54,7 +57,7 @@ def run(args):
     from tinylm.train import pretrain
     settings = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, device=args.device,
-                      plot=args.plot, progress=not args.quiet)
+                      kernels=args.kernels, plot=args.plot, progress=not args.quiet)
     summary = (f"step {result['step']}, "
                + (f"train loss {result['loss']:.4f}, " if result["loss"] is not None else "")
                + (f"validation loss {result['val_loss']:.4f}, " if result["val_loss"] is not None else "")

@@ -20,7 +20,10 @@ def add_parser(sub):
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each token (slow; O(T²))")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (NumPy) or cuda (CuPy)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels)")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
+                   help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
     p.set_defaults(func=run)
 
 
@@ -32,7 +35,7 @@ def run(args):
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
         raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
-    model, ckpt_dir, state = load_model(args.checkpoint, device=args.device)
+    model, ckpt_dir, state = load_model(args.checkpoint, device=args.device, kernels=args.kernels)
     tokenizer = load_tokenizer(ckpt_dir, model.config.vocab_size)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
