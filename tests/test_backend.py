@@ -106,3 +106,12 @@ def test_no_kernels_flag_on_every_device_command():
     for command in (["pretrain"], ["sample"]):
         assert parser.parse_args(command + ["--device", "cuda"]).kernels is None       # GPT's default: kernels on cuda
         assert parser.parse_args(command + ["--device", "cuda", "--no-kernels"]).kernels is False
+
+
+def test_kernels_on_the_cpu_need_the_simulator():
+    code = ("from tinylm import GPT, GPTConfig\n"
+            "try:\n    GPT(GPTConfig(vocab_size=5, n_ctx=4, n_layer=1, n_head=1, d_model=4), kernels=True)\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "set NUMBA_ENABLE_CUDASIM=1" in run.stdout, run.stdout + run.stderr

@@ -43,6 +43,9 @@ def check_usable(device, dtype):
     if device == "cpu" and not SIMULATOR:
         raise ValueError("kernels=True on device='cpu' runs the kernels in Numba's CUDA simulator: set "
                          "NUMBA_ENABLE_CUDASIM=1 before starting Python, or use device='cuda'")
+    if device == "cuda" and SIMULATOR:
+        raise ValueError("NUMBA_ENABLE_CUDASIM=1 runs the kernels on the CPU, on NumPy arrays: unset it for "
+                         "device='cuda', or use kernels=False")
 
 
 # ----------------------------------------------------------------------------- linear, LM head
