@@ -79,3 +79,13 @@ def test_kernel_path_needs_float32():
         GPT(GPTConfig(**TINY, dtype="float64"), kernels=True)
     with pytest.raises(ValueError, match="kernels must be True, False or None"):
         GPT(GPTConfig(**TINY), kernels="yes")
+
+
+@pytest.mark.parametrize("mixer", ["attention", "ssm"])
+def test_kernel_path_continues_from_a_kv_cache(mixer):
+    """Generation: the kernels' caches (flash k, v; the scan's last state) feed the next call."""
+    model = GPT(GPTConfig(**{**TINY, "n_layer": 1}, mixer=mixer), seed=4, kernels=True)
+    idx = batch(5)[0][:1]
+    cache = model.new_kv_cache()
+    stepwise = np.concatenate([model.forward(idx[:, :2], cache), model.forward(idx[:, 2:], cache)], axis=1)
+    np.testing.assert_allclose(stepwise, model.forward(idx), rtol=1e-4, atol=1e-5)

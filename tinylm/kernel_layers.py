@@ -146,6 +146,7 @@ class ScanCache(NamedTuple):
 def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
     xp = array_module(u)
     Bm, Cm = xp.ascontiguousarray(Bm), xp.ascontiguousarray(Cm)     # slices of the x_proj output
+    h0 = None if h0 is None else xp.ascontiguousarray(h0)           # hs[:, -1] of the previous call
     y, hs = kernels.selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0)
     return y, ScanCache(u, delta, A_log, Bm, Cm, D, hs, h0)
 
