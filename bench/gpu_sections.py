@@ -221,6 +221,17 @@ def is_oom(error):
 
 
 # ----------------------------------------------------------------------------- one section's run
+def read_rows(path):
+    """The JSON lines of a rows file; a line cut short by a kill at the deadline is dropped."""
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
 class Run:
     """What a section needs: sizes, device, deadline, and `emit` / `row` to record results."""
 
@@ -228,7 +239,7 @@ class Run:
         self.smoke, self.numba, self.deadline = args.smoke, args.numba, args.deadline
         self.sizes = SIZES["smoke" if args.smoke else "gpu"]
         self.rows_file = args.rows
-        self.previous = [json.loads(line) for path in args.previous for line in open(path) if line.strip()]
+        self.previous = [row for path in args.previous for row in read_rows(path)]
         self.failed = False
         self._dev = None
 
@@ -243,7 +254,9 @@ class Run:
         return self.deadline - time.time()
 
     def emit(self, row):
-        row = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        # strict JSON has no NaN: a NaN error (an output never written) is kept as the string "nan"
+        row = {k: (round(v, 6) if math.isfinite(v) else str(v)) if isinstance(v, float) else v
+               for k, v in row.items()}
         with open(self.rows_file, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
@@ -320,6 +333,11 @@ def module_version(name):
     return f"{getattr(module, '__version__', '?')} ({os.path.dirname(module.__file__)})"
 
 
+def cuda_version(number):
+    """CUDA's integer version (13000) as major.minor (13.0)."""
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
 def section_env(run):
     info = {"what": "info", "python": sys.version.split()[0], "executable": sys.executable,
             "pythonpath": os.environ.get("PYTHONPATH", ""),
@@ -339,7 +357,8 @@ def section_env(run):
             props = runtime.getDeviceProperties(0)
             info.update(gpu=props["name"].decode(), sms=props["multiProcessorCount"],
                         memory_gib=round(props["totalGlobalMem"] / 2 ** 30, 1),
-                        cuda_runtime=runtime.runtimeGetVersion(), cuda_driver=runtime.driverGetVersion())
+                        cuda_runtime=cuda_version(runtime.runtimeGetVersion()),
+                        cuda_driver=cuda_version(runtime.driverGetVersion()))
         except Exception as e:
             info["gpu"] = f"CuPy cannot see a GPU: {one_line(e)}"
             run.failed = True
@@ -480,9 +499,15 @@ def attention_row(run, method, x, heads, references):
     label = f"attention:{method}"
     poison = 6 * x["q"].nbytes                   # o, lse, D, dq, dk, dv come out of it
     fwd = run.checked_timing(label, dev, forward, references[:1], checked_heads_of, poison)
-    fb = run.checked_timing(label, dev, forward_backward, references, checked_heads_of, poison)
+    try:
+        fb = run.checked_timing(label, dev, forward_backward, references, checked_heads_of, poison)
+    except Exception as e:          # the unfused backward at T = 16384 needs several T×T matrices
+        if not is_oom(e):
+            raise
+        fb = {"verdict": "OOM", "reason": one_line(e)}
+        dev.free()
     row = {f"fwd_{k}": v for k, v in fwd.items()} | {f"fb_{k}": v for k, v in fb.items()}
-    row["verdict"] = "WRONG" if "WRONG" in (fwd["verdict"], fb["verdict"]) else "ok"
+    row["verdict"] = next((v for v in ("WRONG", "OOM") if v in (fwd["verdict"], fb["verdict"])), "ok")
     if row["verdict"] == "ok":
         peak = dev.peak_bytes(forward_backward)
         row["peak_mib"] = None if peak is None else peak / MIB
@@ -569,12 +594,15 @@ def kernel_model_check(run, config, batch, device):
     results = []
     for kernels in (False, True):
         model = GPT(config, seed=1, device=device, kernels=kernels)
+        t0 = time.perf_counter()
         loss, grads = model.loss_and_grads(model.xp.asarray(ids[:, :-1]), model.xp.asarray(ids[:, 1:]))
         results.append([float(loss)] + [host(g) for g in grads.values()])
+        first = time.perf_counter() - t0                  # for kernels=True: compiles every kernel it uses
         del model, loss, grads
         run.dev.free()
     error = rel_error("train:kernels", results[1], results[0])
-    return {"verdict": "ok" if error <= MODEL_TOLERANCE else "WRONG", "rel_err": error, "tol": MODEL_TOLERANCE}
+    return {"verdict": "ok" if error <= MODEL_TOLERANCE else "WRONG", "rel_err": error, "tol": MODEL_TOLERANCE,
+            "first_call_s": first}
 
 
 def train_rows(run, name, config, batch, steps):
@@ -585,9 +613,11 @@ def train_rows(run, name, config, batch, steps):
     fields = {"what": "train", "model": name, "batch": batch, "T": config.n_ctx, "on": "gpu",
               "device": "NumPy standing in for CuPy" if run.smoke else "cuda"}
 
-    def timed(options):
-        ms = 1e3 * seconds_per_step(config, batch, device, steps=steps, **options)
-        return {"verdict": "ok", "ms": ms, "tokens_per_s": tokens / (ms / 1e3), "steps": steps}
+    def timed(options, step_estimate_s=0.0):
+        """Median of `steps` steps after a warm-up, fewer when half the time left would not hold them."""
+        n = max(1, min(steps, int(0.5 * run.time_left() / max(step_estimate_s, 1e-3)) - 1))
+        ms = 1e3 * seconds_per_step(config, batch, device, steps=n, **options)
+        return {"verdict": "ok", "ms": ms, "tokens_per_s": tokens / (ms / 1e3), "steps": n}
 
     plain = model_options(run, device, kernels=False)
     run.row(dict(fields, kernels=False), lambda: timed(plain or {}))
@@ -599,7 +629,7 @@ def train_rows(run, name, config, batch, steps):
     else:
         def checked():
             check = kernel_model_check(run, config, batch, device)
-            return check if check["verdict"] == "WRONG" else check | timed({"kernels": True})
+            return check if check["verdict"] == "WRONG" else check | timed({"kernels": True}, check["first_call_s"])
         run.row(dict(fields, kernels=True), checked)
 
 

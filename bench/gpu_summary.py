@@ -27,7 +27,7 @@ def cell(row, key, fmt):
         return "not measured"
     if row.get(key) is None:
         return row.get("verdict", "?") if row.get("verdict") != "ok" else "-"
-    return format(row[key], fmt)
+    return format(row[key], fmt) if isinstance(row[key], (int, float)) else str(row[key])
 
 
 def ratio(top, bottom, fmt=".2f", suffix="x"):
@@ -78,9 +78,10 @@ def attention_table(results):
         unfused = find(results, "attention", T=T, method="cupy unfused")
         torch = find(results, "attention", T=T, method="torch sdpa")
         for row in rows(results, "attention", T=T):
-            err = max((row[k] for k in ("fwd_rel_err", "fb_rel_err") if isinstance(row.get(k), float)), default=None)
+            errors = [row[k] for k in ("fwd_rel_err", "fb_rel_err") if k in row]
+            err = next((e for e in errors if isinstance(e, str)), max(errors, default=None))   # "nan" first
             body.append([T, row["method"], cell(row, "fwd_ms", ".2f"), cell(row, "fb_ms", ".2f"),
-                         cell(row, "peak_mib", ".0f"), "-" if err is None else f"{err:.1e}",
+                         cell(row, "peak_mib", ".0f"), err if not isinstance(err, float) else f"{err:.1e}",
                          ratio(value(unfused, "fb_ms"), value(row, "fb_ms")),
                          ratio(value(torch, "fb_ms"), value(row, "fb_ms")),
                          row.get("verdict", "?") + (f" ({row['reason'][:80]})" if row.get("reason") else "")])
