@@ -49,6 +49,7 @@ import numpy as np
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [ROOT, BENCH]
+from gpu_summary import read_rows  # noqa: E402
 
 # float32 results against float64 references land near 1e-6 (matmul at K = 4096, attention and its
 # gradients); TF32 (~1e-3), a missed tile or a wrong softmax scale do not pass 1e-4.
@@ -221,17 +222,6 @@ def is_oom(error):
 
 
 # ----------------------------------------------------------------------------- one section's run
-def read_rows(path):
-    """The JSON lines of a rows file; a line cut short by a kill at the deadline is dropped."""
-    rows = []
-    for line in open(path):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return rows
-
-
 class Run:
     """What a section needs: sizes, device, deadline, and `emit` / `row` to record results."""
 
@@ -658,7 +648,9 @@ def section_tests(run):
     if not files or importlib.util.find_spec("pytest") is None:
         run.emit(dict(fields, verdict="skipped", reason="no kernel test files" if not files else "pytest is not installed"))
         return
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *files]
+    # Static checks (PTX / ptxas / SASS reports) need no GPU and already run in CI: leave them out here.
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-k", "not ptx and not report",
+               *files]
     if importlib.util.find_spec("hypothesis") is None:
         command.append("--noconftest")             # conftest.py only sets hypothesis profiles and the simulator default
     if run.smoke:

@@ -28,7 +28,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
-from gpu_summary import summary  # noqa: E402
+from gpu_summary import read_rows, summary  # noqa: E402
 SECTIONS_SCRIPT = os.path.join(BENCH, "gpu_sections.py")
 # (name, share of the budget, floor kept for it while earlier sections run, needs Numba)
 PLAN = [("env", 0.15, 0.04, False), ("baselines", 0.15, 0.04, False), ("matmul", 0.12, 0.04, True),
@@ -38,21 +38,25 @@ FAILED = ("failed", "timed out", "WRONG")
 MIN_SECTION_S = 3
 
 
-def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    rows = []
-    for line in open(path):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass                            # a line cut by the kill at the deadline
-    return rows
-
-
 def last_line(path):
     lines = [line.strip() for line in open(path, errors="replace") if line.strip()] if os.path.exists(path) else []
     return lines[-1][:300] if lines else "no output"
+
+
+def section_environment(smoke):
+    """What every section runs under, also when this script is called without gpu_check.sh."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if smoke else "0")   # Numba reads it once, at import
+    env.pop("CUPY_TF32", None)                         # cuBLAS in true FP32: the fair baseline
+    env.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")   # one stream: no host sync per CuPy argument
+    return env
+
+
+def describe(row):
+    """A failing row in a few words: which measurement, its verdict and why."""
+    where = " ".join(str(row[k]) for k in ("what", "case", "T", "method", "model", "kernels") if k in row)
+    error = next((row[k] for k in ("rel_err", "fwd_rel_err", "fb_rel_err") if k in row), None)
+    detail = row.get("reason") or (f"rel err {error} > tol {row.get('tol', row.get('fb_tol'))}" if error else "")
+    return f"{where}: {row['verdict']}" + (f" ({detail})" if detail else "")
 
 
 def run_section(name, limit_s, grace_s, args, numba_ok, rows_dir, log):
@@ -68,7 +72,7 @@ def run_section(name, limit_s, grace_s, args, numba_ok, rows_dir, log):
     section_log = os.path.join(rows_dir, f"{name}.log")
     with open(section_log, "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   env=section_environment(args.smoke), start_new_session=True)
         try:
             rc = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
@@ -79,7 +83,7 @@ def run_section(name, limit_s, grace_s, args, numba_ok, rows_dir, log):
     log.write(f"\n===== {name} (limit {limit_s:.0f} s, took {seconds:.1f} s, exit {rc})\n"
               + open(section_log, errors="replace").read())
     log.flush()
-    rows = read_rows(rows_path)
+    rows = read_rows(rows_path) if os.path.exists(rows_path) else []
     bad = [r for r in rows if r.get("verdict") in FAILED + ("error",)]
     if rc is None:
         status, reason = "timed out", f"killed at its {limit_s:.0f} s deadline"
@@ -87,7 +91,7 @@ def run_section(name, limit_s, grace_s, args, numba_ok, rows_dir, log):
         status, reason = "ok", ""
     else:
         status = "WRONG" if any(r.get("verdict") == "WRONG" for r in bad) else "failed"
-        reason = bad[0].get("reason", bad[0]["verdict"]) if bad else last_line(section_log)
+        reason = "; ".join(describe(r) for r in bad[:3]) if bad else last_line(section_log)
     return {"name": name, "status": status, "reason": reason, "seconds": round(seconds, 1),
             "limit_s": round(limit_s), "rows": rows}
 

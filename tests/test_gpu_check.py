@@ -2,11 +2,14 @@
 (--smoke: CUDA simulator, NumPy for CuPy, tiny sizes) with one kernel result planted wrong, and the
 run must say WRONG for exactly those rows, not time them, keep every other section running, and exit
 non-zero. A harness that timed wrong results as if right (the old gpu_check.sh) fails here."""
+import base64
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 
@@ -24,13 +27,31 @@ def gpu_check(out, *options, **env):
                           env=environment, capture_output=True, text=True, timeout=180)
 
 
+def probe_wheel(folder):
+    """A one-module pure-Python wheel, standing in for the numpy wheel carried to the GPU."""
+    files = {"gcprobe/__init__.py": "__version__ = '1.0'\n",
+             "gcprobe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: gcprobe\nVersion: 1.0\n",
+             "gcprobe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text)}" for name, text in files.items()]
+    files["gcprobe-1.0.dist-info/RECORD"] = "\n".join(record + ["gcprobe-1.0.dist-info/RECORD,,"]) + "\n"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "gcprobe-1.0-py3-none-any.whl", "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+
+
 def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
+    out, site = tmp_path / "out", tmp_path / "site"
+    probe_wheel(tmp_path / "wheels")
     t0 = time.perf_counter()
-    done = gpu_check(tmp_path, "--smoke", "--budget", "50", GPU_CHECK_PLANT_WRONG="matmul:numba")
+    done = gpu_check(out, "--smoke", "--budget", "50", GPU_CHECK_PLANT_WRONG="matmul:numba",
+                     GPU_CHECK_WHEEL_DIR=str(tmp_path / "wheels"), GPU_CHECK_SITE=str(site))
     seconds = time.perf_counter() - t0
     assert done.returncode == 1, done.stdout + done.stderr
-    assert sorted(os.listdir(tmp_path)) == ["results.json", "sections.log", "summary.txt"]
-    results = json.load(open(tmp_path / "results.json"))
+    assert sorted(os.listdir(out)) == ["results.json", "sections.log", "summary.txt"]
+    results = json.load(open(out / "results.json"))
+    assert results["carried_wheels"].startswith("installed") and (site / "gcprobe" / "__init__.py").exists()
     assert results["mode"] == "smoke" and results["exit_code"] == 1
     assert [s["name"] for s in results["sections"]] == SECTION_ORDER
     status = {s["name"]: s["status"] for s in results["sections"]}
@@ -40,6 +61,7 @@ def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
     rows = {s["name"]: s["rows"] for s in results["sections"]}
     env = {r["what"]: r for r in rows["env"]}
     assert env["numba smoke kernel"]["verdict"] == "ok" and env["info"]["numpy"]
+    assert env["info"]["pythonpath"].startswith(str(site))        # the sections import the carried wheels first
     planted = rows["matmul"]
     assert planted and all(r["verdict"] == "WRONG" and "ms" not in r for r in planted)
     assert all(abs(r["rel_err"] - 1e-3) < 1e-4 for r in planted)          # the perturbation, measured
@@ -51,7 +73,7 @@ def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
     assert {r["model"] for r in rows["train"]} == {"core bench step", "gpt2-small"}
     assert rows["tests"][0]["verdict"] == "ok"
 
-    summary = open(tmp_path / "summary.txt").read()
+    summary = open(out / "summary.txt").read()
     assert "PLANTED WRONG RESULT" in summary and "matmul: WRONG" in summary
     print(f"smoke run: {seconds:.1f} s")
     assert seconds < 60
