@@ -64,7 +64,7 @@ def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
     assert env["info"]["pythonpath"].startswith(str(site))        # the sections import the carried wheels first
     planted = rows["matmul"]
     assert planted and all(r["verdict"] == "WRONG" and "ms" not in r for r in planted)
-    assert all(abs(r["rel_err"] - 1e-3) < 1e-4 for r in planted)          # the perturbation, measured
+    assert all(abs(r["rel_err"] - 1e-2) < 1e-4 for r in planted)          # the perturbation, measured
     cublas = [r for r in rows["baselines"] if r["what"] == "matmul"]
     assert cublas and all(r["verdict"] == "ok" and r["ms"] > 0 and r["rel_err"] < 1e-6 for r in cublas)
     attention = [r for r in rows["baselines"] + rows["flash"] if r["what"] == "attention"]
