@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --budget) BUDGET=${2-}; shift 2 2>/dev/null || shift ;;
         --smoke) SMOKE=--smoke; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option '$1' (use --budget SECONDS, --smoke)" >&2; exit 2 ;;
     esac
 done

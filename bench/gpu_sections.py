@@ -241,6 +241,13 @@ class Run:
             self._dev = NumpyDevice() if self.smoke else CupyDevice()
         return self._dev
 
+    def free_quietly(self):
+        """Hand cached device memory back after a failed row; a device that is itself broken stays quiet."""
+        try:
+            self.dev.free()
+        except Exception:
+            pass
+
     def time_left(self):
         return self.deadline - time.time()
 
@@ -268,7 +275,7 @@ class Run:
         except Exception as e:          # one row's failure must not cost the section's other rows
             traceback.print_exc()
             result = {"verdict": "OOM" if is_oom(e) else "error", "reason": one_line(e)}
-            self.dev.free()
+            self.free_quietly()
         wall = time.perf_counter() - t0
         self.emit(dict(fields, **result, wall_s=wall))
         return wall
@@ -425,6 +432,7 @@ def heads_index(heads):
 def attention_reference(run, x, heads):
     """float64 o, dq, dk, dv of the checked heads, each (n, T, hd): tinylm.layers' attention, one head at a time."""
     from tinylm.layers import attention_backward, attention_forward, merge_heads, merge_qkv_grads, split_heads
+
     def pick(a):
         return a[heads_index(heads)][:, None].astype(np.float64)                   # (n, 1, T, hd)
 
@@ -523,7 +531,7 @@ def attention_sweep(run, seqs, methods):
             for method in methods:
                 run.emit({"what": "attention", "T": T, "method": method, "verdict": "OOM" if is_oom(e) else "error",
                           "reason": f"inputs or float64 reference: {one_line(e)}"})
-            run.dev.free()
+            run.free_quietly()
             continue
         for method in methods:
             estimate = last[method][1] * (T / last[method][0]) ** 2 if method in last else None

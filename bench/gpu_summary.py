@@ -161,6 +161,7 @@ def summary(results):
     started = results["started_utc"]
     lines = [f"tinylm GPU check, mode {results['mode']}, started {started} UTC, budget {results['budget_s']:.0f} s, "
              f"took {results.get('elapsed_s', '?')} s, exit code {results.get('exit_code', '?')}"]
+    lines += [f"NOT OK: {', '.join(results['failed'])}"] if results.get("failed") else []
     if results["mode"] == "smoke":
         lines.append("SMOKE RUN: CPU, CUDA simulator, NumPy standing in for CuPy, tiny sizes: no number here is a GPU number")
     if results.get("planted_wrong"):

@@ -76,9 +76,11 @@ def run_section(name, limit_s, grace_s, args, numba_ok, rows_dir, log):
         try:
             rc = process.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)     # the section and anything it started (pytest)
-            process.wait()
             rc = None
+        finally:                                       # also when this driver is told to stop (SIGTERM)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)     # the section and anything it started (pytest)
+                process.wait()
     seconds = time.time() - start
     log.write(f"\n===== {name} (limit {limit_s:.0f} s, took {seconds:.1f} s, exit {rc})\n"
               + open(section_log, errors="replace").read())
@@ -86,7 +88,8 @@ def run_section(name, limit_s, grace_s, args, numba_ok, rows_dir, log):
     rows = read_rows(rows_path) if os.path.exists(rows_path) else []
     bad = [r for r in rows if r.get("verdict") in FAILED + ("error",)]
     if rc is None:
-        status, reason = "timed out", f"killed at its {limit_s:.0f} s deadline"
+        status = "timed out"
+        reason = "; ".join([f"killed at its {limit_s:.0f} s deadline"] + [describe(r) for r in bad[:3]])
     elif rc == 0:
         status, reason = "ok", ""
     else:
@@ -110,6 +113,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=400, help="seconds for all sections together")
     ap.add_argument("--smoke", action="store_true", help="CPU, CUDA simulator, NumPy for CuPy, tiny sizes")
     args = ap.parse_args(argv)
+    # A stop from outside (a device tool's timeout) ends the running section's process group too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"kernels_gpu.py: stopped by signal {signum}"))
     if args.budget <= 0:
         ap.error(f"--budget must be positive, got {args.budget}")
     os.makedirs(args.out, exist_ok=True)
@@ -144,6 +149,9 @@ def write_results(results, out, start):
     failed = [s["name"] for s in results["sections"] if s["status"] in FAILED]
     if results["carried_wheels"].startswith("FAILED"):
         failed.append("carried wheels")
+    if len(results["sections"]) < len(PLAN):      # written mid-run: what a stopped run leaves says so
+        failed.append(f"incomplete (sections after {results['sections'][-1]['name'] if results['sections'] else 'none'}"
+                      " not run yet)")
     results.update(elapsed_s=round(time.time() - start, 1), failed=failed, exit_code=1 if failed else 0)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
