@@ -82,12 +82,22 @@ def one_line(error):
 
 
 def host(x):
-    """A float64 NumPy copy of a NumPy, CuPy or torch array."""
+    """A float64 NumPy copy of a NumPy, CuPy, torch or Numba device array."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
+    elif hasattr(x, "copy_to_host"):
+        x = x.copy_to_host()
     elif not isinstance(x, np.ndarray) and hasattr(x, "get"):
         x = x.get()
     return np.asarray(x, dtype=np.float64)
+
+
+def indexable(x, xp):
+    """An output that takes fancy indexing: a Numba device array becomes a CuPy view (no copy), or
+    under --smoke its NumPy copy."""
+    if not hasattr(x, "copy_to_host"):
+        return x
+    return x.copy_to_host() if xp is np else xp.asarray(x)
 
 
 def rel_error(label, outputs, references):
@@ -493,7 +503,7 @@ def attention_row(run, method, x, heads, references):
     dev, forward, forward_backward = attention_method(run, method, x)
 
     def checked_heads_of(outputs):
-        return [out[heads_index(heads)] for out in outputs]
+        return [indexable(out, run.dev.xp)[heads_index(heads)] for out in outputs]
 
     label = f"attention:{method}"
     poison = 6 * x["q"].nbytes                   # o, lse, D, dq, dk, dv come out of it

@@ -95,11 +95,12 @@ def attention_table(results):
             err = next((e for e in errors if isinstance(e, str)), max(errors, default=None))   # "nan" first
             body.append([T, row["method"], cell(row, "fwd_ms", ".2f"), cell(row, "fb_ms", ".2f"),
                          cell(row, "peak_mib", ".0f"), err if not isinstance(err, float) else f"{err:.1e}",
+                         ratio(value(unfused, "fwd_ms"), value(row, "fwd_ms")),
                          ratio(value(unfused, "fb_ms"), value(row, "fb_ms")),
                          ratio(value(torch, "fb_ms"), value(row, "fb_ms")),
                          row.get("verdict", "?") + (f" ({row['reason'][:80]})" if row.get("reason") else "")])
-    return table(["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "max err", "fwd+bwd speed vs unfused",
-                  "vs torch", "verdict"], body)
+    return table(["T", "method", "fwd ms", "fwd+bwd ms", "peak MiB", "max err", "fwd vs unfused",
+                  "fwd+bwd vs unfused", "fwd+bwd vs torch", "verdict"], body)
 
 
 def attention_shape(results):
