@@ -623,7 +623,8 @@ def train_rows(run, name, config, batch, steps):
               "device": "NumPy standing in for CuPy" if run.smoke else "cuda"}
 
     def timed(options, step_estimate_s=0.0):
-        """Median of `steps` steps after a warm-up, fewer when half the time left would not hold them."""
+        """Median of `steps` steps after a warm-up, fewer when half the time left would not hold them.
+        options: {"kernels": flag} where train_step.seconds_per_step takes it, {} in builds before it."""
         n = max(1, min(steps, int(0.5 * run.time_left() / max(step_estimate_s, 1e-3)) - 1))
         ms = 1e3 * seconds_per_step(config, batch, device, steps=n, **options)
         return {"verdict": "ok", "ms": ms, "tokens_per_s": tokens / (ms / 1e3), "steps": n}

@@ -34,10 +34,9 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def seconds_per_step(config, batch, device="cpu", steps=10, seed=0, **model_options):
-    """Median wall time of one training step (loss_and_grads + clipping + AdamW), after a warm-up.
-    model_options go to GPT (bench/gpu_sections.py passes kernels=True/False)."""
-    model = GPT(config, seed=seed, device=device, **model_options)
+def seconds_per_step(config, batch, device="cpu", steps=10, seed=0):
+    """Median wall time of one training step (loss_and_grads + clipping + AdamW), after a warm-up."""
+    model = GPT(config, seed=seed, device=device)
     xp = model.xp
     rng = np.random.default_rng(seed)
     idx = xp.asarray(rng.integers(0, config.vocab_size, size=(batch, config.n_ctx)))
