@@ -25,8 +25,8 @@ the moment it exists, so a section killed at its deadline keeps what it measured
 row is WRONG, raised, failed or timed out.
 
 --smoke: the same code on the CPU with tiny sizes: NumPy stands in for CuPy, the kernels run under
-the CUDA simulator, time.perf_counter stands in for CUDA events, torch is used (on the CPU) only if
-it imports. GPU_CHECK_PLANT_WRONG=LABEL perturbs the outputs of every check whose label starts with
+the CUDA simulator and are checked but not timed, time.perf_counter stands in for CUDA events, torch
+is used (on the CPU) only if it imports, the model's kernel path is left to tests/test_kernel_model.py. GPU_CHECK_PLANT_WRONG=LABEL perturbs the outputs of every check whose label starts with
 LABEL (labels: matmul:numba, matmul:cublas, attention:numba flash, train:kernels, ...) by a relative
 1e-2 (past every tolerance) before the comparison: tests/test_gpu_check.py's proof that a wrong kernel is reported WRONG.
 """
@@ -70,7 +70,7 @@ SIZES = {
                 heads=(4, 8, 64), seqs=(1024, 4096), long_seq=16384, repeats=10,
                 gpt2={}, gpt2_batch=4, core=CORE_STEP, core_batch=8, steps=5, cpu_steps=3),
     "smoke": dict(matmul=[(16, False, False), (16, True, False), (16, False, True)],
-                  heads=(1, 1, 8), seqs=(16,), long_seq=32, repeats=1,
+                  heads=(1, 1, 8), seqs=(8,), long_seq=16, repeats=2,
                   gpt2=TINY, gpt2_batch=1, core=TINY, core_batch=1, steps=1, cpu_steps=1),
 }
 
@@ -290,10 +290,16 @@ class Run:
         self.emit(dict(fields, **result, wall_s=wall))
         return wall
 
+    def timed(self, method):
+        """Whether rows of this method are timed: --smoke checks the simulated kernels but does not
+        time them (seconds per simulated launch on a loaded CPU say nothing)."""
+        return not (self.smoke and method.startswith("numba"))
+
     def checked_timing(self, label, dev, call, references, compare_outputs=lambda outs: outs,
-                       poison_bytes=0, tolerance=TOLERANCE):
+                       poison_bytes=0, tolerance=TOLERANCE, timed=True):
         """Run call() once on poisoned memory, compare its outputs with references; time it only if
-        right: median of up to `repeats` calls, fewer if a quarter of the time left would not hold them."""
+        right (and timed): median of up to `repeats` calls, fewer if a quarter of the time left would
+        not hold them."""
         dev.poison(poison_bytes)
         t0 = time.perf_counter()
         outputs = call()
@@ -304,6 +310,8 @@ class Run:
         del outputs
         if not error <= tolerance:
             return dict(result, verdict="WRONG")
+        if not timed:
+            return dict(result, verdict="ok", note="checked, not timed (--smoke)")
         repeats = max(1, min(self.sizes["repeats"], int(0.25 * self.time_left() / max(first, 1e-4))))
         times = [dev.call_ms(call) for _ in range(repeats)]
         return dict(result, verdict="ok", ms=statistics.median(times), ms_min=min(times), repeats=repeats)
@@ -398,7 +406,8 @@ def matmul_rows(run, method, fn):
             reference = (a.astype(np.float64).T if trans_a else a.astype(np.float64)) @ \
                         (b.astype(np.float64).T if trans_b else b.astype(np.float64))
             result = run.checked_timing(f"matmul:{method}", run.dev, lambda: fn(a, b, trans_a, trans_b),
-                                        [reference], lambda c: [c], poison_bytes=2 * 4 * n * n)
+                                        [reference], lambda c: [c], poison_bytes=2 * 4 * n * n,
+                                        timed=run.timed(method))
             if "ms" in result:
                 result["gflops"] = 2 * n ** 3 / (result["ms"] / 1e3) / 1e9
             return result
@@ -507,9 +516,10 @@ def attention_row(run, method, x, heads, references):
 
     label = f"attention:{method}"
     poison = 6 * x["q"].nbytes                   # o, lse, D, dq, dk, dv come out of it
-    fwd = run.checked_timing(label, dev, forward, references[:1], checked_heads_of, poison)
+    timed = run.timed(method)
+    fwd = run.checked_timing(label, dev, forward, references[:1], checked_heads_of, poison, timed=timed)
     try:
-        fb = run.checked_timing(label, dev, forward_backward, references, checked_heads_of, poison)
+        fb = run.checked_timing(label, dev, forward_backward, references, checked_heads_of, poison, timed=timed)
     except Exception as e:          # the unfused backward at T = 16384 needs several T×T matrices
         if not is_oom(e):
             raise
@@ -517,7 +527,7 @@ def attention_row(run, method, x, heads, references):
         dev.free()
     row = {f"fwd_{k}": v for k, v in fwd.items()} | {f"fb_{k}": v for k, v in fb.items()}
     row["verdict"] = next((v for v in ("WRONG", "OOM") if v in (fwd["verdict"], fb["verdict"])), "ok")
-    if row["verdict"] == "ok":
+    if row["verdict"] == "ok" and timed:
         peak = dev.peak_bytes(forward_backward)
         row["peak_mib"] = None if peak is None else peak / MIB
     dev.free()
@@ -636,13 +646,13 @@ def train_rows(run, name, config, batch, steps):
                       reason="GPT does not take kernels= in this build"))
     elif not run.numba:
         run.emit(dict(fields, kernels=True, verdict="skipped", reason="Numba cannot compile (see env)"))
-    elif run.smoke and name != "core bench step":
-        run.emit(dict(fields, kernels=True, verdict="skipped",
-                      reason="--smoke: the simulator runs the kernel path once, in the core row"))
+    elif run.smoke:
+        run.emit(dict(fields, kernels=True, verdict="skipped", reason="--smoke: a simulated model step takes "
+                      "tens of seconds; tests/test_kernel_model.py checks the kernel path under the simulator"))
     else:
         def checked():
             check = kernel_model_check(run, config, batch, device)
-            if check["verdict"] == "WRONG" or run.smoke:     # --smoke: checked, not timed (seconds per simulated step)
+            if check["verdict"] == "WRONG":
                 return check
             return check | timed({"kernels": True}, check["first_call_s"])
         run.row(dict(fields, kernels=True), checked)
