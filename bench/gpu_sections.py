@@ -684,8 +684,8 @@ def section_tests(run):
         run.emit(dict(fields, verdict="skipped", reason="no kernel test files" if not files else "pytest is not installed"))
         return
     # Static checks (PTX / ptxas / SASS reports) need no GPU and already run in CI: leave them out here.
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-k", "not ptx and not report",
-               *files]
+    command = [sys.executable, "-u", "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",  # -u: progress survives a kill
+               "-k", "not ptx and not report", *files]
     if importlib.util.find_spec("hypothesis") is None:
         command.append("--noconftest")             # conftest.py only sets hypothesis profiles and the simulator default
     if run.smoke:
@@ -699,8 +699,9 @@ def section_tests(run):
         except subprocess.TimeoutExpired as e:
             output = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
             print(output)
-            return {"verdict": "timed out", "reason": f"pytest passed its {e.timeout:.0f} s deadline",
-                    "passed_before_deadline": output.count(".")}
+            progress = "".join(re.findall(r"^([.FEsxX]+)(?:\s+\[\s*\d+%\])?$", output, re.M))
+            return {"verdict": "timed out", "reason": f"pytest passed its {e.timeout:.0f} s deadline after "
+                    f"{progress.count('.')} passed, {progress.count('F') + progress.count('E')} failed"}
         print(done.stdout[-20000:], done.stderr[-5000:])
         lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
         last = lines[-1] if lines else done.stderr.strip()[-200:]
