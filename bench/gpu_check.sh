@@ -44,7 +44,8 @@ WHEELS="none (no $WHEEL_DIR/*.whl)"
 [ -z "$WHEEL_DIR" ] && WHEELS="not used (--smoke without GPU_CHECK_WHEEL_DIR)"
 if [ -n "$WHEEL_DIR" ] && compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
     NAMES=$(cd "$WHEEL_DIR" && echo *.whl)
-    if PIP_LOG=$(timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    PIP_LIMIT=$(( BUDGET / 4 < 120 ? BUDGET / 4 : 120 ))     # the sections keep at least 3/4 of the budget
+    if PIP_LOG=$(timeout "$PIP_LIMIT" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --upgrade --target "$SITE" "$WHEEL_DIR"/*.whl 2>&1); then
         export PYTHONPATH="$SITE:."
         WHEELS="installed into $SITE: $NAMES"

@@ -26,9 +26,12 @@ row is WRONG, raised, failed or timed out.
 
 --smoke: the same code on the CPU with tiny sizes: NumPy stands in for CuPy, the kernels run under
 the CUDA simulator and are checked but not timed, time.perf_counter stands in for CUDA events, torch
-is used (on the CPU) only if it imports, the model's kernel path is left to tests/test_kernel_model.py. GPU_CHECK_PLANT_WRONG=LABEL perturbs the outputs of every check whose label starts with
-LABEL (labels: matmul:numba, matmul:cublas, attention:numba flash, train:kernels, ...) by a relative
-1e-2 (past every tolerance) before the comparison: tests/test_gpu_check.py's proof that a wrong kernel is reported WRONG.
+is used (on the CPU) only if it imports, the model's kernel path is left to tests/test_kernel_model.py.
+
+GPU_CHECK_PLANT_WRONG=LABEL perturbs the outputs of every check whose label starts with LABEL
+(labels: matmul:numba, matmul:cublas, attention:numba flash, train:kernels, ...) by a relative 1e-2
+(past every tolerance) before the comparison: tests/test_gpu_check.py's proof that a wrong kernel
+is reported WRONG.
 """
 import argparse
 import glob
@@ -645,7 +648,7 @@ def train_rows(run, name, config, batch, steps):
         run.emit(dict(fields, kernels=True, verdict="not available",
                       reason="GPT does not take kernels= in this build"))
     elif not run.numba:
-        run.emit(dict(fields, kernels=True, verdict="skipped", reason="Numba cannot compile (see env)"))
+        run.emit(dict(fields, kernels=True, verdict="skipped", reason="the one-element Numba kernel failed (see env)"))
     elif run.smoke:
         run.emit(dict(fields, kernels=True, verdict="skipped", reason="--smoke: a simulated model step takes "
                       "tens of seconds; tests/test_kernel_model.py checks the kernel path under the simulator"))

@@ -132,7 +132,8 @@ def main(argv=None):
             left = args.budget - (time.time() - start)
             limit = min(share * args.budget, left - args.budget * sum(p[2] for p in PLAN[i + 1:]))
             if needs_numba and not numba_ok:
-                section = {"name": name, "status": "skipped", "reason": f"Numba cannot compile: {numba_reason}"}
+                section = {"name": name, "status": "skipped",
+                           "reason": f"the one-element Numba kernel failed: {numba_reason}"}
             elif limit < MIN_SECTION_S:
                 section = {"name": name, "status": "skipped", "reason": f"no time left ({left:.0f} s of the budget)"}
             else:
