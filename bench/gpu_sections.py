@@ -26,7 +26,7 @@ row is WRONG, raised, failed or timed out.
 
 --smoke: the same code on the CPU with tiny sizes: NumPy stands in for CuPy, the kernels run under
 the CUDA simulator and are checked but not timed, time.perf_counter stands in for CUDA events, torch
-is used (on the CPU) only if it imports, the model's kernel path is left to tests/test_kernel_model.py.
+is used (on the CPU) only if it imports, and the model's kernel path is checked once (core row), untimed.
 
 GPU_CHECK_PLANT_WRONG=LABEL perturbs the outputs of every check whose label starts with LABEL
 (labels: matmul:numba, matmul:cublas, attention:numba flash, train:kernels, ...) by a relative 1e-2
@@ -649,13 +649,13 @@ def train_rows(run, name, config, batch, steps):
                       reason="GPT does not take kernels= in this build"))
     elif not run.numba:
         run.emit(dict(fields, kernels=True, verdict="skipped", reason="the one-element Numba kernel failed (see env)"))
-    elif run.smoke:
-        run.emit(dict(fields, kernels=True, verdict="skipped", reason="--smoke: a simulated model step takes "
-                      "tens of seconds; tests/test_kernel_model.py checks the kernel path under the simulator"))
+    elif run.smoke and name != "core bench step":
+        run.emit(dict(fields, kernels=True, verdict="skipped",
+                      reason="--smoke: a simulated step takes seconds; the core row checks the kernel path once"))
     else:
         def checked():
             check = kernel_model_check(run, config, batch, device)
-            if check["verdict"] == "WRONG":
+            if check["verdict"] == "WRONG" or run.smoke:       # --smoke: checked, not timed
                 return check
             return check | timed({"kernels": True}, check["first_call_s"])
         run.row(dict(fields, kernels=True), checked)

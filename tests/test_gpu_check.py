@@ -72,6 +72,9 @@ def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
     assert all(r["verdict"] == "ok" and r["fb_rel_err"] < 1e-4 for r in attention)
     assert all(r["fb_ms"] > 0 for r in attention if r["method"] != "numba flash")   # --smoke times no simulated kernel
     assert {r["model"] for r in rows["train"]} == {"core bench step", "gpt2-small"}
+    kernel_path = [r for r in rows["train"] if r["kernels"] is True and r["model"] == "core bench step"]
+    assert kernel_path[0]["verdict"] in ("ok", "not available")      # "not available": GPT without kernels=
+    assert kernel_path[0]["verdict"] == "not available" or kernel_path[0]["rel_err"] < 2e-3
     assert rows["tests"][0]["verdict"] == "ok"
 
     summary = open(out / "summary.txt").read()
