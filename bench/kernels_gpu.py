@@ -1,228 +1,169 @@
-"""GPU benchmarks, each printing ratios measured side by side in one run:
+"""bench/gpu_check.sh's driver: runs bench/gpu_sections.py's sections, one subprocess each with its own
+deadline, in the order that spends a lent GPU best, and writes under --out:
 
-  1. matmul: kernels.matmul vs cupy.matmul (cuBLAS FP32 SGEMM; CUPY_TF32 must be unset), n×n×n
-  2. causal attention, B·H = 32, head_dim 64: kernels.flash_attention_* vs the unfused CuPy
-     attention (tinylm.layers.attention_*: cuBLAS matmuls + softmax, T×T matrix) and, where torch
-     imports, torch's scaled_dot_product_attention in float32; forward and forward+backward time
-     and peak GPU memory
-  3. one training step (bench/train_step.py's, at its default config) on GPU vs CPU, tokens/s
+    results.json   the environment, every row of every section, each section's status, the exit code
+    summary.txt    the same for a person: ratios side by side, the issue's targets met or not
+    sections.log   each section's own output (progress lines, tracebacks, pytest's report)
 
-    python bench/kernels_gpu.py [--sizes 1024 2048 4096 8192] [--seqs 512 1024 2048 4096 8192 16384]
-                                [--budget 240]
+Order: env → baselines (cuBLAS, unfused CuPy, torch SDPA) → matmul → train → flash → tests → long
+(T = 16384). A section gets the smaller of its share of the budget and what is left after the floors
+reserved for the sections after it; `long` takes whatever remains. If env finds that Numba cannot
+compile, the Numba sections are skipped and the rest still run. results.json and summary.txt are
+rewritten after every section, so a run cut short still leaves them. Exit 1 if a section failed,
+timed out or found a WRONG result (or the carried wheels failed to install).
 
-Needs a CUDA GPU with CuPy and numba (numba-cuda); not the simulator. Times: wall clock over
-`repeats` back-to-back calls then one device synchronize, after a warm-up call (which compiles
-the Numba kernels). Peak memory: how far a call grows CuPy's memory pool (or torch's allocator
-peak) beyond what existed before it, i.e. temporaries, outputs and saved state, not the inputs.
-Rows that would pass `--budget` seconds are skipped and say so; out-of-memory is reported as OOM.
+    python3 bench/kernels_gpu.py [--out DIR] [--budget SECONDS] [--smoke]
+
+Standard library only: this process must survive whatever is broken in numpy, numba, cupy or torch.
 """
 import argparse
+import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 
-
-if os.environ.get("CUPY_TF32", "0") != "0":
-    sys.exit("kernels_gpu.py: unset CUPY_TF32 — the baseline must be true FP32 SGEMM, not TF32 tensor cores")
-if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") != "0":
-    sys.exit("kernels_gpu.py: unset NUMBA_ENABLE_CUDASIM — this benchmarks the real GPU")
-# Every array here lives on the default stream, so Numba need not synchronise on each CuPy array's
-# stream at every launch (a host round trip per argument that would be billed to the kernels).
-os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cupy  # noqa: E402
-
-import kernels  # noqa: E402
-from tinylm import GPTConfig  # noqa: E402
-from tinylm.backend import set_matmul  # noqa: E402
-from tinylm.layers import (attention_backward, attention_forward, merge_heads, merge_qkv_grads,  # noqa: E402
-                           split_heads)
-from train_step import seconds_per_step  # noqa: E402
-
-try:
-    import torch
-    import torch.nn.functional as F
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-except ImportError:
-    torch = None
-
-OOM = (cupy.cuda.memory.OutOfMemoryError,) + ((torch.cuda.OutOfMemoryError,) if torch is not None else ())
-MIB = 2 ** 20
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+from gpu_summary import read_rows, summary  # noqa: E402
+SECTIONS_SCRIPT = os.path.join(BENCH, "gpu_sections.py")
+# (name, share of the budget, floor kept for it while earlier sections run, needs Numba)
+PLAN = [("env", 0.15, 0.04, False), ("baselines", 0.15, 0.04, False), ("matmul", 0.12, 0.04, True),
+        ("train", 0.27, 0.06, False), ("flash", 0.17, 0.04, True), ("tests", 0.15, 0.03, True),
+        ("long", 1.0, 0.0, False)]
+FAILED = ("failed", "timed out", "WRONG")
+MIN_SECTION_S = 3
 
 
-def sync():
-    cupy.cuda.runtime.deviceSynchronize()
+def last_line(path):
+    lines = [line.strip() for line in open(path, errors="replace") if line.strip()] if os.path.exists(path) else []
+    return lines[-1][:300] if lines else "no output"
 
 
-def gpu_seconds(fn, repeats):
-    """Seconds per call of fn, after one warm-up call."""
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / repeats
+def section_environment(smoke):
+    """What every section runs under, also when this script is called without gpu_check.sh."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if smoke else "0")   # Numba reads it once, at import
+    env.pop("CUPY_TF32", None)                         # cuBLAS in true FP32: the fair baseline
+    env.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")   # one stream: no host sync per CuPy argument
+    return env
 
 
-def cupy_peak_bytes(fn):
-    """Growth of CuPy's memory pool during one call (the pool keeps freed blocks, so its size after
-    the call is the most the call ever held at once, rounded up to the pool's block sizes)."""
-    pool = cupy.get_default_memory_pool()
-    sync()
-    pool.free_all_blocks()
-    before = pool.total_bytes()
-    fn()
-    sync()
-    return pool.total_bytes() - before
+def describe(row):
+    """A failing row in a few words: which measurement, its verdict and why."""
+    where = " ".join(str(row[k]) for k in ("what", "case", "T", "method", "model", "kernels") if k in row)
+    error = next((row[k] for k in ("rel_err", "fwd_rel_err", "fb_rel_err") if k in row), None)
+    detail = row.get("reason") or (f"rel err {error} > tol {row.get('tol', row.get('fb_tol'))}" if error else "")
+    return f"{where}: {row['verdict']}" + (f" ({detail})" if detail else "")
 
 
-def torch_peak_bytes(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+def run_section(name, limit_s, grace_s, args, numba_ok, rows_dir, log):
+    """Run one section as a subprocess (its own process group, killed whole at the deadline)."""
+    rows_path = os.path.join(rows_dir, f"{name}.jsonl")
+    previous = [os.path.join(rows_dir, f"{n}.jsonl") for n, *_ in PLAN if n != name
+                and os.path.exists(os.path.join(rows_dir, f"{n}.jsonl"))]
+    start = time.time()
+    command = [sys.executable, SECTIONS_SCRIPT, name, "--rows", rows_path,
+               "--deadline", str(start + limit_s - grace_s), "--previous", *previous]
+    command += ["--smoke"] if args.smoke else []
+    command += [] if numba_ok else ["--no-numba"]
+    section_log = os.path.join(rows_dir, f"{name}.log")
+    with open(section_log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env=section_environment(args.smoke), start_new_session=True)
+        try:
+            rc = process.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:                                       # also when this driver is told to stop (SIGTERM)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)     # the section and anything it started (pytest)
+                process.wait()
+    seconds = time.time() - start
+    log.write(f"\n===== {name} (limit {limit_s:.0f} s, took {seconds:.1f} s, exit {rc})\n"
+              + open(section_log, errors="replace").read())
+    log.flush()
+    rows = read_rows(rows_path) if os.path.exists(rows_path) else []
+    bad = [r for r in rows if r.get("verdict") in FAILED + ("error",)]
+    if rc is None:
+        status = "timed out"
+        reason = "; ".join([f"killed at its {limit_s:.0f} s deadline"] + [describe(r) for r in bad[:3]])
+    elif rc == 0:
+        status, reason = "ok", ""
+    else:
+        status = "WRONG" if any(r.get("verdict") == "WRONG" for r in bad) else "failed"
+        reason = "; ".join(describe(r) for r in bad[:3]) if bad else last_line(section_log)
+    return {"name": name, "status": status, "reason": reason, "seconds": round(seconds, 1),
+            "limit_s": round(limit_s), "rows": rows}
 
 
-# ----------------------------------------------------------------------------- 1. matmul
-def bench_matmul(sizes, deadline, repeats=5):
-    print("\n== matmul, float32: kernels.matmul vs cupy.matmul (cuBLAS SGEMM) ==")
-    print(f"{'case':>16} | {'numba GFLOP/s':>13} {'cuBLAS GFLOP/s':>14} {'numba/cuBLAS':>12} | max rel err")
-    n_t = min(sizes, key=lambda n: abs(n - 4096))                 # the transposes linear backward uses
-    cases = [(n, False, False) for n in sizes] + [(n_t, True, False), (n_t, False, True)]
-    for n, trans_a, trans_b in cases:
-        name = f"{n}^3" + (" Aᵀ" if trans_a else "") + (" Bᵀ" if trans_b else "")
-        if time.time() > deadline:
-            print(f"{name:>16} | skipped (time budget)")
-            continue
-        a = cupy.random.standard_normal((n, n), dtype=cupy.float32)
-        b = cupy.random.standard_normal((n, n), dtype=cupy.float32)
-        reference = cupy.matmul(a.T if trans_a else a, b.T if trans_b else b)
-        error = float(abs(kernels.matmul(a, b, trans_a, trans_b) - reference).max() / abs(reference).max())
-        t_numba = gpu_seconds(lambda: kernels.matmul(a, b, trans_a, trans_b), repeats)
-        t_cublas = gpu_seconds(lambda: cupy.matmul(a.T if trans_a else a, b.T if trans_b else b), repeats)
-        flops = 2 * n ** 3
-        print(f"{name:>16} | {flops / t_numba / 1e9:13.0f} {flops / t_cublas / 1e9:14.0f} "
-              f"{t_cublas / t_numba:12.1%} | {error:.1e}", flush=True)
-
-
-# ----------------------------------------------------------------------------- 2. attention
-def attention_inputs(T, B=4, H=8, hd=64):
-    """qkv (B, T, 3C) and dout (B, T, C) for the unfused layer; q, k, v, do (B, H, T, hd) contiguous
-    copies of the same numbers for the kernels and torch."""
-    rng = cupy.random.default_rng(0)
-    qkv = rng.standard_normal((B, T, 3 * H * hd), dtype=cupy.float32)
-    dout = rng.standard_normal((B, T, H * hd), dtype=cupy.float32)
-    q, k, v = (cupy.ascontiguousarray(x) for x in split_heads(qkv, H))
-    do = cupy.ascontiguousarray(dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3))
-    return dict(qkv=qkv, dout=dout, H=H, q=q, k=k, v=v, do=do)
-
-
-def attention_methods(x):
-    """name -> (forward(), forward_backward(), peak-memory function) on the inputs x."""
-    q, k, v, do, qkv, dout, H = x["q"], x["k"], x["v"], x["do"], x["qkv"], x["dout"], x["H"]
-
-    def flash_fb():
-        o, lse = kernels.flash_attention_forward(q, k, v, causal=True)
-        return kernels.flash_attention_backward(q, k, v, o, lse, do, causal=True)
-
-    def unfused_fb():
-        out, cache = attention_forward(qkv, H)
-        return attention_backward(dout, cache)
-
-    methods = {
-        "numba flash": (lambda: kernels.flash_attention_forward(q, k, v, causal=True), flash_fb, cupy_peak_bytes),
-        "cupy unfused": (lambda: attention_forward(qkv, H), unfused_fb, cupy_peak_bytes),
-    }
-    if torch is not None:
-        tdo = torch.as_tensor(do, device="cuda")
-        tq, tk, tv = (torch.as_tensor(t, device="cuda").clone().requires_grad_() for t in (q, k, v))
-
-        def torch_fwd():
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-
-        def torch_fb():
-            o = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-            return torch.autograd.grad(o, (tq, tk, tv), tdo)
-
-        methods["torch sdpa"] = (torch_fwd, torch_fb, torch_peak_bytes)
-    return methods
-
-
-def check_attention_agrees(T=256):
-    """The kernels against the unfused attention before timing anything (float32: ~1e-6)."""
-    x = attention_inputs(T)
-    o, lse = kernels.flash_attention_forward(x["q"], x["k"], x["v"], causal=True)
-    out, cache = attention_forward(x["qkv"], x["H"])
-    errors = [float(abs(merge_heads(o) - out).max())]
-    grads = kernels.flash_attention_backward(x["q"], x["k"], x["v"], o, lse, x["do"], causal=True)
-    errors.append(float(abs(merge_qkv_grads(*grads) - attention_backward(x["dout"], cache)).max()))
-    print(f"flash kernels vs unfused attention at T={T}: max |Δo| = {errors[0]:.1e}, max |Δdqkv| = {errors[1]:.1e}")
-
-
-def bench_attention(seqs, deadline, repeats=3):
-    print("\n== causal attention, float32, B=4 H=8 (B·H=32) head_dim=64: time in ms, peak memory in MiB ==")
-    print(f"{'T':>6} {'method':>13} | {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MiB':>9} | fwd+bwd speedup vs cupy unfused")
-    for T in seqs:
-        if time.time() > deadline:
-            print(f"{T:>6} skipped (time budget)")
-            continue
-        rows = {}
-        for name, (forward, forward_backward, peak) in attention_methods(attention_inputs(T)).items():
-            try:
-                rows[name] = (gpu_seconds(forward, repeats), gpu_seconds(forward_backward, repeats),
-                              peak(forward_backward))
-            except OOM:
-                rows[name] = None
-            cupy.get_default_memory_pool().free_all_blocks()
-        unfused = rows["cupy unfused"]
-        for name, row in rows.items():
-            if row is None:
-                print(f"{T:>6} {name:>13} | OOM")
-                continue
-            t_fwd, t_fb, memory = row
-            speedup = f"{unfused[1] / t_fb:.2f}x" if unfused else "(unfused: OOM)"
-            print(f"{T:>6} {name:>13} | {1e3 * t_fwd:9.2f} {1e3 * t_fb:11.2f} {memory / MIB:9.0f} | {speedup}",
-                  flush=True)
-
-
-# ----------------------------------------------------------------------------- 3. training step
-def bench_train_step(batch=8):
-    config = GPTConfig(vocab_size=256, n_ctx=256, n_layer=4, n_head=4, d_model=256, dtype="float32")
-    tokens = batch * config.n_ctx
-    print(f"\n== one training step (forward + backward + AdamW), {config}, B={batch}: tokens/s ==")
-    cpu = tokens / seconds_per_step(config, batch, "cpu", steps=3)
-    print(f"{'cpu (numpy)':>22}: {cpu:12,.0f} tokens/s")
-    for matmul in ("cublas", "numba"):
-        set_matmul(matmul)
-        gpu = tokens / seconds_per_step(config, batch, "cuda", steps=10)
-        print(f"{'cuda, matmul=' + matmul:>22}: {gpu:12,.0f} tokens/s  ({gpu / cpu:.1f}x the CPU step)", flush=True)
-    set_matmul("cublas")
+def numba_verdict(env_rows):
+    """(ok, reason) from the env section's one-element kernel."""
+    for row in env_rows:
+        if row.get("what") == "numba smoke kernel":
+            return row.get("verdict") == "ok", row.get("reason", row.get("verdict"))
+    return False, "the env section did not get as far as the one-element kernel"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    ap.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--budget", type=float, default=240, help="seconds; later rows are skipped past it")
+    ap.add_argument("--out", default=os.path.join(BENCH, "gpu_results"))
+    ap.add_argument("--budget", type=float, default=400, help="seconds for all sections together")
+    ap.add_argument("--smoke", action="store_true", help="CPU, CUDA simulator, NumPy for CuPy, tiny sizes")
     args = ap.parse_args(argv)
+    # A stop from outside (a device tool's timeout) ends the running section's process group too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"kernels_gpu.py: stopped by signal {signum}"))
+    if args.budget <= 0:
+        ap.error(f"--budget must be positive, got {args.budget}")
+    os.makedirs(args.out, exist_ok=True)
     start = time.time()
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    print(f"device: {props['name'].decode()}, cupy {cupy.__version__}, torch {torch.__version__ if torch else 'absent'}, "
-          f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    check_attention_agrees()
-    bench_matmul(args.sizes, start + 0.3 * args.budget)
-    bench_attention(args.seqs, start + 0.8 * args.budget)
-    bench_train_step()
-    print(f"\ntotal {time.time() - start:.0f} s")
+    grace = 2 if args.smoke else 5
+    wheels = os.environ.get("GPU_CHECK_WHEELS", "not run (kernels_gpu.py called without gpu_check.sh)")
+    results = {"harness": "bench/gpu_check.sh", "mode": "smoke" if args.smoke else "gpu",
+               "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)), "budget_s": args.budget,
+               "carried_wheels": wheels, "planted_wrong": os.environ.get("GPU_CHECK_PLANT_WRONG") or None,
+               "sections": []}
+    numba_ok, numba_reason = True, ""
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as rows_dir, \
+            open(os.path.join(args.out, "sections.log"), "w") as log:
+        for i, (name, share, _, needs_numba) in enumerate(PLAN):
+            left = args.budget - (time.time() - start)
+            limit = min(share * args.budget, left - args.budget * sum(p[2] for p in PLAN[i + 1:]))
+            if needs_numba and not numba_ok:
+                section = {"name": name, "status": "skipped",
+                           "reason": f"the one-element Numba kernel failed: {numba_reason}"}
+            elif limit < MIN_SECTION_S:
+                section = {"name": name, "status": "skipped", "reason": f"no time left ({left:.0f} s of the budget)"}
+            else:
+                section = run_section(name, limit, grace, args, numba_ok, rows_dir, log)
+            results["sections"].append(section)
+            if name == "env":
+                numba_ok, numba_reason = numba_verdict(section.get("rows", []))
+            write_results(results, args.out, start)
+    return write_results(results, args.out, start)
+
+
+def write_results(results, out, start):
+    """results.json and summary.txt as they stand; returns the exit code."""
+    failed = [s["name"] for s in results["sections"] if s["status"] in FAILED]
+    if results["carried_wheels"].startswith("FAILED"):
+        failed.append("carried wheels")
+    if len(results["sections"]) < len(PLAN):      # written mid-run: what a stopped run leaves says so
+        failed.append(f"incomplete (sections after {results['sections'][-1]['name'] if results['sections'] else 'none'}"
+                      " not run yet)")
+    results.update(elapsed_s=round(time.time() - start, 1), failed=failed, exit_code=1 if failed else 0)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    try:
+        text = summary(results)
+    except Exception as e:          # the summary is a view of results.json: never lose the run over it
+        text = f"summary.txt could not be formatted ({type(e).__name__}: {e}); see results.json\n"
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(text)
+    return results["exit_code"]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
