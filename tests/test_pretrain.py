@@ -98,18 +98,23 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, text_file, monkeypat
         calls.append(1)
         return (float("nan") if len(calls) == 7 else loss), grads
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
-    with pytest.raises(ValueError, match=r"loss became nan .* at step 7; training stopped and the last good "
-                                         r"checkpoint, .*ckpt-0000005, is kept"):
+    with pytest.raises(ValueError, match=r"loss became nan .* at step 7; training stopped; the last good "
+                                         r"checkpoint, .*ckpt-0000005, is kept: continue from it with a lower peak "
+                                         r"rate, `tinylm pretrain --resume --out .* --lr 0.0015`"):
         run(tmp_path, text_file)
     model, _, state = load_model(str(tmp_path))
     assert state["step"] == 5 and all(np.isfinite(p).all() for p in model.params.values())
+    monkeypatch.undo()                         # the hint can be followed: --resume takes the lower --lr
+    result = pretrain(str(tmp_path), {"lr": 0.0015}, resume=True, progress=False)
+    assert result["status"] == "done" and result["step"] == 20
+    assert load_model(str(tmp_path))[2]["train_config"]["lr"] == 0.0015
 
 
-def test_checkpoint_loads_as_a_hugging_face_directory(tmp_path, text_file):
+def test_checkpoint_exports_as_a_hugging_face_directory(tmp_path, text_file):
     run(tmp_path, text_file, stop_at=5)
-    ckpt = latest_checkpoint(str(tmp_path))
-    a = GPT.from_pretrained(ckpt)
     b, _, _ = load_model(str(tmp_path))
+    b.save_pretrained(tmp_path / "hf")
+    a = GPT.from_pretrained(tmp_path / "hf")
     idx = np.arange(8)[None]
     np.testing.assert_array_equal(a.forward(idx), b.forward(idx))
 
@@ -118,8 +123,10 @@ def test_fresh_run_refuses_to_overwrite_and_resume_refuses_changes(tmp_path, tex
     run(tmp_path, text_file, stop_at=5)
     with pytest.raises(ValueError, match="already holds a run \\(checkpoint at step 5\\); pass --resume"):
         run(tmp_path, text_file)
-    with pytest.raises(ValueError, match="which has lr=0.003; lr=0.1 would change it"):
-        pretrain(str(tmp_path), {"lr": 0.1}, resume=True, progress=False)
+    with pytest.raises(ValueError, match="which has batch_size=4; batch_size=8 would change it"):
+        pretrain(str(tmp_path), {"batch_size": 8}, resume=True, progress=False)
+    with pytest.raises(ValueError, match="which has n_layer=2; n_layer=3 would change it"):
+        pretrain(str(tmp_path), {"n_layer": 3}, resume=True, progress=False)
     with pytest.raises(ValueError, match="cannot resume: .* has no checkpoint.json"):
         pretrain(str(tmp_path / "empty"), {}, resume=True, progress=False)
     assert latest_checkpoint(str(tmp_path)).endswith("ckpt-0000005")
