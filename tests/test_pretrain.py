@@ -24,8 +24,11 @@ def text_file(tmp_path):
     return str(path)
 
 
-def run(out, text_file, **kw):
-    return pretrain(str(out), {**TINY, "data": text_file, "max_steps": 20}, progress=False, **kw)
+SSM = dict(mixer="ssm", d_state=4, d_conv=3, expand=2)
+
+
+def run(out, text_file, model=None, **kw):
+    return pretrain(str(out), {**TINY, **(model or {}), "data": text_file, "max_steps": 20}, progress=False, **kw)
 
 
 def weights(out):
@@ -36,9 +39,10 @@ def train_losses(out):
     return [r["loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]
 
 
-def test_resume_is_bit_for_bit(tmp_path, text_file):
-    straight = run(tmp_path / "straight", text_file)
-    first = run(tmp_path / "split", text_file, stop_at=10)
+@pytest.mark.parametrize("model", [None, SSM], ids=["attention", "ssm"])
+def test_resume_is_bit_for_bit(tmp_path, text_file, model):
+    straight = run(tmp_path / "straight", text_file, model)
+    first = run(tmp_path / "split", text_file, model, stop_at=10)
     assert first["status"] == "stopped" and first["step"] == 10
     second = pretrain(str(tmp_path / "split"), {}, resume=True, progress=False)
     assert straight["status"] == second["status"] == "done" and second["step"] == 20
@@ -55,6 +59,8 @@ def test_resume_is_bit_for_bit(tmp_path, text_file):
         np.testing.assert_array_equal(sa["v"][k], sb["v"][k])
     assert straight["val_loss"] == second["val_loss"]
     assert a[-1] < a[0]                                       # and it learned something
+    config = load_model(str(tmp_path / "split"))[0].config   # every GPTConfig field came back
+    assert config.mixer == (model or {}).get("mixer", "attention") and config.d_state == (model or {}).get("d_state", 16)
 
 
 def test_metrics_log_drops_lines_past_the_checkpoint_on_resume(tmp_path, text_file):

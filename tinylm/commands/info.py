@@ -18,6 +18,7 @@ def run(args):
     from tinylm.checkpoint import STATE, load_model
     from tinylm.train import TrainConfig, flat_settings
     model, ckpt_dir, state = load_model(args.checkpoint)
+    train = state and TrainConfig.from_dict(state["train_config"], f"{ckpt_dir}/{STATE}: train_config")
     cfg = model.config
     n, f = count_params(cfg), flops_per_token(cfg)
     note("info", f"checkpoint {ckpt_dir}")
@@ -28,7 +29,6 @@ def run(args):
     if state is None:
         print("training state: none (Hugging Face weights)")
         return 0
-    train = TrainConfig.from_dict(state["train_config"], f"{ckpt_dir}/{STATE}: train_config")
     val = "not measured" if state["val_loss"] is None else f"{state['val_loss']:.4f}"
     print(f"step: {state['step']} of {train.max_steps}, validation loss {val}, "
           f"{state['elapsed_s']:.0f}s of training, tokenizer {state['tokenizer']}")
