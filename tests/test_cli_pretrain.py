@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from tinylm.checkpoint import latest_checkpoint
@@ -18,7 +17,7 @@ from tinylm.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf_tiny")
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--n-ctx", "16", "--batch-size", "4",
-        "--eval-every", "5", "--eval-batches", "2", "--checkpoint-every", "5", "--quiet"]
+        "--eval-every", "5", "--eval-batches", "2", "--checkpoint-every", "5", "--warmup", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +46,26 @@ def one_error_line(capsys, argv, expect):
 
 def test_info_and_sample(run_dir, capsys):
     assert main(["info", str(run_dir)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "checkpoint" in captured.err and "corpus: " in out and "data.txt" in out
     C = 16
     n_params = 257 * C + 16 * C + (12 * C * C + 13 * C) + 2 * C     # wte + wpe + one block + ln_f
     assert "n_layer=1" in out and "step: 6 of 6, validation loss" in out and f"parameters: {n_params:,}" in out
     assert main(["sample", str(run_dir), "--prompt", "def", "--max-new-tokens", "20", "--seed", "1"]) == 0
-    first = capsys.readouterr().out
-    assert first.startswith("def") and "step 6" in first
+    first = capsys.readouterr()
+    assert first.out.startswith("def") and "step 6" in first.err and "step" not in first.out   # results on stdout
     main(["sample", str(run_dir), "--prompt", "def", "--max-new-tokens", "20", "--seed", "1", "--no-cache"])
-    assert capsys.readouterr().out.split("---")[0] == first.split("---")[0]     # same text without the cache
+    assert capsys.readouterr().out == first.out                  # same text without the cache
 
 
 @pytest.mark.parametrize("argv, expect", [
     (["pretrain", "--data", "{tmp}/missing.txt"], "missing.txt' does not exist"),
     (["pretrain", "--data", "{tmp}/empty.txt"], "empty.txt' is empty"),
     (["pretrain", "--data", "{tmp}/short.txt"], "fewer than one context window of n_ctx + 1 = 17"),
-    (["pretrain", "--data", "{tmp}/short.txt", "--lr", "nan"], "lr must be a finite number >= 0"),
+    (["pretrain", "--data", "{tmp}/short.txt", "--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+    (["pretrain", "--data", "{tmp}/long.txt", "--lr", "0"], "argument --lr: must be > 0, got 0"),
+    (["pretrain", "--data", "{tmp}/long.txt", "--d-state", "0"], "argument --d-state: must be > 0, got 0"),
     (["pretrain", "--resume"], "has no checkpoint.json (no checkpoint was saved there)"),
     (["pretrain", "--data", "{tmp}/long.txt", "--steps", "5", "--stop-at", "9"], "stop_at must be in 1..5"),
     (["pretrain", "--data", "{tmp}/long.txt", "--out", "{tmp}/long.txt"], "is a file, not a directory"),
@@ -80,7 +83,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, expect):
     argv = [a.format(tmp=tmp_path) for a in argv]
     if argv[0] == "pretrain":
         argv = argv[:1] + ["--out", str(tmp_path / "run"), *TINY] + argv[1:]     # a later --out wins
-    if "invalid choice" in expect:             # argparse's own usage error: exit 2, usage + one error line
+    if "invalid choice" in expect or "argument --" in expect:   # argparse's usage error: exit 2, usage + one line
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and expect in capsys.readouterr().err
@@ -105,7 +108,7 @@ def test_prompt_longer_than_n_ctx_is_refused(run_dir, capsys):
 @pytest.mark.parametrize("damage, expect", [
     ("truncate_model", "cannot read model.safetensors"),
     ("config_mismatch", "missing tensors: h.1.attn.c_attn.bias"),
-    ("state_mismatch", "does not match trainer_state.json"),
+    ("state_mismatch", "train_config's model (GPTConfig(vocab_size=257, n_ctx=8"),
     ("truncate_state", "trainer_state.json is unreadable or truncated"),
     ("truncate_optimizer", "cannot read optimizer.safetensors"),
     ("truncate_pointer", "checkpoint.json is unreadable or truncated"),
@@ -124,8 +127,11 @@ def test_damaged_checkpoint_is_refused_and_kept(run_dir, tmp_path, capsys, damag
     elif damage == "config_mismatch":
         rewrite("config.json", lambda b: json.dumps({**json.loads(b), "n_layer": 2}).encode())
     elif damage == "state_mismatch":
-        rewrite("trainer_state.json", lambda b: json.dumps(
-            {**json.loads(b), "config": {**json.loads(b)["config"], "n_ctx": 8}}).encode())
+        def edit(b):
+            state = json.loads(b)
+            state["train_config"]["model"]["n_ctx"] = 8
+            return json.dumps(state).encode()
+        rewrite("trainer_state.json", edit)
     elif damage == "truncate_state":
         rewrite("trainer_state.json", lambda b: b[:20])
     elif damage == "truncate_optimizer":
@@ -133,7 +139,8 @@ def test_damaged_checkpoint_is_refused_and_kept(run_dir, tmp_path, capsys, damag
     else:
         rewrite("checkpoint.json", lambda b: b[:5])
     before = snapshot(run) if damage != "truncate_pointer" else None
-    command = ["pretrain", "--resume", "--out", str(run), "--quiet"] if "optimizer" in damage else ["sample", str(run)]
+    resume = damage in ("truncate_optimizer", "state_mismatch")
+    command = ["pretrain", "--resume", "--out", str(run), "--quiet"] if resume else ["sample", str(run)]
     one_error_line(capsys, command, expect)
     if before is not None:
         assert snapshot(run) == before
@@ -150,9 +157,9 @@ def test_sample_from_hugging_face_directory_with_bpe(tmp_path, capsys):
     (hf / "vocab.json").write_text(json.dumps(vocab))
     (hf / "merges.txt").write_text("#version: 0.2\na b\n")
     assert main(["sample", str(hf), "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "0"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("abc") and "Hugging Face weights" in out
-    text = out.split("\n---")[0]
+    captured = capsys.readouterr()
+    assert captured.out.startswith("abc") and "Hugging Face weights" in captured.err
+    text = captured.out.rstrip("\n")
     assert set(text) <= set(chars[:62].replace("Ġ", " "))
     one_error_line(capsys, ["sample", FIXTURE], "vocab_size is 64 but the byte tokenizer")
 

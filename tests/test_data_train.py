@@ -1,14 +1,16 @@
 """Data windows and the training step: targets are idx shifted by one, batches are seeded,
 short or missing data is refused; the learning-rate schedule; a train step lowers the loss and
 a non-finite loss leaves the weights alone."""
+import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig, adamw_init
 from tinylm.data import Dataset, default_corpus, load_text
-from tinylm.train import TrainConfig, lr_at, train_step
+from tinylm.train import TrainConfig, lr_at, train_step, with_settings
 
 
 def test_batches_are_shifted_windows_and_seeded():
@@ -97,8 +99,32 @@ def test_non_finite_loss_leaves_weights_and_optimizer_alone():
     (dict(max_steps=2.5), "max_steps must be a positive integer"),
     (dict(n_layer=True), "n_layer must be a positive integer"),
     (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0, got -1"),
+    (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),          # no updates at all
+    (dict(val_fraction=1.0), "val_fraction must be between 0 and 1"),
+    (dict(mixer="rnn"), "mixer must be one of"),
+    (dict(nlayer=2), "unknown setting 'nlayer'"),
 ])
-def test_train_config_refuses_bad_integers(change, message):
+def test_train_config_refuses_bad_settings(change, message):
+    """Model settings (n_layer, mixer) go to the TrainConfig's GPTConfig and are checked there."""
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**change)
-    TrainConfig(warmup_steps=0)                       # 0 warm-up steps is allowed
+        with_settings(TrainConfig(), change)
+    with_settings(TrainConfig(), dict(warmup_steps=0))      # 0 warm-up steps is allowed
+
+
+def test_train_config_warns_of_silent_combinations():
+    assert TrainConfig().warnings() == []
+    notes = with_settings(TrainConfig(), dict(warmup_steps=10, max_steps=5, min_lr=1.0, lr=0.1)).warnings()
+    assert len(notes) == 2 and "warmup_steps=10 exceeds max_steps=5" in notes[0] and "min_lr=1.0" in notes[1]
+
+
+def test_train_config_round_trips_through_json_and_names_bad_keys():
+    cfg = with_settings(TrainConfig(), dict(mixer="ssm", d_state=4, lr=1e-3))
+    assert TrainConfig.from_dict(json.loads(json.dumps(asdict(cfg)))) == cfg
+    bad = asdict(cfg)
+    bad["model"] = {**bad["model"], "d_state": "4"}
+    with pytest.raises(ValueError, match="train_config: model: key 'd_state' must be int, got '4'"):
+        TrainConfig.from_dict(bad)
+    bad["model"]["d_state"] = 4
+    del bad["lr"]
+    with pytest.raises(ValueError, match="train_config: missing key 'lr'"):
+        TrainConfig.from_dict(bad)

@@ -24,8 +24,11 @@ def text_file(tmp_path):
     return str(path)
 
 
-def run(out, text_file, **kw):
-    return pretrain(str(out), {**TINY, "data": text_file, "max_steps": 20}, progress=False, **kw)
+SSM = dict(mixer="ssm", d_state=4, d_conv=3, expand=2)
+
+
+def run(out, text_file, model=None, **kw):
+    return pretrain(str(out), {**TINY, **(model or {}), "data": text_file, "max_steps": 20}, progress=False, **kw)
 
 
 def weights(out):
@@ -36,9 +39,10 @@ def train_losses(out):
     return [r["loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]
 
 
-def test_resume_is_bit_for_bit(tmp_path, text_file):
-    straight = run(tmp_path / "straight", text_file)
-    first = run(tmp_path / "split", text_file, stop_at=10)
+@pytest.mark.parametrize("model", [None, SSM], ids=["attention", "ssm"])
+def test_resume_is_bit_for_bit(tmp_path, text_file, model):
+    straight = run(tmp_path / "straight", text_file, model)
+    first = run(tmp_path / "split", text_file, model, stop_at=10)
     assert first["status"] == "stopped" and first["step"] == 10
     second = pretrain(str(tmp_path / "split"), {}, resume=True, progress=False)
     assert straight["status"] == second["status"] == "done" and second["step"] == 20
@@ -55,6 +59,8 @@ def test_resume_is_bit_for_bit(tmp_path, text_file):
         np.testing.assert_array_equal(sa["v"][k], sb["v"][k])
     assert straight["val_loss"] == second["val_loss"]
     assert a[-1] < a[0]                                       # and it learned something
+    config = load_model(str(tmp_path / "split"))[0].config   # every GPTConfig field came back
+    assert config.mixer == (model or {}).get("mixer", "attention") and config.d_state == (model or {}).get("d_state", 16)
 
 
 def test_metrics_log_drops_lines_past_the_checkpoint_on_resume(tmp_path, text_file):
@@ -98,18 +104,23 @@ def test_non_finite_loss_stops_and_names_the_step(tmp_path, text_file, monkeypat
         calls.append(1)
         return (float("nan") if len(calls) == 7 else loss), grads
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
-    with pytest.raises(ValueError, match=r"loss became nan .* at step 7; training stopped and the last good "
-                                         r"checkpoint, .*ckpt-0000005, is kept"):
+    with pytest.raises(ValueError, match=r"loss became nan .* at step 7; training stopped; the last good "
+                                         r"checkpoint, .*ckpt-0000005, is kept: continue from it with a lower peak "
+                                         r"rate, `tinylm pretrain --resume --out .* --lr 0.0015`"):
         run(tmp_path, text_file)
     model, _, state = load_model(str(tmp_path))
     assert state["step"] == 5 and all(np.isfinite(p).all() for p in model.params.values())
+    monkeypatch.undo()                         # the hint can be followed: --resume takes the lower --lr
+    result = pretrain(str(tmp_path), {"lr": 0.0015}, resume=True, progress=False)
+    assert result["status"] == "done" and result["step"] == 20
+    assert load_model(str(tmp_path))[2]["train_config"]["lr"] == 0.0015
 
 
-def test_checkpoint_loads_as_a_hugging_face_directory(tmp_path, text_file):
+def test_checkpoint_exports_as_a_hugging_face_directory(tmp_path, text_file):
     run(tmp_path, text_file, stop_at=5)
-    ckpt = latest_checkpoint(str(tmp_path))
-    a = GPT.from_pretrained(ckpt)
     b, _, _ = load_model(str(tmp_path))
+    b.save_pretrained(tmp_path / "hf")
+    a = GPT.from_pretrained(tmp_path / "hf")
     idx = np.arange(8)[None]
     np.testing.assert_array_equal(a.forward(idx), b.forward(idx))
 
@@ -118,8 +129,10 @@ def test_fresh_run_refuses_to_overwrite_and_resume_refuses_changes(tmp_path, tex
     run(tmp_path, text_file, stop_at=5)
     with pytest.raises(ValueError, match="already holds a run \\(checkpoint at step 5\\); pass --resume"):
         run(tmp_path, text_file)
-    with pytest.raises(ValueError, match="which has lr=0.003; lr=0.1 would change it"):
-        pretrain(str(tmp_path), {"lr": 0.1}, resume=True, progress=False)
+    with pytest.raises(ValueError, match="which has batch_size=4; batch_size=8 would change it"):
+        pretrain(str(tmp_path), {"batch_size": 8}, resume=True, progress=False)
+    with pytest.raises(ValueError, match="which has n_layer=2; n_layer=3 would change it"):
+        pretrain(str(tmp_path), {"n_layer": 3}, resume=True, progress=False)
     with pytest.raises(ValueError, match="cannot resume: .* has no checkpoint.json"):
         pretrain(str(tmp_path / "empty"), {}, resume=True, progress=False)
     assert latest_checkpoint(str(tmp_path)).endswith("ckpt-0000005")

@@ -5,9 +5,10 @@ import importlib
 import sys
 
 from .backend import keep_freed_memory
+from .commands.terminal import os_error_sentence
 
 COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",
-            "tinylm.commands.info", "tinylm.commands.rlhf", "tinylm.commands.demo",
+            "tinylm.commands.info", "tinylm.commands.export_hf", "tinylm.commands.rlhf", "tinylm.commands.demo",
             "tinylm.commands.scaling"]
 
 
@@ -31,6 +32,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("tinylm: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:      # bad input, unwritable or full disk: one readable line, no traceback
+    except ValueError as e:                 # bad input: one readable line, no traceback
         print(f"tinylm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                    # unreadable, unwritable or full disk: the path and why
+        print(f"tinylm {args.command}: error: {os_error_sentence(e)}", file=sys.stderr)
         return 2

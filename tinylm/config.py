@@ -1,7 +1,7 @@
 """The model's configuration, a leaf module: everything else in tinylm imports it, it imports nothing
 from tinylm. GPTConfig is every setting that fixes a model's parameters and computation; check_int is
 the one integer validator that every config (TrainConfig, DemoConfig, ...) shares."""
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 
 import numpy as np
 
@@ -58,3 +58,47 @@ class GPTConfig:
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj, where="config"):
+        """The config a to_dict() wrote, validated: see config_from_dict."""
+        return config_from_dict(cls, obj, where)
+
+
+def config_from_dict(cls, obj, where):
+    """A config dataclass (GPTConfig, TrainConfig, ...) from a dict read from a file, e.g. JSON.
+    Every field must be present with a value of its annotated type (a nested config dataclass is
+    a dict, read the same way); anything else is one ValueError naming `where` and the key."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(obj).__name__}")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(obj) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}")
+    values = {}
+    for f in fields(cls):
+        if f.name not in obj:
+            raise ValueError(f"{where}: missing key {f.name!r}")
+        value = obj[f.name]
+        if is_dataclass(f.type):
+            value = config_from_dict(f.type, value, f"{where}: {f.name}")
+        elif not _has_type(value, f.type, f.default):
+            raise ValueError(f"{where}: key {f.name!r} must be {f.type.__name__}"
+                             f"{' or null' if f.default is None else ''}, got {value!r}")
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _has_type(value, kind, default):
+    """JSON's view of a field's type: an int is a float too; a bool is neither; None only where
+    None is the default."""
+    if value is None:
+        return default is None
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)

@@ -21,6 +21,7 @@ import numpy as np
 from .backend import get_xp, to_numpy
 from .config import ATTENTIONS, DTYPES, FLASH_MIN_T, MIXERS, GPTConfig, check_int  # noqa: F401  (re-exported)
 from .flash_attention import flash_attention_backward, flash_attention_forward
+from .hf import load_hf, save_hf
 from .layers import (Layers, attention_backward, attention_forward, cross_entropy_backward,
                      cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
@@ -105,6 +106,27 @@ def param_shapes(config):
         })
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return shapes
+
+
+def check_tensors(params, shapes, where):
+    """Every expected tensor present with its shape, nothing extra, every value finite; else one
+    ValueError naming them (a NaN in a loaded weight would otherwise sample garbage silently)."""
+    missing = sorted(set(shapes) - set(params))
+    extra = sorted(set(params) - set(shapes))
+    wrong = [f"{k} {tuple(params[k].shape)} (expected {shapes[k]})"
+             for k in shapes if k in params and tuple(params[k].shape) != tuple(shapes[k])]
+    problems = []
+    if missing:
+        problems.append("missing tensors: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    if extra:
+        problems.append("unexpected tensors: " + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
+    if wrong:
+        problems.append("mis-shaped tensors: " + ", ".join(wrong[:8]))
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    for k in shapes:
+        if not np.isfinite(params[k]).all():
+            raise ValueError(f"{where}: tensor {k} holds NaN or Inf values")
 
 
 def init_params(config, seed=0):
@@ -386,12 +408,13 @@ class GPT:
 
     @classmethod
     def from_pretrained(cls, path, dtype="float32", device="cpu", kernels=None):
-        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
-        from .hf import load_hf
+        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors). tinylm's
+        own checkpoints (any mixer) load with checkpoint.load_model."""
         config, params = load_hf(path, dtype)
+        check_tensors(params, param_shapes(config), f"checkpoint {str(path)!r}")
         return cls(config, device=device, params=params, kernels=kernels)
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads."""
-        from .hf import save_hf
+        """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads
+        (attention models only: `tinylm export-hf`)."""
         save_hf(path, self.config, self.numpy_params())

@@ -29,10 +29,8 @@ TOKENIZER = ByteTokenizer()
 class DemoConfig:
     seed: int = 0
     # the model: tiny, byte-level, short sequences
-    d_model: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    n_ctx: int = 24
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=TOKENIZER.vocab_size, n_ctx=24, n_layer=2,
+                                                               n_head=4, d_model=64))
     # the world and the labeller
     p_follow: float = 0.35
     label_noise: float = 0.1
@@ -73,11 +71,10 @@ def encode_prompts(instructions):
 def pretrain_base(world, cfg, rng, progress=True):
     """The base LM: next-token prediction on the corpus, one document per row (so an instruction
     starts at position 0, as at sampling time), padded targets −1."""
-    model = GPT(GPTConfig(vocab_size=TOKENIZER.vocab_size, n_ctx=cfg.n_ctx, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, d_model=cfg.d_model), seed=cfg.seed)
+    model = GPT(cfg.model, seed=cfg.seed)
     opt = adamw_init(model.params)
     for step in tqdm(range(cfg.pretrain_steps), desc="pretrain", disable=not progress, leave=False):
-        docs = [np.append(TOKENIZER.encode(d)[:cfg.n_ctx], TOKENIZER.eot_id)
+        docs = [np.append(TOKENIZER.encode(d)[:cfg.model.n_ctx], TOKENIZER.eot_id)
                 for d in world.corpus(cfg.pretrain_batch, rng)]
         idx, lengths, _ = pack(docs, [np.zeros(0, np.int64)] * len(docs))
         targets = np.where(np.arange(idx.shape[1] - 1)[None] + 1 < lengths[:, None], idx[:, 1:], -1)

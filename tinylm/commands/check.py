@@ -1,13 +1,16 @@
 """`tinylm check`: build a model, prove its gradients by finite differences, print its counts."""
+import argparse
 import time
 
 import numpy as np
 
+from .args import at_least
+
 
 def add_parser(sub):
     p = sub.add_parser("check", help="gradient-check a small model and print parameter / FLOP counts",
-                       description=__doc__)
-    p.add_argument("--seed", type=int, default=0)
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the model's weights and of the batch")
     p.set_defaults(func=run)
 
 

@@ -1,22 +1,28 @@
 """`tinylm info CKPT`: what a checkpoint holds: its config, parameter count, FLOPs per token,
-and (for a tinylm run) its step, validation loss and training settings."""
+and (for a tinylm run) its step, validation loss, corpus and training settings."""
+import argparse
+
+from .pretrain import CORPUS
+from .terminal import note
 
 
 def add_parser(sub):
-    p = sub.add_parser("info", help="describe a checkpoint", description=__doc__)
+    p = sub.add_parser("info", help="describe a checkpoint", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="run, checkpoint or Hugging Face directory")
     p.set_defaults(func=run)
 
 
 def run(args):
     from tinylm import count_params, flops_per_token
-    from tinylm.checkpoint import load_model
+    from tinylm.checkpoint import STATE, load_model
+    from tinylm.train import TrainConfig, flat_settings
     model, ckpt_dir, state = load_model(args.checkpoint)
+    train = state and TrainConfig.from_dict(state["train_config"], f"{ckpt_dir}/{STATE}: train_config")
     cfg = model.config
     n, f = count_params(cfg), flops_per_token(cfg)
-    print(f"checkpoint: {ckpt_dir}")
-    print(f"config: vocab_size={cfg.vocab_size} n_ctx={cfg.n_ctx} n_layer={cfg.n_layer} n_head={cfg.n_head} "
-          f"d_model={cfg.d_model} dtype={cfg.dtype}")
+    note("info", f"checkpoint {ckpt_dir}")
+    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     print(f"parameters: {n['total']:,} ({n['non_embedding']:,} non-embedding)")
     print(f"FLOPs per token at T={f['seq_len']}: {f['exact_forward']:,} forward, "
           f"{f['exact_forward_backward']:,} forward+backward")
@@ -24,7 +30,9 @@ def run(args):
         print("training state: none (Hugging Face weights)")
         return 0
     val = "not measured" if state["val_loss"] is None else f"{state['val_loss']:.4f}"
-    print(f"step: {state['step']} of {state['train_config']['max_steps']}, validation loss {val}, "
+    print(f"step: {state['step']} of {train.max_steps}, validation loss {val}, "
           f"{state['elapsed_s']:.0f}s of training, tokenizer {state['tokenizer']}")
-    print("training settings: " + ", ".join(f"{k}={v}" for k, v in state["train_config"].items()))
+    print(f"corpus: {train.data or CORPUS}")
+    settings = {k: v for k, v in flat_settings(train).items() if k not in cfg.to_dict() and k != "data"}
+    print("training settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return 0

@@ -1,70 +1,77 @@
-"""`tinylm pretrain`: train a byte-level GPT on a text file (default: the Python standard
-library's own source) with AdamW, warm-up + cosine learning rate and gradient clipping.
-Writes checkpoints, metrics.jsonl and (with --plot) loss.png to --out. Ctrl-C saves and exits;
---resume continues bit-for-bit."""
-import sys
-from dataclasses import fields
+"""`tinylm pretrain`: train a byte-level GPT (attention or a selective state-space mixer) on a
+text file (default: the Python standard library's own source) with AdamW, warm-up + cosine
+learning rate and gradient clipping. Writes checkpoints, metrics.jsonl and (with --plot)
+loss.png to --out. Ctrl-C saves and exits; --resume continues bit-for-bit."""
+from .args import at_least, positive
+from .terminal import note, progress_wanted
 
 DEFAULT_OUT = "runs/default"
-
-# TrainConfig field -> (flag, help)
+CORPUS = "the built-in standard-library corpus"
+# setting (a TrainConfig or GPTConfig field) -> (flag, argparse type, help)
 FLAGS = {
-    "data": ("--data", "UTF-8 text file to train on"),
-    "n_layer": ("--n-layer", "transformer blocks"),
-    "n_head": ("--n-head", "attention heads"),
-    "d_model": ("--d-model", "width of the residual stream"),
-    "n_ctx": ("--n-ctx", "context length T (tokens per training window)"),
-    "batch_size": ("--batch-size", "windows per step"),
-    "max_steps": ("--steps", "optimizer steps in the whole schedule (may change on --resume)"),
-    "lr": ("--lr", "peak learning rate"),
-    "min_lr": ("--min-lr", "learning rate at the end of the cosine decay"),
-    "warmup_steps": ("--warmup", "linear warm-up steps"),
-    "weight_decay": ("--weight-decay", "AdamW decoupled weight decay"),
-    "grad_clip": ("--grad-clip", "clip the global gradient norm to this"),
-    "val_fraction": ("--val-fraction", "fraction of the data held out for validation (the end of the text)"),
-    "eval_every": ("--eval-every", "steps between validation-loss evaluations"),
-    "eval_batches": ("--eval-batches", "batches per validation-loss evaluation"),
-    "checkpoint_every": ("--checkpoint-every", "steps between checkpoints"),
-    "seed": ("--seed", "seed of the initial weights and of the data order"),
-    "dtype": ("--dtype", "float32 or float64"),
+    "data": ("--data", str, "UTF-8 text file to train on"),
+    "mixer": ("--mixer", str, "token mixer of each block: attention, or ssm (a Mamba-style selective scan)"),
+    "n_layer": ("--n-layer", positive(int), "blocks"),
+    "n_head": ("--n-head", positive(int), "attention heads (attention only)"),
+    "d_model": ("--d-model", positive(int), "width of the residual stream"),
+    "n_ctx": ("--n-ctx", positive(int), "context length T (tokens per training window)"),
+    "d_state": ("--d-state", positive(int), "ssm only: state size N per channel"),
+    "d_conv": ("--d-conv", positive(int), "ssm only: causal convolution width"),
+    "expand": ("--expand", positive(int), "ssm only: inner channels = expand x d_model"),
+    "batch_size": ("--batch-size", positive(int), "windows per step"),
+    "max_steps": ("--steps", positive(int), "optimizer steps in the whole schedule (may change on --resume)"),
+    "lr": ("--lr", positive(float), "peak learning rate (may be lowered on --resume)"),
+    "min_lr": ("--min-lr", at_least(0, float), "learning rate at the end of the cosine decay"),
+    "warmup_steps": ("--warmup", at_least(0), "linear warm-up steps"),
+    "weight_decay": ("--weight-decay", at_least(0, float), "AdamW decoupled weight decay"),
+    "grad_clip": ("--grad-clip", positive(float), "clip the global gradient norm to this"),
+    "val_fraction": ("--val-fraction", float, "fraction of the data held out for validation, in (0, 1)"),
+    "eval_every": ("--eval-every", positive(int), "steps between validation-loss evaluations"),
+    "eval_batches": ("--eval-batches", positive(int), "batches per validation-loss evaluation"),
+    "checkpoint_every": ("--checkpoint-every", positive(int), "steps between checkpoints"),
+    "seed": ("--seed", at_least(0), "seed of the initial weights and of the data order"),
+    "dtype": ("--dtype", str, "float32 or float64"),
 }
+CHOICES = {"mixer": ("attention", "ssm"), "dtype": ("float32", "float64")}
 
 
 def add_parser(sub):
-    from tinylm.train import TrainConfig
+    from tinylm.train import TrainConfig, flat_settings
     p = sub.add_parser("pretrain", help="train a model on text (default: built-in corpus), with checkpoints",
                        description=__doc__)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default: {DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
-    p.add_argument("--stop-at", type=int, metavar="STEP",
+    p.add_argument("--stop-at", type=positive(int), metavar="STEP",
                    help="save and stop after this step, keeping the --steps schedule (resume later)")
     p.add_argument("--plot", action="store_true", help="write OUT/loss.png (train and validation loss)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels)")
+                   help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels) (default: cpu)")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
                    help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    types = {"data": str, "lr": float, "min_lr": float, "weight_decay": float, "grad_clip": float,
-             "val_fraction": float, "dtype": str}
-    for name, (flag, text) in FLAGS.items():
-        default = "the built-in standard-library corpus" if defaults[name] is None else defaults[name]
-        p.add_argument(flag, dest=name, type=types.get(name, int), default=None, help=f"{text} (default {default})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    defaults = flat_settings(TrainConfig())
+    for name, (flag, kind, text) in FLAGS.items():
+        # default None: only the flags given are passed on, so --resume can tell what the user changed
+        shown = CORPUS if defaults[name] is None else defaults[name]
+        p.add_argument(flag, dest=name, type=kind, default=None, choices=CHOICES.get(name),
+                       help=f"{text} (default: {shown})")
     p.set_defaults(func=run)
 
 
 def run(args):
-    from tinylm.train import pretrain
+    from tinylm.train import TrainConfig, pretrain, with_settings
     settings = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
+    if not args.resume:
+        for warning in with_settings(TrainConfig(), settings).warnings():
+            note("pretrain", f"warning: {warning}")
     result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, device=args.device,
-                      kernels=args.kernels, plot=args.plot, progress=not args.quiet)
+                      kernels=args.kernels, plot=args.plot, progress=progress_wanted(args.quiet))
     summary = (f"step {result['step']}, "
                + (f"train loss {result['loss']:.4f}, " if result["loss"] is not None else "")
                + (f"validation loss {result['val_loss']:.4f}, " if result["val_loss"] is not None else "")
                + f"{result['elapsed_s']:.0f}s of training; checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":
-        print(f"tinylm pretrain: interrupted at {summary}; continue with "
-              f"`tinylm pretrain --resume --out {args.out}`", file=sys.stderr)
+        note("pretrain", f"interrupted at {summary}; continue with `tinylm pretrain --resume --out {args.out}`")
         return 130
     print(("stopped at " if result["status"] == "stopped" else "done: ") + summary)
     if args.plot:

@@ -1,24 +1,28 @@
 """`tinylm sample`: continue a prompt with a trained model (default: runs/default) or a Hugging
 Face GPT-2 directory (its vocab.json + merges.txt give the BPE tokenizer). Token by token, with
 temperature, top-k and a KV cache."""
+import argparse
 import os
 import time
 
 import numpy as np
 
+from .args import at_least, positive
 from .pretrain import DEFAULT_OUT
+from .terminal import note
 
 
 def add_parser(sub):
-    p = sub.add_parser("sample", help="generate text from a checkpoint", description=__doc__)
+    p = sub.add_parser("sample", help="generate text from a checkpoint", description=__doc__,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_OUT,
-                   help=f"run, checkpoint or Hugging Face directory (default {DEFAULT_OUT})")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default 300)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest tokens; 0 = all (default 40)")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+                   help="run, checkpoint or Hugging Face directory")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=at_least(0), default=300, help="tokens to generate")
+    p.add_argument("--temperature", type=at_least(0, float), default=0.8, help="0 = greedy; higher = more random")
+    p.add_argument("--top-k", type=at_least(0), default=40, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--num-samples", type=positive(int), default=1, help="independent samples")
+    p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each token (slow; O(T²))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels)")
@@ -31,8 +35,6 @@ def run(args):
     from tinylm.checkpoint import load_model
     from tinylm.generate import generate
     from tinylm.tokenizer import load_tokenizer
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
         raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
     model, ckpt_dir, state = load_model(args.checkpoint, device=args.device, kernels=args.kernels)
@@ -52,5 +54,6 @@ def run(args):
             print(f"--- sample {i + 1} ---")
         print(tokenizer.decode(row))
     step = f"step {state['step']}" if state else "Hugging Face weights"
-    print(f"--- {ckpt_dir} ({step}), {out.shape[1] - len(prompt)} new tokens per sample in {seconds:.1f}s ---")
+    note("sample", f"{ckpt_dir} ({step}, mixer={model.config.mixer}), {out.shape[1] - len(prompt)} new tokens "
+                   f"per sample in {seconds:.1f}s")
     return 0

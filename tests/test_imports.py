@@ -1,0 +1,84 @@
+"""No import cycles inside tinylm/: dependencies point one way (commands -> train/pipeline ->
+model -> layers -> backend, config a leaf). Imports inside functions count too: a lazy import
+hides a cycle from Python's loader, not from the reader. On main at e5b9e85 this test failed with
+tinylm.model -> tinylm.hf -> tinylm.model."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def module_names(package_dir, package):
+    """{dotted module name: path} for every .py file under package_dir."""
+    names = {}
+    for folder, _, files in os.walk(package_dir):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), package_dir)[:-3].split(os.sep)
+                parts = [package] + (rel[:-1] if rel[-1] == "__init__" else rel)
+                names[".".join(parts)] = os.path.join(folder, f)
+    return names
+
+
+def import_graph(package_dir, package):
+    """{module: set of modules of the same package it imports}, from the source's ast."""
+    modules = module_names(package_dir, package)
+    graph = {}
+    for name, path in modules.items():
+        is_package = path.endswith("__init__.py")
+        here = name if is_package else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[:len(here.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                submodules = {f"{base}.{a.name}" for a in node.names} & set(modules)   # `from . import x`
+                targets.update(submodules)
+                if len(submodules) < len(node.names):     # names defined in base itself, not submodules
+                    targets.add(base)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph):
+    """One import cycle as a list [a, b, ..., a], or None (depth-first search, three colours)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_tinylm_has_no_import_cycle():
+    graph = import_graph(os.path.join(ROOT, "tinylm"), "tinylm")
+    assert "tinylm.hf" in graph["tinylm.model"]          # the graph sees real edges
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_check_catches_a_planted_cycle(tmp_path):
+    """The model.py <-> hf.py cycle tinylm had, one side imported lazily inside a function."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("X = 1\n")
+    (pkg / "model.py").write_text("from .config import X\n\ndef load():\n    from .hf import load_hf\n")
+    (pkg / "hf.py").write_text("from .model import load\n")
+    assert find_cycle(import_graph(str(pkg), "pkg")) == ["pkg.hf", "pkg.model", "pkg.hf"]
+    (pkg / "hf.py").write_text("from pkg import config\n")
+    assert find_cycle(import_graph(str(pkg), "pkg")) is None
