@@ -107,7 +107,7 @@ def test_policy_surrogate_gradient_matches_finite_differences(seed, beta):
     k = 2
     idx, lengths, starts, (inputs, targets) = sequence_batch(rng, 2 * k)
     rewards = rng.normal(size=2 * k)
-    loss, grads, _ = policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta)
+    loss, grads, _, _ = policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta)
     # The surrogate with its weights frozen at the current policy (they are constants in backprop).
     sibling = rewards.reshape(-1, 2)[:, ::-1].reshape(-1)          # k = 2: leave-one-out = the other sample
     weights = policy_token_weights(
@@ -123,7 +123,7 @@ def test_kl_is_zero_when_policy_is_reference():
     rng = np.random.default_rng(0)
     policy = tiny(0)
     _, _, _, (inputs, targets) = sequence_batch(rng, 4)
-    _, _, kl = policy_loss_and_grads(policy, policy.copy(), inputs, targets, rng.normal(size=4), 2, beta=1.0)
+    _, _, kl, _ = policy_loss_and_grads(policy, policy.copy(), inputs, targets, rng.normal(size=4), 2, beta=1.0)
     assert np.all(kl == 0.0)
 
 
