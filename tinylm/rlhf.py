@@ -301,6 +301,22 @@ def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch=None)
                              after_epoch)
 
 
+def train_reward_model_early_stopping(rm, pairs, validation, epochs, batch_size, lr, rng):
+    """train_reward_model, measuring accuracy on held-back `validation` pairs after each epoch; rm
+    ends with the weights of the best epoch (the first of equals), so a late epoch that overfits
+    the noisy labels is undone. -> per-epoch validation accuracies."""
+    accuracies, best = [], {}
+
+    def after_epoch(epoch):
+        accuracies.append(reward_model_accuracy(rm, validation))
+        if accuracies[-1] > max(accuracies[:-1], default=-1.0):
+            best.update({k: v.copy() for k, v in rm.params.items()})
+    train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch)
+    for k, v in best.items():
+        rm.params[k][...] = v                  # in place: rm.params shares its arrays with the trunk
+    return accuracies
+
+
 def reward_model_accuracy(rm, pairs, batch_size=256):
     """Held-out pairwise accuracy: the fraction of pairs with r(chosen) > r(rejected)."""
     pairs.validate()

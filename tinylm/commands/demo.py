@@ -100,7 +100,8 @@ def format_table(results):
                     + (f" | {pushed:>11.3f}" if pushed is not None else ""))
     rm = results["reward_model"]
     rows.append(f"reward model held-out pairwise accuracy: {cell(rm, 'heldout_accuracy')} "
-                f"({rm['heldout_pairs']:.0f} held-out pairs, {rm['train_pairs']:.0f} training pairs, label noise "
+                f"({rm['heldout_pairs']:.0f} held-out pairs, {rm['train_pairs']:.0f} training pairs of which "
+                f"{rm['validation_pairs']:.0f} pick the epoch, label noise "
                 f"{results['config']['label_noise']:.0%}; against true preferences: {cell(rm, 'heldout_accuracy_true')})")
     labels = results["labels"]
     rows.append(f"labels: RLHF used {labels['rlhf']['labeller']:.0f} labeller comparisons and "
