@@ -15,7 +15,7 @@ from tinylm.reward import (RewardModel, bradley_terry_backward, bradley_terry_fo
                            bradley_terry_loss_and_grads, pack)
 from tinylm.rlhf import (PolicyConfig, Preferences, check_prompts, dpo_loss_and_grads, policy_loss_and_grads,
                          policy_step, policy_token_weights, response_targets, sequence_logprobs,
-                         train_dpo, train_reward_model)
+                         reward_model_accuracy, train_dpo, train_reward_model, train_reward_model_early_stopping)
 
 V = 7
 
@@ -239,6 +239,20 @@ def test_centring_makes_reference_responses_score_mean_zero_and_keeps_every_pref
     np.testing.assert_allclose(r_w2 - r_w, shift, rtol=1e-12)
     np.testing.assert_allclose(r_w2 - r_l2, r_w - r_l, rtol=1e-9, atol=1e-12)
     assert math.isclose(loss2, loss, rel_tol=1e-12)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    """Validation pairs that are the training pairs with their labels swapped: every epoch makes
+    them worse, so the best epoch is the first, and the model must end with its weights (without
+    the restore it would keep the last, worst epoch's)."""
+    rng = np.random.default_rng(0)
+    rm = RewardModel.from_lm(tiny(0, scale=0.1))
+    pairs = random_pairs(rng, 8)
+    swapped = Preferences(pairs.prompts, pairs.rejected, pairs.chosen, pairs.instructions)
+    accuracies = train_reward_model_early_stopping(rm, pairs, swapped, epochs=6, batch_size=8, lr=1e-2, rng=rng)
+    assert len(accuracies) == 6 and accuracies[-1] < accuracies[0] == max(accuracies)
+    assert reward_model_accuracy(rm, swapped) == accuracies[0]
+    assert rm.trunk.params["wte.weight"] is rm.params["wte.weight"]     # restored in place: still shared
 
 
 # ----------------------------------------------------------------------------- reward head

@@ -299,7 +299,8 @@ def run_seeds(cfg, seeds, progress=True):
                                                                    if r[section][name].get(k) is not None}
                                                                for s, r in runs.items()})}
                                 for name, stage in results[section].items()}
-    results["reward_model"] = mean_and_sd({s: r["reward_model"] for s, r in runs.items()})
+    results["reward_model"] = mean_and_sd({s: {k: v for k, v in r["reward_model"].items() if np.isscalar(v)}
+                                           for s, r in runs.items()})
     results["labels"] = {stage: mean_and_sd({s: r["labels"][stage] for s, r in runs.items()})
                          for stage in results["labels"]}
     results["history"] = {name if len(seeds) == 1 else f"{name} (seed {s})": h
