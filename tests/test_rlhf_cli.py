@@ -39,6 +39,19 @@ def test_steps_chain_on_checkpoints(steps, tmp_path, capsys):
     assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
 
 
+def test_policy_with_the_raw_rule_and_a_centred_reward_model(steps, tmp_path, capsys):
+    """The lecture's rule from the CLI: no baseline, one sample per instruction, the reward model
+    first centred on the starting LM's responses."""
+    out = str(tmp_path / "policy")
+    assert main(["rlhf", "policy", "--model", steps["base"], "--reward", steps["rm"], "--out", out, "--steps", "2",
+                 "--prompts-per-step", "4", "--baseline", "none", "--samples-per-prompt", "1", "--centre"]) == 0
+    assert "centred the reward model" in capsys.readouterr().out and os.path.isdir(out)
+    assert main(["rlhf", "policy", "--model", steps["base"], "--reward", steps["rm"], "--out", out + "2",
+                 "--samples-per-prompt", "1"]) == 2
+    assert "samples_per_prompt must be >= 2 for the leave-one-out baseline" in capsys.readouterr().err
+    assert not os.path.exists(out + "2")
+
+
 def snapshot(path):
     return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
 
