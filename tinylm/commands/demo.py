@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from tinylm.commands.args import positive
+from tinylm.commands.args import DefaultsHelpFormatter, positive
 
 PLOTS = (("reward", "reward-model score (proxy)"), ("kl", "KL(policy ‖ reference), nats"),
          ("success", "labeller success (truth)"))
@@ -32,7 +32,7 @@ def seed_list(text):
 
 def add_parser(sub):
     p = sub.add_parser("demo", help="run pretraining -> reward model -> RLHF and DPO from scratch; print the gains",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute on 2 cores), a smoke test")
     p.add_argument("--seeds", type=seed_list, default=[0], metavar="SEEDS",
                    help="seeds to run, e.g. 3, 0-4 or 0,2,5; several print mean ± sd per stage")

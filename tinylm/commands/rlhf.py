@@ -19,7 +19,7 @@ import shutil
 
 import numpy as np
 
-from tinylm.commands.args import at_least, fraction, positive
+from tinylm.commands.args import DefaultsHelpFormatter, at_least, fraction, positive
 from tinylm.rlhf import BASELINES
 
 
@@ -29,7 +29,7 @@ def add_parser(sub):
     steps = p.add_subparsers(dest="step", metavar="STEP", required=True)
 
     def step(name, help, func):
-        s = steps.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s = steps.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter)
         s.set_defaults(func=func)
         return s
 
