@@ -14,7 +14,8 @@ unbiased, since E ∇log π = 0; it only changes the variance and which samples 
     "none"  b = 0: the lecture's rule, reward × (−log p). A Bradley–Terry reward has an arbitrary
             offset, so its sign means something only once the reward model is centred
             (RewardModel.centre: reference responses score mean 0, as in InstructGPT).
-    "mean"  b = the mean reward of the step's batch (per-batch centring).
+    "mean"  b = the mean reward of the step's batch (per-batch centring; it includes r_i itself,
+            a bias of order 1/batch that the leave-one-out baseline avoids).
     "loo"   b_i = the mean of the other k − 1 rewards for the same instruction (RLOO; k >= 2).
 
 KL leash. KL(π ‖ π_ref) = E_{y∼π} Σ_t ℓ_t with ℓ_t = log π(y_t | ·) − log π_ref(y_t | ·), estimated
@@ -328,11 +329,11 @@ def reward_model_accuracy(rm, pairs, batch_size=256):
     return pairwise_accuracy(np.concatenate(r_w), np.concatenate(r_l))
 
 
-def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng, after_epoch=None):
+def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng):
     """DPO on `pairs` from `reference`; -> list of per-step losses."""
     if policy.config.vocab_size != reference.config.vocab_size:
         raise ValueError(f"policy vocab_size={policy.config.vocab_size} differs from the reference's "
                          f"{reference.config.vocab_size}")
     def loss_and_grads(batch):
         return dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)[:2]
-    return optimise_on_pairs(policy.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo", after_epoch)
+    return optimise_on_pairs(policy.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")
