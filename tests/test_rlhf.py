@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from tinylm import GPT, GPTConfig
 from tinylm.gradcheck import check_gradients
+from tinylm.optim import adamw_init
 from tinylm.reward import (RewardModel, bradley_terry_backward, bradley_terry_forward,
                            bradley_terry_loss_and_grads, pack)
 from tinylm.rlhf import (PolicyConfig, Preferences, check_prompts, dpo_loss_and_grads, policy_loss_and_grads,
                          policy_step, policy_token_weights, response_targets, sequence_logprobs,
-                         train_dpo, train_reward_model)
+                         reward_model_accuracy, train_dpo, train_reward_model, train_reward_model_early_stopping)
 
 V = 7
 
@@ -100,30 +101,82 @@ def test_policy_gradient_weights_give_the_exact_gradient_of_reward_minus_kl(seed
     assert max(errors.values()) <= 1e-6, errors
 
 
-@given(seed=st.integers(0, 10**6), beta=st.sampled_from([0.0, 0.1, 1.0]))
-def test_policy_surrogate_gradient_matches_finite_differences(seed, beta):
+def expected_baseline(rewards, k, kind):
+    """The baselines written out one sample at a time (the code under test works on arrays)."""
+    if kind == "none":
+        return np.zeros(len(rewards))
+    if kind == "mean":
+        return np.full(len(rewards), sum(rewards) / len(rewards))
+    groups = [list(rewards[i:i + k]) for i in range(0, len(rewards), k)]
+    return np.array([(sum(g) - g[j]) / (k - 1) for g in groups for j in range(k)])
+
+
+@given(seed=st.integers(0, 10**6), beta=st.sampled_from([0.0, 0.1, 1.0]),
+       baseline_k=st.sampled_from([("none", 1), ("none", 2), ("mean", 1), ("mean", 3), ("loo", 2), ("loo", 3)]))
+def test_policy_surrogate_gradient_matches_finite_differences(seed, beta, baseline_k):
+    """Every baseline (k = 1 for the raw rule and the batch mean): the gradient policy_loss_and_grads
+    returns is the finite-difference gradient of the surrogate Σ w·(−log π) with the weights frozen."""
+    baseline, k = baseline_k
     rng = np.random.default_rng(seed)
     policy, reference = tiny(seed), tiny(seed + 1)
-    k = 2
     idx, lengths, starts, (inputs, targets) = sequence_batch(rng, 2 * k)
     rewards = rng.normal(size=2 * k)
-    loss, grads, _ = policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta)
-    # The surrogate with its weights frozen at the current policy (they are constants in backprop).
-    sibling = rewards.reshape(-1, 2)[:, ::-1].reshape(-1)          # k = 2: leave-one-out = the other sample
+    loss, grads, _, advantages = policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta, baseline)
+    np.testing.assert_allclose(advantages, rewards - expected_baseline(rewards, k, baseline), rtol=1e-12, atol=1e-15)
     weights = policy_token_weights(
-        rewards - sibling,
-        policy.token_logprobs(inputs, targets) - reference.token_logprobs(inputs, targets),
+        advantages, policy.token_logprobs(inputs, targets) - reference.token_logprobs(inputs, targets),
         (targets >= 0).astype(float), beta) / len(rewards)
     errors = check_gradients(lambda: policy.weighted_nll_and_grads(inputs, targets, weights)[0],
                              policy.params, grads, max_entries=8, seed=seed)
     assert max(errors.values()) <= 1e-6, errors
 
 
+def test_baselines_are_checked_and_k1_is_allowed_without_leave_one_out():
+    assert PolicyConfig(baseline="none", samples_per_prompt=1).samples_per_prompt == 1
+    assert PolicyConfig(baseline="mean", samples_per_prompt=1).baseline == "mean"
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 2 for the leave-one-out baseline"):
+        PolicyConfig(baseline="loo", samples_per_prompt=1)
+    with pytest.raises(ValueError, match="baseline must be one of none, mean, loo, got 'median'"):
+        PolicyConfig(baseline="median")
+
+
+class ConstantReward:
+    """A stand-in reward model that gives every response the same score r."""
+    def __init__(self, r):
+        self.r = r
+
+    def check_vocab(self, config):
+        pass
+
+    def rewards(self, idx, lengths):
+        return np.full(len(idx), self.r)
+
+
+@given(seed=st.integers(0, 10**6), r=st.one_of(st.just(0.0), st.floats(-3, 3).filter(lambda x: abs(x) > 1e-2)))
+def test_raw_reward_sign_moves_logp_on_the_cli_path(seed, r):
+    """The lecture's rule on the path `tinylm rlhf policy --baseline none --samples-per-prompt 1`
+    runs (policy_step: sample, score, AdamW step): a positive raw reward raises log π of the sampled
+    responses, a negative one lowers it, zero leaves every weight as it was. (With a leave-one-out
+    baseline a constant reward gives zero advantage: the sign of the raw reward would not matter.)"""
+    policy, rng = tiny(seed), np.random.default_rng(seed)
+    reference = policy.copy()
+    prompts = [rng.integers(1, V, size=2) for _ in range(3)]
+    cfg = PolicyConfig(baseline="none", samples_per_prompt=1, beta=0.0, lr=1e-5, max_new_tokens=3)
+    out = policy_step(policy, reference, ConstantReward(r), adamw_init(policy.params), prompts, cfg, rng, eot_id=0)
+    idx, lengths, starts = pack(prompts, out["responses"])
+    inputs, targets = response_targets(idx, lengths, starts)
+    change = policy.token_logprobs(inputs, targets).sum() - reference.token_logprobs(inputs, targets).sum()
+    if r == 0:
+        assert all(np.array_equal(policy.params[k], reference.params[k]) for k in policy.params)
+    else:
+        assert np.sign(change) == np.sign(r), (r, change)
+
+
 def test_kl_is_zero_when_policy_is_reference():
     rng = np.random.default_rng(0)
     policy = tiny(0)
     _, _, _, (inputs, targets) = sequence_batch(rng, 4)
-    _, _, kl = policy_loss_and_grads(policy, policy.copy(), inputs, targets, rng.normal(size=4), 2, beta=1.0)
+    _, _, kl, _ = policy_loss_and_grads(policy, policy.copy(), inputs, targets, rng.normal(size=4), 2, beta=1.0)
     assert np.all(kl == 0.0)
 
 
@@ -166,6 +219,40 @@ def test_reward_model_starts_at_ln2_and_training_orders_the_pairs():
     assert math.isclose(bradley_terry_loss_and_grads(rm, chosen, rejected)[0], math.log(2), rel_tol=1e-12)
     losses = train_reward_model(rm, pairs, epochs=30, batch_size=8, lr=1e-2, rng=rng)
     assert losses[-1] < 0.5 * losses[0]
+
+
+@given(seed=st.integers(0, 10**6))
+def test_centring_makes_reference_responses_score_mean_zero_and_keeps_every_preference(seed):
+    """reward_bias gets no gradient from Bradley–Terry (it cancels in r_w − r_l); RewardModel.centre
+    is its one use: the reference's responses then score mean 0 and every pairwise margin, so the
+    loss and its gradients, are unchanged."""
+    rng = np.random.default_rng(seed)
+    rm = RewardModel.from_lm(tiny(seed))
+    rm.params["reward_vector"] += rng.normal(size=rm.params["reward_vector"].shape)
+    chosen, rejected, _ = random_pairs(rng, 4).packed()
+    loss, grads, r_w, r_l = bradley_terry_loss_and_grads(rm, chosen, rejected)
+    assert abs(float(grads["reward_bias"])) <= 1e-12
+    idx, lengths, _ = pack(*(lambda p: (p.prompts, p.chosen))(random_pairs(rng, 5)))
+    shift = rm.centre(idx, lengths)
+    assert abs(rm.rewards(idx, lengths).mean()) <= 1e-12
+    loss2, _, r_w2, r_l2 = bradley_terry_loss_and_grads(rm, chosen, rejected)
+    np.testing.assert_allclose(r_w2 - r_w, shift, rtol=1e-12)
+    np.testing.assert_allclose(r_w2 - r_l2, r_w - r_l, rtol=1e-9, atol=1e-12)
+    assert math.isclose(loss2, loss, rel_tol=1e-12)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    """Validation pairs that are the training pairs with their labels swapped: every epoch makes
+    them worse, so the best epoch is the first, and the model must end with its weights (without
+    the restore it would keep the last, worst epoch's)."""
+    rng = np.random.default_rng(0)
+    rm = RewardModel.from_lm(tiny(0, scale=0.1))
+    pairs = random_pairs(rng, 8)
+    swapped = Preferences(pairs.prompts, pairs.rejected, pairs.chosen, pairs.instructions)
+    accuracies = train_reward_model_early_stopping(rm, pairs, swapped, epochs=6, batch_size=8, lr=1e-2, rng=rng)
+    assert len(accuracies) == 6 and accuracies[-1] < accuracies[0] == max(accuracies)
+    assert reward_model_accuracy(rm, swapped) == accuracies[0]
+    assert rm.trunk.params["wte.weight"] is rm.params["wte.weight"]     # restored in place: still shared
 
 
 # ----------------------------------------------------------------------------- reward head

@@ -7,6 +7,11 @@ z_last is the final-layer vector of the sequence's last real token (instruction 
 the causal mask only that position has seen the whole response. Sequences in a batch are
 right-padded; the head reads z at position length − 1, so padding never changes a reward.
 
+reward_bias never changes the Bradley–Terry loss (only differences r_w − r_l enter it), so training
+leaves it at 0; its one use is centring (RewardModel.centre): after training, shift it so the
+reference model's own responses score mean 0, as InstructGPT does. Then a positive reward means
+"better than the reference usually does", which is what the raw rule reward × (−log p) needs.
+
 Bradley–Terry: P(y_w preferred to y_l) = σ(r_w − r_l), so the loss over N pairs is
 
     L = (1/N) Σ −log σ(r_w − r_l) = (1/N) Σ softplus(−(r_w − r_l))
@@ -87,6 +92,14 @@ class RewardModel:
 
     def rewards(self, idx, lengths):
         return to_numpy(self.forward(idx, lengths)[0])
+
+    def centre(self, idx, lengths):
+        """Shift reward_bias so these sequences (the reference model's responses) score mean 0.
+        Differences between rewards, and so every pairwise preference, are unchanged.
+        -> the shift applied (minus the old mean score)."""
+        shift = -float(self.rewards(idx, lengths).astype(np.float64).mean())
+        self.params["reward_bias"] += self.trunk.xp.asarray(shift, dtype=self.config.dtype)
+        return shift
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path):

@@ -1,13 +1,22 @@
 """RLHF on top of the core model: preference pairs, reward-model training, REINFORCE with a KL
 leash, and DPO. Every gradient is the core's `nll_backward` with per-token weights.
 
-Policy gradient (REINFORCE with a leave-one-out baseline, RLOO). For k samples y_1..y_k of one
-instruction x, with rewards r_i from the reward model and b_i = mean of the other k − 1 rewards:
+Policy gradient (REINFORCE). For k samples y_1..y_k of one instruction x, with rewards r_i from
+the reward model and a baseline b_i:
 
     loss = Σ_i (r_i − b_i) · (−log π(y_i | x))          summed over response tokens only
 
 The reward is a constant for backpropagation, so the gradient is (r − b) times the gradient of
-−log π: gradient descent raises the probability of responses scoring above their siblings.
+−log π: gradient descent raises the probability of a response with r_i > b_i and lowers it when
+r_i < b_i. PolicyConfig.baseline picks b (any b that does not depend on y_i leaves the gradient
+unbiased, since E ∇log π = 0; it only changes the variance and which samples get pushed down):
+
+    "none"  b = 0: the lecture's rule, reward × (−log p). A Bradley–Terry reward has an arbitrary
+            offset, so its sign means something only once the reward model is centred
+            (RewardModel.centre: reference responses score mean 0, as in InstructGPT).
+    "mean"  b = the mean reward of the step's batch (per-batch centring; it includes r_i itself,
+            a bias of order 1/batch that the leave-one-out baseline avoids).
+    "loo"   b_i = the mean of the other k − 1 rewards for the same instruction (RLOO; k >= 2).
 
 KL leash. KL(π ‖ π_ref) = E_{y∼π} Σ_t ℓ_t with ℓ_t = log π(y_t | ·) − log π_ref(y_t | ·), estimated
 on the sampled tokens (the "k1" estimator; 0 when π = π_ref). Its gradient, by the score-function
@@ -84,10 +93,20 @@ class Preferences:
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            rows = json.load(f)
-        pairs = cls(*([np.array(r[k], dtype=np.int64) for r in rows] for k in ("prompt", "chosen", "rejected")),
-                    [tuple(r["instruction"]) for r in rows])
+        """Read a file written by save(); anything else is one ValueError naming the file."""
+        try:
+            with open(path) as f:
+                rows = json.load(f)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError("expected a list of {prompt, chosen, rejected, instruction} objects")
+            pairs = cls(*([np.array(r[k], dtype=np.int64) for r in rows] for k in ("prompt", "chosen", "rejected")),
+                        [tuple(r["instruction"]) for r in rows])
+            if not all(ids.ndim == 1 for ids in pairs.prompts + pairs.chosen + pairs.rejected):
+                raise ValueError("prompt, chosen and rejected must be lists of token ids")
+        except KeyError as e:
+            raise ValueError(f"pairs file {path!r}: a pair has no {e} key") from None
+        except (ValueError, TypeError) as e:      # JSONDecodeError is a ValueError
+            raise ValueError(f"pairs file {path!r} is not a pairs file: {e}") from None
         pairs.validate()
         return pairs
 
@@ -127,6 +146,16 @@ def response_targets(idx, lengths, starts):
 
 
 # ----------------------------------------------------------------------------- policy gradient
+def reward_baseline(rewards, k, kind):
+    """rewards (N,), k consecutive samples per instruction -> b (N,) of the given kind (see the
+    module docstring: "none", "mean" or "loo")."""
+    if kind == "none":
+        return np.zeros_like(rewards)
+    if kind == "mean":
+        return np.full_like(rewards, rewards.mean())
+    return leave_one_out_baseline(rewards.reshape(-1, k)).reshape(-1)
+
+
 def leave_one_out_baseline(rewards):
     """rewards (P, k), k samples of each of P prompts -> b (P, k), the mean of the other k − 1."""
     k = rewards.shape[1]
@@ -155,10 +184,14 @@ def check_rewards(rewards):
         raise ValueError(f"reward of sample {bad[0]} is {rewards[bad[0]]}: rewards must be finite numbers")
 
 
+BASELINES = ("none", "mean", "loo")
+
+
 @dataclass
 class PolicyConfig:
     beta: float = 0.1               # weight of the KL penalty to the reference
-    samples_per_prompt: int = 4     # k, for the leave-one-out baseline
+    samples_per_prompt: int = 4     # k samples of each instruction per step
+    baseline: str = "loo"           # b in (r − b)·(−log π): "none", "mean" (batch) or "loo" (leave-one-out)
     prompts_per_step: int = 16
     temperature: float = 1.0
     lr: float = 3e-4
@@ -169,8 +202,11 @@ class PolicyConfig:
     def __post_init__(self):
         if not (np.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be >= 2 (leave-one-out baseline), got {self.samples_per_prompt}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.samples_per_prompt < (2 if self.baseline == "loo" else 1):
+            raise ValueError(f"samples_per_prompt must be >= 2 for the leave-one-out baseline (>= 1 otherwise), "
+                             f"got {self.samples_per_prompt}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         for name in ("prompts_per_step", "steps", "max_new_tokens"):
@@ -180,33 +216,35 @@ class PolicyConfig:
             raise ValueError(f"rm_rounds must be >= 0, got {self.rm_rounds}")
 
 
-def policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta):
+def policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta, baseline="loo"):
     """The REINFORCE + KL surrogate for one batch of k samples per prompt (rows grouped by prompt).
-    -> (surrogate loss, grads, per-sample KL estimate Σ_t ℓ_t)."""
+    -> (surrogate loss, grads, per-sample KL estimate Σ_t ℓ_t, per-sample advantage r − b)."""
     check_rewards(rewards)
     mask = (targets >= 0).astype(np.float64)
     nll, cache = policy.token_nll(inputs, targets)
     logratio = -to_numpy(nll).astype(np.float64) - to_numpy(reference.token_logprobs(inputs, targets))
-    advantages = rewards - leave_one_out_baseline(rewards.reshape(-1, k)).reshape(-1)
+    advantages = rewards - reward_baseline(rewards, k, baseline)
     weights = policy_token_weights(advantages, logratio, mask, beta) / len(rewards)
     grads = policy.nll_backward(policy.xp.asarray(weights, dtype=policy.config.dtype), cache)
-    return float((weights * to_numpy(nll)).sum()), grads, (logratio * mask).sum(1)
+    return float((weights * to_numpy(nll)).sum()), grads, (logratio * mask).sum(1), advantages
 
 
 def policy_step(policy, reference, rm, opt_state, prompts, cfg, rng, eot_id, grad_clip=1.0):
     """Sample k responses per prompt, score them with the reward model, take one AdamW step.
-    -> dict with the mean reward, KL estimate and the samples (for logging and RM retraining)."""
+    -> dict with the mean reward, KL estimate, the samples (for logging and RM retraining) and
+    each sample's advantage r − b (its sign: pushed up or down by the reward term)."""
     rm.check_vocab(policy.config)
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     responses = sample_responses(policy, repeated, cfg.max_new_tokens, cfg.temperature, rng, eot_id)
     idx, lengths, starts = pack(repeated, responses)
     rewards = rm.rewards(idx, lengths).astype(np.float64)
     inputs, targets = response_targets(idx, lengths, starts)
-    loss, grads, kl = policy_loss_and_grads(policy, reference, inputs, targets, rewards,
-                                            cfg.samples_per_prompt, cfg.beta)
+    loss, grads, kl, advantages = policy_loss_and_grads(policy, reference, inputs, targets, rewards,
+                                                        cfg.samples_per_prompt, cfg.beta, cfg.baseline)
     clip_grad_norm(grads, grad_clip)
     adamw_step(policy.params, grads, opt_state, cfg.lr, weight_decay=0.0)
-    return {"reward": float(rewards.mean()), "kl": float(kl.mean()), "responses": responses}
+    return {"reward": float(rewards.mean()), "kl": float(kl.mean()), "responses": responses,
+            "advantages": advantages}
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -237,27 +275,47 @@ def sequence_logprobs(model, pairs_batch):
 
 
 # ----------------------------------------------------------------------------- training loops
-def optimise_on_pairs(params, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc):
+def optimise_on_pairs(params, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
     """AdamW (no weight decay, gradients clipped to norm 1) over shuffled minibatches of pairs;
-    loss_and_grads(packed batch) -> (loss, grads). -> list of per-step losses."""
+    loss_and_grads(packed batch) -> (loss, grads); after_epoch(epoch), if given, runs after each
+    epoch (validation, snapshots). -> list of per-step losses."""
     pairs.validate()
     opt = adamw_init(params)
     losses = []
-    for _ in tqdm(range(epochs), desc=desc, disable=None, leave=False):
+    for epoch in tqdm(range(epochs), desc=desc, disable=None, leave=False):
         for index in np.array_split(rng.permutation(len(pairs)), max(1, -(-len(pairs) // batch_size))):
             loss, grads = loss_and_grads(pairs.packed(index))
             clip_grad_norm(grads, 1.0)
             adamw_step(params, grads, opt, lr, weight_decay=0.0)
             losses.append(loss)
+        if after_epoch is not None:
+            after_epoch(epoch)
     return losses
 
 
-def train_reward_model(rm, pairs, epochs, batch_size, lr, rng):
+def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch=None):
     """Bradley–Terry training of `rm` on `pairs`; -> list of per-step losses."""
     def loss_and_grads(batch):
         chosen, rejected, _ = batch
         return bradley_terry_loss_and_grads(rm, chosen, rejected)[:2]
-    return optimise_on_pairs(rm.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model")
+    return optimise_on_pairs(rm.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model",
+                             after_epoch)
+
+
+def train_reward_model_early_stopping(rm, pairs, validation, epochs, batch_size, lr, rng):
+    """train_reward_model, measuring accuracy on held-back `validation` pairs after each epoch; rm
+    ends with the weights of the best epoch (the first of equals), so a late epoch that overfits
+    the noisy labels is undone. -> per-epoch validation accuracies."""
+    accuracies, best = [], {}
+
+    def after_epoch(epoch):
+        accuracies.append(reward_model_accuracy(rm, validation))
+        if accuracies[-1] > max(accuracies[:-1], default=-1.0):
+            best.update({k: v.copy() for k, v in rm.params.items()})
+    train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch)
+    for k, v in best.items():
+        rm.params[k][...] = v                  # in place: rm.params shares its arrays with the trunk
+    return accuracies
 
 
 def reward_model_accuracy(rm, pairs, batch_size=256):

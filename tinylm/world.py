@@ -114,15 +114,17 @@ def score(task, letters, response):
 class Labeller:
     """The stand-in human. prefer() returns 0 if response a is better, 1 if b is, None on a tie
     (a person shown two equally good answers gives no label); with probability `noise` the label
-    is flipped, as real annotators disagree with themselves."""
+    is flipped, as real annotators disagree with themselves. `comparisons` counts the calls."""
 
     def __init__(self, noise=0.1, seed=0):
         if not 0.0 <= noise < 0.5:
             raise ValueError(f"label noise must be in [0, 0.5), got {noise}")
         self.noise = noise
         self.rng = np.random.default_rng(seed)
+        self.comparisons = 0            # prefer() calls: what the labels cost, ties included
 
     def prefer(self, task, letters, a, b):
+        self.comparisons += 1
         sa, sb = score(task, letters, a), score(task, letters, b)
         if sa == sb:
             return None

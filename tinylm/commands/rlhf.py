@@ -13,77 +13,89 @@ LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); --model
 reward_head.safetensors. Outputs must not exist yet: nothing is ever overwritten, and a run
 writes into a temporary directory that is renamed only once it is complete.
 """
+import argparse
 import os
 import shutil
 
 import numpy as np
 
+from tinylm.commands.args import DefaultsHelpFormatter, at_least, fraction, positive
+from tinylm.rlhf import BASELINES
+
 
 def add_parser(sub):
     p = sub.add_parser("rlhf", help="RLHF step by step: base, pairs, reward, policy, dpo, eval",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = p.add_subparsers(dest="step", metavar="STEP", required=True)
 
-    s = steps.add_parser("base", help="pretrain a base LM on the instruction world's corpus")
-    s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=int, default=1500)
-    s.set_defaults(func=run_base)
+    def step(name, help, func):
+        s = steps.add_parser(name, help=help, description=help, formatter_class=DefaultsHelpFormatter)
+        s.set_defaults(func=func)
+        return s
 
-    s = steps.add_parser("pairs", help="sample response pairs from an LM and have the labeller choose")
-    s.add_argument("--model", required=True)
-    s.add_argument("--out", required=True, help="pairs file (.json)")
-    s.add_argument("--instructions", type=int, default=2000, help="instructions to sample (ties are dropped)")
+    s = step("base", "pretrain a base LM on the instruction world's corpus", run_base)
+    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
+    s.add_argument("--steps", type=positive(int), default=1500, help="pretraining steps")
+
+    s = step("pairs", "sample response pairs from an LM and have the labeller choose", run_pairs)
+    s.add_argument("--model", required=True, help="LM checkpoint that samples the responses")
+    s.add_argument("--out", required=True, help="pairs file (.json) to write (must not exist)")
+    s.add_argument("--instructions", type=positive(int), default=2000, help="instructions to sample (ties are dropped)")
     s.add_argument("--heldout", action="store_true", help="use held-out instructions (for measuring)")
-    s.add_argument("--noise", type=float, default=0.1, help="label noise: probability a label is flipped")
-    s.set_defaults(func=run_pairs)
+    s.add_argument("--noise", type=fraction, default=0.1, help="label noise: probability a label is flipped (< 0.5)")
 
-    s = steps.add_parser("reward", help="train a reward model on pairs")
+    s = step("reward", "train a reward model on pairs", run_reward)
     s.add_argument("--model", required=True, help="the LM whose copy becomes the reward model")
-    s.add_argument("--pairs", required=True)
+    s.add_argument("--pairs", required=True, help="training pairs file (from `rlhf pairs`)")
     s.add_argument("--heldout-pairs", help="pairs to measure held-out accuracy on")
-    s.add_argument("--out", required=True)
-    s.add_argument("--epochs", type=int, default=2)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.set_defaults(func=run_reward)
+    s.add_argument("--out", required=True, help="reward-model directory to write (must not exist)")
+    s.add_argument("--epochs", type=positive(int), default=2, help="passes over the pairs")
+    s.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
 
-    s = steps.add_parser("policy", help="REINFORCE with a KL penalty to the starting LM")
+    s = step("policy", "REINFORCE with a KL penalty to the starting LM", run_policy)
     s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
     s.add_argument("--reward", required=True, help="reward model directory")
-    s.add_argument("--out", required=True)
-    s.add_argument("--beta", type=float, default=0.1, help="weight of KL(policy ‖ reference)")
-    s.add_argument("--steps", type=int, default=150)
-    s.add_argument("--samples-per-prompt", type=int, default=4)
-    s.add_argument("--prompts-per-step", type=int, default=16)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--lr", type=float, default=3e-4)
-    s.add_argument("--rm-rounds", type=int, default=0,
+    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
+    s.add_argument("--beta", type=at_least(0.0, float), default=0.1, help="weight of KL(policy ‖ reference)")
+    s.add_argument("--steps", type=positive(int), default=150, help="policy-gradient steps")
+    s.add_argument("--samples-per-prompt", type=positive(int), default=4,
+                   help="k samples per instruction (the leave-one-out baseline needs k >= 2)")
+    s.add_argument("--prompts-per-step", type=positive(int), default=16, help="instructions per step")
+    s.add_argument("--temperature", type=positive(float), default=1.0, help="sampling temperature")
+    s.add_argument("--lr", type=positive(float), default=3e-4, help="AdamW learning rate")
+    s.add_argument("--baseline", choices=BASELINES, default="loo",
+                   help="b in (r − b)·(−log π): none (the raw reward), mean (batch mean), loo (leave-one-out)")
+    s.add_argument("--centre", action="store_true",
+                   help="first shift the reward model so the starting LM's own responses score mean 0")
+    s.add_argument("--rm-rounds", type=at_least(0), default=0,
                    help="reward-model retraining rounds on the policy's own samples (needs --pairs)")
     s.add_argument("--pairs", help="the reward model's training pairs (kept when it is retrained)")
-    s.set_defaults(func=run_policy)
 
-    s = steps.add_parser("dpo", help="direct preference optimisation on pairs")
+    s = step("dpo", "direct preference optimisation on pairs", run_dpo)
     s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
-    s.add_argument("--pairs", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--beta", type=float, default=0.1)
-    s.add_argument("--epochs", type=int, default=2)
-    s.add_argument("--lr", type=float, default=5e-4)
-    s.set_defaults(func=run_dpo)
+    s.add_argument("--pairs", required=True, help="training pairs file (from `rlhf pairs`)")
+    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
+    s.add_argument("--beta", type=positive(float), default=0.1, help="DPO's β: scale of the implicit reward")
+    s.add_argument("--epochs", type=positive(int), default=1, help="passes over the pairs")
+    s.add_argument("--lr", type=positive(float), default=5e-4, help="AdamW learning rate")
 
-    s = steps.add_parser("eval", help="success, RM score and KL of a policy on held-out instructions")
-    s.add_argument("--model", required=True)
-    s.add_argument("--reference", required=True)
-    s.add_argument("--reward", required=True)
-    s.add_argument("--instructions", type=int, default=300)
-    s.set_defaults(func=run_eval)
+    s = step("eval", "success, RM score and KL of a policy on held-out instructions", run_eval)
+    s.add_argument("--model", required=True, help="the LM to measure")
+    s.add_argument("--reference", required=True, help="the LM the KL is measured against")
+    s.add_argument("--reward", required=True, help="reward model directory (the proxy score)")
+    s.add_argument("--instructions", type=positive(int), default=300, help="held-out instructions (2 samples each)")
     for s in steps.choices.values():
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=at_least(0), default=0, help="random seed (sampling, shuffling, labeller noise)")
 
 
 # ----------------------------------------------------------------------------- helpers
 def fresh(path):
-    if os.path.exists(path):
+    """An output path must be new, in a writable folder: checked before any work starts."""
+    if os.path.lexists(path):
         raise ValueError(f"--out {path!r} already exists: choose a new path (nothing is overwritten)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {path!r}: folder {folder!r} does not exist or is not writable")
     return path
 
 
@@ -150,12 +162,12 @@ def run_reward(args):
 def run_policy(args):
     from dataclasses import replace
 
-    from tinylm.pipeline import DemoConfig, train_policy
+    from tinylm.pipeline import DemoConfig, reference_responses, train_policy
     from tinylm.reward import RewardModel
     from tinylm.rlhf import PolicyConfig, Preferences
     from tinylm.world import Labeller
     fresh(args.out)
-    pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt,
+    pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt, baseline=args.baseline,
                         prompts_per_step=args.prompts_per_step, temperature=args.temperature, lr=args.lr,
                         steps=args.steps, rm_rounds=args.rm_rounds)
     if args.rm_rounds and not args.pairs:
@@ -164,6 +176,9 @@ def run_policy(args):
     base, rm = load_lm(args.model), RewardModel.load(args.reward)
     rm.check_vocab(base.config)
     pairs = Preferences.load(args.pairs) if args.pairs else None
+    if args.centre:
+        shift = rm.centre(*reference_responses(base, world, 500, pcfg.max_new_tokens, rng))
+        print(f"centred the reward model: reward_bias moved by {shift:+.3f}")
     policy, _, history = train_policy(base, rm, world, Labeller(seed=args.seed), pcfg,
                                       replace(DemoConfig(), seed=args.seed), pairs, rng)
     last = history[-10:]
