@@ -50,7 +50,7 @@ def main():
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
         lines = f64_lines(ptx)
         bad += bool(lines)
-        print(f"{name:16s} {len(ptx.splitlines()):6d} PTX lines, {len(lines)} with .f64" +
+        print(f"{name:20s} {len(ptx.splitlines()):6d} PTX lines, {len(lines)} with .f64" +
               "".join(f"\n    {line}" for line in lines[:5]))
     return 1 if bad else 0
 
