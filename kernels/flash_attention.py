@@ -39,7 +39,7 @@ the same kernels on NumPy arrays; keep its shapes tiny (one Python thread per CU
 import math
 from collections import namedtuple
 
-from numba import cuda, float32
+from numba import cuda, float32, uint32
 
 from .launch import check_float32, empty, n_blocks
 
@@ -84,17 +84,24 @@ def make_kernels(HD, tiles):
         reading each shared value once per thread for M or N FFMAs."""
         @cuda.jit(device=True)
         def tile_product(A_s, B_s, acc):
-            ty, tx = cuda.threadIdx.x // CX, cuda.threadIdx.x % CX
+            # Unsigned indices and a plain while loop: Numba's signed range loop compiles to a 64-bit
+            # counter and negative-index fix-ups that LLVM will not unroll; this form unrolls (×8 in
+            # the SASS) and every shared load becomes a base register plus an immediate offset.
+            ty, tx = uint32(cuda.threadIdx.x // CX), uint32(cuda.threadIdx.x % CX)
             a_val = cuda.local.array(M, float32)
             b_val = cuda.local.array(N, float32)
-            for k in range(K):
+            k = uint32(0)
+            while k < uint32(K):
                 for a in range(M):
-                    a_val[a] = A_s[k, ty + RY * a] if a_k_major else A_s[ty + RY * a, k]
+                    r = ty + uint32(RY * a)
+                    a_val[a] = A_s[k, r] if a_k_major else A_s[r, k]
                 for n in range(N):
-                    b_val[n] = B_s[k, tx + CX * n] if b_k_major else B_s[tx + CX * n, k]
+                    c = tx + uint32(CX * n)
+                    b_val[n] = B_s[k, c] if b_k_major else B_s[c, k]
                 for a in range(M):
                     for n in range(N):
                         acc[a, n] += a_val[a] * b_val[n]
+                k += uint32(1)
         return tile_product
 
     scores = make_tile_product(TM, TN, HD, False, False)       # S = A Bᵀ, over head_dim
