@@ -39,7 +39,7 @@ the same kernels on NumPy arrays; keep its shapes tiny (one Python thread per CU
 import math
 from collections import namedtuple
 
-from numba import cuda, float32, uint32
+from numba import cuda, float32, int64, uint32
 
 from .launch import check_float32, empty, n_blocks
 
@@ -49,8 +49,8 @@ HEAD_DIMS = (32, 64, 128)
 # Per head_dim: (forward tiles, backward tiles), sized for ≤ 48 KB of static shared memory per
 # block (the limit without a dynamic-shared-memory opt-in, which Numba does not expose).
 DEFAULT_TILES = {
-    32: (Tiles(64, 64, 16, 8), Tiles(64, 32, 16, 8)),
-    64: (Tiles(64, 32, 16, 8), Tiles(32, 32, 16, 8)),
+    32: (Tiles(64, 64, 16, 8), Tiles(32, 32, 8, 8)),
+    64: (Tiles(64, 32, 16, 8), Tiles(32, 32, 8, 8)),
     128: (Tiles(32, 16, 8, 8), Tiles(16, 16, 8, 8)),
 }
 ROW_DOT_THREADS = 128
@@ -68,10 +68,12 @@ def make_kernels(HD, tiles):
     def load_rows(dst, src, b, h, start, n_rows, T, hd, scale):
         """dst[r, :HD] = src[b, h, start + r, :]·scale for r < n_rows, zero past T and past hd: the
         whole block copies, consecutive threads taking consecutive elements (coalesced reads)."""
-        for e in range(cuda.threadIdx.x, n_rows * HD, THREADS):
-            r, d = e // HD, e % HD
-            inside = start + r < T and d < hd
-            dst[r, d] = src[b, h, start + r, d] * scale if inside else float32(0.0)
+        e = uint32(cuda.threadIdx.x)
+        while e < uint32(n_rows * HD):          # unsigned: no negative-index fix-ups, shifts for // and %
+            r, d = e // uint32(HD), e % uint32(HD)
+            inside = start + int64(r) < T and int64(d) < hd   # signed vs signed: u64 < i64 is an f64 compare
+            dst[r, d] = src[uint32(b), uint32(h), uint32(start) + r, d] * scale if inside else float32(0.0)
+            e += uint32(THREADS)
 
     @cuda.jit(device=True)
     def load_vector(dst, src, b, h, start, n, T):
