@@ -5,10 +5,10 @@ NUMBA_ENABLE_CUDASIM=1 unless told otherwise; on a GPU the same tests pass CuPy 
 Small tiles keep the simulator fast (one Python thread per CUDA thread) while still exercising
 what the default tiles do: several row blocks, several streamed tiles, a row split across
 threads, the causal skip and mask, T not a multiple of either tile, zero-padding of head_dim up to
-its compiled bucket. Planted bugs these tests catch (each tried by hand):
-dropping the `alpha` rescale of acc, masking with `key < query`, starting dk_dv's causal query
-loop at row0 + ROWS, and storing dq without the scale folded into K all fail
-test_flash_kernels_match_numpy.
+its compiled bucket. Planted bugs these tests catch (each tried by hand, 2-4 cases fail):
+dropping the `alpha` rescale of acc; masking with `key < query`; starting dk_dv's causal query
+loop one tile late; loading dq's K without the folded-in scale; masking the forward only in tiles
+past T (not in tiles crossing the diagonal); never masking P in the backward.
 """
 import numpy as np
 import pytest
