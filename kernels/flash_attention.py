@@ -132,6 +132,12 @@ def make_kernels(HD, tiles):
                 if i < T and c < hd:
                     dst[b, h, i, c] = acc[a, e]
 
+    @cuda.jit(device=True)
+    def last_rows_first():
+        """row0 of this block's query tile, the last tile first: under a causal mask the last tiles
+        have the most keys to stream, and starting them first leaves the short ones for the tail."""
+        return (cuda.gridDim.x - 1 - cuda.blockIdx.x) * ROWS
+
     @cuda.jit
     def forward_kernel(q, k, v, o, lse, H, T, hd, scale, causal):
         Qs = cuda.shared.array((ROWS, HDP), float32)
@@ -145,7 +151,7 @@ def make_kernels(HD, tiles):
         l = cuda.local.array(TM, float32)
         b, h = cuda.blockIdx.y // H, cuda.blockIdx.y % H
         ty, tx = cuda.threadIdx.x // CX, cuda.threadIdx.x % CX
-        row0 = cuda.blockIdx.x * ROWS
+        row0 = last_rows_first()
         load_rows(Qs, q, b, h, row0, ROWS, T, hd, scale)          # scale folded into Q once
         zero(acc, TM, TD)
         for a in range(TM):
@@ -239,7 +245,7 @@ def make_kernels(HD, tiles):
         dk_acc = cuda.local.array((TM, TD), float32)
         dv_acc = cuda.local.array((TM, TD), float32)
         b, h = cuda.blockIdx.y // H, cuda.blockIdx.y % H
-        row0 = cuda.blockIdx.x * ROWS
+        row0 = cuda.blockIdx.x * ROWS      # causal: the first key tiles see the most queries
         load_rows(Ks, k, b, h, row0, ROWS, T, hd, float32(1.0))
         load_rows(Vs, v, b, h, row0, ROWS, T, hd, float32(1.0))
         zero(dk_acc, TM, TD)
@@ -279,7 +285,7 @@ def make_kernels(HD, tiles):
         D_row = cuda.local.array(TM, float32)
         b, h = cuda.blockIdx.y // H, cuda.blockIdx.y % H
         ty = cuda.threadIdx.x // CX
-        row0 = cuda.blockIdx.x * ROWS
+        row0 = last_rows_first()
         load_rows(Qs, q, b, h, row0, ROWS, T, hd, float32(1.0))
         load_rows(dOs, do, b, h, row0, ROWS, T, hd, float32(1.0))
         for a in range(TM):
@@ -404,3 +410,14 @@ def kernels_and_signatures():
         yield f"flash dk_dv hd{HD}", dk_dv, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {A4}, {attention_args})"
         yield f"flash dq hd{HD}", dq, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {attention_args})"
     yield "flash row_dot", row_dot_kernel, f"void({A4}, {A4}, {A3}, int64, int64, int64)"
+
+
+def launch_threads():
+    """{name: threads per block} for every kernel kernels_and_signatures() names (resident blocks
+    per SM depend on it)."""
+    threads = {"flash row_dot": ROW_DOT_THREADS}
+    for HD, (forward_tiles, backward_tiles) in DEFAULT_TILES.items():
+        threads[f"flash forward hd{HD}"] = forward_tiles.thread_rows * forward_tiles.thread_cols
+        for name in ("dk_dv", "dq"):
+            threads[f"flash {name} hd{HD}"] = backward_tiles.thread_rows * backward_tiles.thread_cols
+    return threads

@@ -15,7 +15,8 @@ import pytest
 from numba import config
 
 import kernels
-from kernels.flash_attention import DEFAULT_TILES, Tiles, check_tiles, head_dim_bucket
+from kernels.flash_attention import (DEFAULT_TILES, HEAD_DIMS, Tiles, check_tiles, head_dim_bucket,
+                                     kernels_and_signatures, launch_threads)
 from tinylm.backend import to_numpy
 from tinylm.flash_attention import flash_backward, flash_forward
 
@@ -78,3 +79,11 @@ def test_flash_attention_rejects_bad_input():
         kernels.flash_attention_forward(q, q[:, :, :3], q)
     with pytest.raises(ValueError, match="float32"):
         kernels.flash_attention_forward(q.astype(np.float64), q, q)
+
+
+def test_registry_lists_every_specialisation_with_its_launch_size():
+    """kernels.report compiles what kernels_and_signatures() lists: forward, dk_dv and dq per
+    head_dim bucket, plus row_dot, each with the threads per block the entry points launch."""
+    names = [name for name, _, _ in kernels_and_signatures()]
+    assert len(names) == 3 * len(HEAD_DIMS) + 1 and set(names) == set(launch_threads())
+    assert launch_threads()["flash dk_dv hd64"] == DEFAULT_TILES[64][1].thread_rows * DEFAULT_TILES[64][1].thread_cols
