@@ -32,8 +32,8 @@ The softmax's row max is combined across the thread_cols threads of a row throug
 array (the simulator has no warp shuffles; it costs TM·thread_cols shared reads per tile, against
 TM·TN·HD FFMAs); the row sum l stays a per-thread partial sum, combined once at the end.
 
-Shared arrays are row-major with rows padded by one word (stride ≡ 1 mod 32 banks), so reading
-them along a row or down a column by consecutive threads hits distinct banks. The simulator runs
+Shared arrays are row-major with padded rows (see HDP, COLSP), so one warp's reads and writes of
+a tile, along a row or down a column, fall in distinct banks (or broadcast). The simulator runs
 the same kernels on NumPy arrays; keep its shapes tiny (one Python thread per CUDA thread).
 """
 import math
@@ -62,7 +62,12 @@ def make_kernels(HD, tiles):
     ROWS, COLS, RY, CX = tiles
     THREADS = RY * CX
     TM, TN, TD = ROWS // RY, COLS // CX, HD // CX      # per-thread rows, streamed columns, head columns
-    HDP, COLSP = HD + 1, COLS + 1                      # padded strides: one extra bank per row
+    # Padded row strides (in 4-byte words; 32 banks). HDP = HD + 4: a row starts 4 banks after the
+    # previous one and on a 16-byte boundary, so the score products read 2-4 consecutive k at once
+    # (LDS.64/LDS.128 in the SASS) and the CX threads of a row group read CX distinct rows from
+    # distinct banks. COLSP = COLS + CX: a warp writes the P/dS tile as 32/CX row groups × CX
+    # columns; shifting each row by CX banks puts the 32 stores in 32 distinct banks.
+    HDP, COLSP = HD + 4, COLS + CX
 
     @cuda.jit(device=True)
     def load_rows(dst, src, b, h, start, n_rows, T, hd, scale):
