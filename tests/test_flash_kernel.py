@@ -46,6 +46,7 @@ def assert_close(got, want):
     (1, 1, 1, 32, True, SMALL),                 # T = 1: one row, one key
     (1, 1, 9, 64, True, Tiles(4, 8, 2, 2)),     # COLS > ROWS; the 64 bucket
     (1, 1, 5, 128, True, Tiles(4, 4, 2, 2)),    # the largest head_dim
+    (1, 2, 11, 32, True, Tiles(8, 8, 2, 8)),    # thread_cols 8 like DEFAULT_TILES (TD = HD/8)
 ])
 def test_flash_kernels_match_numpy(B, H, T, hd, causal, tiles):
     rng = np.random.default_rng(T + hd)
