@@ -50,7 +50,7 @@ HEAD_DIMS = (32, 64, 128)
 # block (the limit without a dynamic-shared-memory opt-in, which Numba does not expose).
 DEFAULT_TILES = {
     32: (Tiles(64, 64, 16, 8), Tiles(32, 32, 8, 8)),
-    64: (Tiles(64, 32, 16, 8), Tiles(32, 32, 8, 8)),
+    64: (Tiles(64, 32, 16, 8), Tiles(32, 32, 16, 8)),
     128: (Tiles(32, 16, 8, 8), Tiles(16, 16, 8, 8)),
 }
 ROW_DOT_THREADS = 128
