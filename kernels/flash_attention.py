@@ -85,10 +85,10 @@ def make_kernels(HD, tiles):
         for r in range(cuda.threadIdx.x, n, THREADS):
             dst[r] = src[b, h, start + r] if start + r < T else float32(0.0)
 
-    def make_tile_product(M, N, K, a_k_major, b_k_major):
-        """acc[a, n] += Σ_{k<K} A(ty + RY·a, k) · B(tx + CX·n, k) for this thread's M × N micro-tile,
-        A(r, k) = A_s[k, r] if a_k_major else A_s[r, k] (likewise B): a register-blocked tile product
-        reading each shared value once per thread for M or N FFMAs."""
+    def make_tile_product(M, N, K, b_k_major):
+        """acc[a, n] += Σ_{k<K} A_s[ty + RY·a, k] · B(tx + CX·n, k) for this thread's M × N micro-tile,
+        B(c, k) = B_s[k, c] if b_k_major else B_s[c, k]: a register-blocked tile product reading each
+        shared value once per thread for M or N FFMAs."""
         @cuda.jit(device=True)
         def tile_product(A_s, B_s, acc):
             # Unsigned indices and a plain while loop: Numba's signed range loop compiles to a 64-bit
@@ -100,8 +100,7 @@ def make_kernels(HD, tiles):
             k = uint32(0)
             while k < uint32(K):
                 for a in range(M):
-                    r = ty + uint32(RY * a)
-                    a_val[a] = A_s[k, r] if a_k_major else A_s[r, k]
+                    a_val[a] = A_s[ty + uint32(RY * a), k]
                 for n in range(N):
                     c = tx + uint32(CX * n)
                     b_val[n] = B_s[k, c] if b_k_major else B_s[c, k]
@@ -111,8 +110,8 @@ def make_kernels(HD, tiles):
                 k += uint32(1)
         return tile_product
 
-    scores = make_tile_product(TM, TN, HD, False, False)       # S = A Bᵀ, over head_dim
-    times_tile = make_tile_product(TM, TD, COLS, False, True)   # acc += P V (or Pᵀ dO, dSᵀ Q, dS K)
+    scores = make_tile_product(TM, TN, HD, False)       # S = A Bᵀ, over head_dim
+    times_tile = make_tile_product(TM, TD, COLS, True)  # acc += P V (or Pᵀ dO, dSᵀ Q, dS K)
 
     @cuda.jit(device=True)
     def zero(x, M, N):
