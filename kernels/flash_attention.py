@@ -57,17 +57,24 @@ ROW_DOT_THREADS = 128
 _kernels = {}
 
 
+def padded_strides(HD, COLS, CX):
+    """Row strides, in 4-byte words, of the shared (rows, HD) tiles and of the (rows, COLS) P/dS tile
+    (32 banks of one word; tests/test_flash_kernel.py counts one warp's wavefronts with them).
+
+    HD + 4: a row starts 4 banks after the previous one and on a 16-byte boundary, so the score
+    products read 2-4 consecutive k at once (LDS.64/LDS.128 in the SASS) and the CX threads of a row
+    group read CX distinct rows from distinct banks. COLS + CX: a warp writes the P/dS tile as
+    32/CX row groups × CX columns; shifting each row by CX banks puts the 32 stores in 32 distinct
+    banks (a +1 pad would give a 4-way conflict)."""
+    return HD + 4, COLS + CX
+
+
 def make_kernels(HD, tiles):
     """forward, dk_dv and dq kernels for head_dim ≤ HD (zero-padded to HD) with these tiles."""
     ROWS, COLS, RY, CX = tiles
     THREADS = RY * CX
     TM, TN, TD = ROWS // RY, COLS // CX, HD // CX      # per-thread rows, streamed columns, head columns
-    # Padded row strides (in 4-byte words; 32 banks). HDP = HD + 4: a row starts 4 banks after the
-    # previous one and on a 16-byte boundary, so the score products read 2-4 consecutive k at once
-    # (LDS.64/LDS.128 in the SASS) and the CX threads of a row group read CX distinct rows from
-    # distinct banks. COLSP = COLS + CX: a warp writes the P/dS tile as 32/CX row groups × CX
-    # columns; shifting each row by CX banks puts the 32 stores in 32 distinct banks.
-    HDP, COLSP = HD + 4, COLS + CX
+    HDP, COLSP = padded_strides(HD, COLS, CX)
 
     @cuda.jit(device=True)
     def load_rows(dst, src, b, h, start, n_rows, T, hd, scale):

@@ -16,7 +16,7 @@ from numba import config
 
 import kernels
 from kernels.flash_attention import (DEFAULT_TILES, HEAD_DIMS, Tiles, check_tiles, head_dim_bucket,
-                                     kernels_and_signatures, launch_threads)
+                                     kernels_and_signatures, launch_threads, padded_strides)
 from tinylm.backend import to_numpy
 from tinylm.flash_attention import flash_backward, flash_forward
 
@@ -88,3 +88,54 @@ def test_registry_lists_every_specialisation_with_its_launch_size():
     names = [name for name, _, _ in kernels_and_signatures()]
     assert len(names) == 3 * len(HEAD_DIMS) + 1 and set(names) == set(launch_threads())
     assert launch_threads()["flash dk_dv hd64"] == DEFAULT_TILES[64][1].thread_rows * DEFAULT_TILES[64][1].thread_cols
+
+
+def wavefronts(words):
+    """Shared-memory passes one warp's 4-byte access takes: the most distinct words in one of the
+    32 banks (threads reading the same word share it: a broadcast)."""
+    per_bank = {}
+    for word in set(words):
+        per_bank.setdefault(word % 32, set()).add(word)
+    return max(len(distinct) for distinct in per_bank.values())
+
+
+def warp_accesses(HD, tiles, strides):
+    """{access: worst wavefronts} for warp 0 of a kernel with these tiles, using the kernels' index
+    expressions: thread (ty, tx) = (t // CX, t % CX) owns rows ty + RY·a and columns tx + CX·n."""
+    ROWS, COLS, RY, CX = tiles
+    HDP, COLSP = strides
+    TM, TN, TD = ROWS // RY, COLS // CX, HD // CX
+    warp = [(t // CX, t % CX) for t in range(32)]
+    worst = {}
+
+    def record(name, words):
+        worst[name] = max(worst.get(name, 0), wavefronts(words))
+
+    for k in range(3):
+        for a in range(TM):
+            record("scores A[r, k]", [(ty + RY * a) * HDP + k for ty, tx in warp])
+            record("P·V A = P[r, k]", [(ty + RY * a) * COLSP + k for ty, tx in warp])
+            for n in range(TN):
+                record("P store", [(ty + RY * a) * COLSP + tx + CX * n for ty, tx in warp])
+            record("row-max partials", [(ty + RY * a) * CX + tx for ty, tx in warp])
+        for n in range(TN):
+            record("scores B[c, k]", [(tx + CX * n) * HDP + k for ty, tx in warp])
+        for e in range(TD):
+            record("P·V B = V[k, c]", [k * HDP + tx + CX * e for ty, tx in warp])
+    threads = RY * CX
+    for j in range(3):
+        record("tile copy", [(e // HD) * HDP + e % HD for e in (t + threads * j for t in range(32))])
+    return worst
+
+
+def test_shared_memory_accesses_are_conflict_free():
+    """Every shared access of one warp, at every default tile, takes one pass. Without the padding
+    the same accounting finds the conflicts it exists to prevent (so this test can fail)."""
+    for HD, pair in DEFAULT_TILES.items():
+        for tiles in pair:
+            worst = warp_accesses(HD, tiles, padded_strides(HD, tiles.cols, tiles.thread_cols))
+            assert set(worst.values()) == {1}, (HD, tiles, worst)
+    unpadded = warp_accesses(64, DEFAULT_TILES[64][0], (64, 32))
+    assert unpadded["scores B[c, k]"] == 8 and unpadded["P store"] > 1
+    plus_one = warp_accesses(64, DEFAULT_TILES[64][0], (65, 33))
+    assert plus_one["P store"] == 4
