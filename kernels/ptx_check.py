@@ -14,19 +14,14 @@ from numba import cuda
 from . import flash_attention, fused, selective_scan
 from .matmul import DEFAULT_TILE, make_matmul_kernel
 
-A2, A3, A4 = "float32[:, :]", "float32[:, :, :]", "float32[:, :, :, :]"
+A2 = "float32[:, :]"
 
 
 def kernels_and_signatures():
     """(name, Python function, signature) for every kernel at its default sizes."""
-    forward, row_dot, dk_dv, dq = flash_attention.make_kernels(64, *flash_attention.DEFAULT_BLOCKS)
-    attention_args = "int64, int64, int64, float32, boolean"
     yield "matmul", make_matmul_kernel(*DEFAULT_TILE), \
         f"void({A2}, {A2}, {A2}, int64, int64, int64, boolean, boolean)"
-    yield "flash forward", forward, f"void({A4}, {A4}, {A4}, {A4}, {A3}, {attention_args})"
-    yield "flash row_dot", row_dot, f"void({A4}, {A4}, {A3}, int64, int64, int64)"
-    yield "flash dk_dv", dk_dv, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {A4}, {attention_args})"
-    yield "flash dq", dq, f"void({A4}, {A4}, {A4}, {A3}, {A4}, {A3}, {A4}, {attention_args})"
+    yield from flash_attention.kernels_and_signatures()
     yield from fused.kernels_and_signatures()
     yield from selective_scan.kernels_and_signatures()
 
@@ -55,7 +50,7 @@ def main():
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
         lines = f64_lines(ptx)
         bad += bool(lines)
-        print(f"{name:16s} {len(ptx.splitlines()):6d} PTX lines, {len(lines)} with .f64" +
+        print(f"{name:20s} {len(ptx.splitlines()):6d} PTX lines, {len(lines)} with .f64" +
               "".join(f"\n    {line}" for line in lines[:5]))
     return 1 if bad else 0
 

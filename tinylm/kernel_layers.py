@@ -29,7 +29,7 @@ from .layers import Layers, merge_heads, merge_qkv_grads, split_heads
 # more per block, so there the same kernels run with small blocks: a tiny model's step takes seconds.
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
 MATMUL_LAUNCH = {"tile": (16, 64, 16, 4, 16)} if SIMULATOR else {}
-FLASH_LAUNCH = {"blocks": (8, 8)} if SIMULATOR else {}
+FLASH_LAUNCH = {"blocks": kernels.flash_attention.Tiles(8, 4, 4, 2)} if SIMULATOR else {}   # 8 threads
 ROW_LAUNCH = {"threads": 2} if SIMULATOR else {}
 ELEMENTWISE_LAUNCH = {"threads": 32} if SIMULATOR else {}
 
