@@ -12,15 +12,14 @@ from types import SimpleNamespace
 from numba import cuda
 
 from . import flash_attention, fused, selective_scan
-from .matmul import DEFAULT_TILE, make_matmul_kernel
+from .matmul import kernels_and_signatures as matmul_kernels_and_signatures
 
 A2 = "float32[:, :]"
 
 
 def kernels_and_signatures():
     """(name, Python function, signature) for every kernel at its default sizes."""
-    yield "matmul", make_matmul_kernel(*DEFAULT_TILE), \
-        f"void({A2}, {A2}, {A2}, int64, int64, int64, boolean, boolean)"
+    yield from matmul_kernels_and_signatures()
     yield from flash_attention.kernels_and_signatures()
     yield from fused.kernels_and_signatures()
     yield from selective_scan.kernels_and_signatures()
