@@ -12,7 +12,8 @@
 # Exit 0 only if every section ran and every result was right; 2 for a bad option.
 # --smoke: the same harness on the CPU (CUDA simulator, NumPy for CuPy, tiny sizes), as CI runs it.
 # Environment: PYTHON (default python3), GPU_CHECK_WHEEL_DIR (default .whl; under --smoke only if
-# set), GPU_CHECK_SITE (default /tmp/site), GPU_CHECK_PLANT_WRONG (see bench/gpu_sections.py).
+# set), GPU_CHECK_SITE (default /tmp/site), GPU_CHECK_PLANT_WRONG (see bench/gpu_sections.py),
+# GPU_CHECK_SECTIONS (e.g. baselines,flash,long: a rerun of some sections; env always runs).
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -61,7 +62,7 @@ unset CUPY_TF32                              # cuBLAS in true FP32: the fair bas
 export NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0     # one stream: no host sync per CuPy argument at each launch
 
 LEFT=$(( BUDGET - ($(date +%s) - START) ))
-"$PY" bench/kernels_gpu.py --out "$OUT" --budget "$LEFT" $SMOKE
+"$PY" bench/kernels_gpu.py --out "$OUT" --budget "$LEFT" $SMOKE ${GPU_CHECK_SECTIONS:+--sections "$GPU_CHECK_SECTIONS"}
 rc=$?
 if [ ! -s "$OUT/results.json" ]; then
     echo "gpu_check.sh: bench/kernels_gpu.py wrote no results (exit $rc); carried wheels: $WHEELS" | tee "$OUT/summary.txt"

@@ -116,7 +116,18 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(BENCH, "gpu_results"))
     ap.add_argument("--budget", type=float, default=400, help="seconds for all sections together")
     ap.add_argument("--smoke", action="store_true", help="CPU, CUDA simulator, NumPy for CuPy, tiny sizes")
+    ap.add_argument("--sections", help="comma-separated sections to run (env always runs; the budget is shared "
+                                       "among them in their usual proportions), e.g. baselines,flash,long")
     args = ap.parse_args(argv)
+    plan = PLAN
+    if args.sections:
+        wanted = {"env", *args.sections.split(",")}
+        unknown = wanted - {p[0] for p in PLAN}
+        if unknown:
+            ap.error(f"unknown sections {sorted(unknown)}; choose from {[p[0] for p in PLAN]}")
+        chosen = [p for p in PLAN if p[0] in wanted]
+        scale = sum(p[1] for p in PLAN if p[0] != "long") / sum(p[1] for p in chosen if p[0] != "long")
+        plan = [(n, min(1.0, share * scale), floor, numba) for n, share, floor, numba in chosen]
     # A stop from outside (a device tool's timeout) ends the running section's process group too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"kernels_gpu.py: stopped by signal {signum}"))
     if args.budget <= 0:
@@ -132,9 +143,9 @@ def main(argv=None):
     numba_ok, numba_reason = True, ""
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as rows_dir, \
             open(os.path.join(args.out, "sections.log"), "w") as log:
-        for i, (name, share, _, needs_numba) in enumerate(PLAN):
+        for i, (name, share, _, needs_numba) in enumerate(plan):
             left = args.budget - (time.time() - start)
-            limit = min(share * args.budget, left - args.budget * sum(p[2] for p in PLAN[i + 1:]))
+            limit = min(share * args.budget, left - args.budget * sum(p[2] for p in plan[i + 1:]))
             if needs_numba and not numba_ok:
                 section = {"name": name, "status": "skipped",
                            "reason": f"the one-element Numba kernel failed: {numba_reason}"}
