@@ -165,3 +165,23 @@ def test_bad_idx(idx, message):
 def test_bad_targets(targets, message):
     with pytest.raises(ValueError, match=message):
         GPT(GPTConfig(**SMALL)).loss_and_grads(np.array([[1, 2]]), targets)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_loss_is_mean_nll_over_masked_valid_positions(seed):
+    """Against log-softmax of forward()'s logits, averaged by hand over the positions where
+    loss_mask is 1 and the target is not −1. Dividing by every valid target (ignoring the mask),
+    or by every position, fails here."""
+    rng = np.random.default_rng(seed)
+    config = GPTConfig(vocab_size=7, n_ctx=6, n_layer=1, n_head=2, d_model=6, dtype="float64")
+    model = GPT(config, seed=seed)
+    idx, targets = batch(config, rng, B=3, T=6)
+    targets[0, :2] = -1
+    loss_mask = (rng.random(idx.shape) < 0.5).astype(np.float64)
+    loss_mask[1, 3] = 1.0
+    logits = model.forward(idx)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    terms = [-logp[b, t, targets[b, t]] for b in range(3) for t in range(6) if loss_mask[b, t] and targets[b, t] >= 0]
+    expected = sum(terms) / len(terms)
+    assert model.loss(idx, targets, loss_mask) == pytest.approx(expected, rel=1e-12)
+    assert model.loss_and_grads(idx, targets, loss_mask)[0] == pytest.approx(expected, rel=1e-12)
