@@ -28,7 +28,7 @@ def assert_close(errors):
 
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 6), V=st.integers(1, 8), C=st.integers(1, 5))
-def test_embedding(seed, B, T, V, C):
+def test_embedding_backward_matches_finite_differences(seed, B, T, V, C):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, V, size=(B, T))          # small V: repeated ids are the norm
     W = rng.normal(size=(V, C))
@@ -38,7 +38,7 @@ def test_embedding(seed, B, T, V, C):
 
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 5), C=st.integers(3, 8), scale=scales)
-def test_layernorm(seed, B, T, C, scale):
+def test_layernorm_backward_matches_finite_differences(seed, B, T, C, scale):
     # (C = 2 is degenerate: xhat is ±1 whatever x is, so dx ≈ 0 and a relative error means nothing)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(B, T, C)) * scale + rng.normal() * scale
@@ -52,7 +52,7 @@ def test_layernorm(seed, B, T, C, scale):
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 5), I=st.integers(1, 6), O=st.integers(1, 6),
        bias=st.booleans(), scale=scales)
-def test_linear(seed, B, T, I, O, bias, scale):
+def test_linear_backward_matches_finite_differences(seed, B, T, I, O, bias, scale):
     rng = np.random.default_rng(seed)
     x, W = rng.normal(size=(B, T, I)) * scale, rng.normal(size=(I, O))
     b = rng.normal(size=O) if bias else None
@@ -68,7 +68,7 @@ def test_linear(seed, B, T, I, O, bias, scale):
 
 
 @given(seed=seeds, n=st.integers(1, 20), scale=scales)
-def test_gelu(seed, n, scale):
+def test_gelu_backward_matches_finite_differences(seed, n, scale):
     rng = np.random.default_rng(seed)
     # Two unit-scale entries keep the gradient's norm away from 0: at x = -30 GELU's slope is
     # ~1e-197, and a norm-wise relative error of two near-zero vectors measures only noise.
@@ -86,7 +86,7 @@ def test_gelu_matches_gpt2_formula():
 
 @given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 6), H=st.integers(1, 3), hd=st.integers(1, 4),
        scale=st.sampled_from([1.0, 0.1, 5.0]))
-def test_attention(seed, B, T, H, hd, scale):
+def test_attention_backward_matches_finite_differences(seed, B, T, H, hd, scale):
     rng = np.random.default_rng(seed)
     qkv = rng.normal(size=(B, T, 3 * H * hd)) * scale
     y, cache = attention_forward(qkv, H)
@@ -97,7 +97,7 @@ def test_attention(seed, B, T, H, hd, scale):
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 5), V=st.integers(2, 9),
        scale=st.sampled_from([1.0, 5.0]), ignore=st.booleans())
-def test_cross_entropy(seed, B, T, V, scale, ignore):
+def test_cross_entropy_backward_matches_finite_differences(seed, B, T, V, scale, ignore):
     # Larger logits saturate the softmax: the true gradient falls below finite-difference noise
     # (~1e-16·|loss|/h), so large magnitudes are tested for finiteness below instead.
     rng = np.random.default_rng(seed)
@@ -129,7 +129,7 @@ def test_cross_entropy_matches_definition_and_survives_huge_logits():
 
 
 @given(seed=seeds, B=st.integers(1, 4), T=st.integers(1, 6), C=st.integers(1, 5))
-def test_reward_head(seed, B, T, C):
+def test_reward_head_backward_matches_finite_differences(seed, B, T, C):
     rng = np.random.default_rng(seed)
     z, w, b = rng.normal(size=(B, T, C)), rng.normal(size=C), np.array(rng.normal())
     last = rng.integers(0, T, size=B)

@@ -11,7 +11,7 @@ from tinylm.tokenizer import BPETokenizer, ByteTokenizer, bytes_to_unicode, load
 
 
 @given(st.text())
-def test_byte_roundtrip(text):
+def test_byte_decode_inverts_encode(text):
     tok = ByteTokenizer()
     ids = tok.encode(text)
     assert ids.dtype == np.int64
@@ -62,7 +62,7 @@ def test_bpe_merges_by_rank(tmp_path):
 
 
 @given(st.text())
-def test_bpe_roundtrip(text):
+def test_bpe_decode_inverts_encode(text):
     import tempfile
     from pathlib import Path
     with tempfile.TemporaryDirectory() as d:
