@@ -189,3 +189,27 @@ def test_numerical_grad_refuses_float32():
     from tinylm.gradcheck import numerical_grad
     with pytest.raises(ValueError, match="float64"):
         numerical_grad(lambda: 0.0, np.zeros(3, np.float32))
+
+
+def test_every_layer_keeps_float32_forward_and_backward():
+    """A float32 model stays float32: no layer's output or gradient is promoted to float64 (a
+    dropped `dtype=` in a zeros() or a float64 constant array would double memory and time)."""
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+    B, T, C, V = 2, 3, 4, 5
+    ids, last = rng.integers(0, V, size=(B, T)), np.array([2, 0])
+    cases = [
+        (embedding_forward, embedding_backward, (ids, f32(V, C)), f32(B, T, C)),
+        (layernorm_forward, layernorm_backward, (f32(B, T, C), f32(C), f32(C)), f32(B, T, C)),
+        (linear_forward, linear_backward, (f32(B, T, C), f32(C, V), f32(V)), f32(B, T, V)),
+        (gelu_forward, gelu_backward, (f32(B, T, C),), f32(B, T, C)),
+        (attention_forward, attention_backward, (f32(B, T, 3 * C), 2), f32(B, T, C)),
+        (cross_entropy_forward, cross_entropy_backward, (f32(B, T, V), ids), f32(B, T)),
+        (reward_head_forward, reward_head_backward, (f32(B, T, C), last, f32(C), np.float32(0.5)), f32(B)),
+    ]
+    for forward, backward, inputs, dout in cases:
+        out, cache = forward(*inputs)
+        grads = backward(dout, cache)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        assert out.dtype == np.float32, forward.__name__
+        assert all(np.asarray(g).dtype == np.float32 for g in grads), (backward.__name__, [np.asarray(g).dtype for g in grads])
