@@ -99,19 +99,23 @@ def mixer_params(rng, d_model, d_state, d_conv, expand, scale):
     return {k: ssm_init_param(k, s, rng, 0.02) + rng.normal(size=s) * scale for k, s in shapes.items()}
 
 
-@given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 6), C=st.integers(1, 5), N=st.integers(1, 3),
-       K=st.integers(1, 3), expand=st.integers(1, 2), scale=st.sampled_from([0.1, 0.5]))
-def test_ssm_mixer_backward_matches_finite_differences(seed, B, T, C, N, K, expand, scale):
+def mixer_case(seed, B, T, C, N, K, expand, scale):
+    """A mixer on x (B, T, C), its loss f() = sum(out · G), and the backward's dx and grads."""
     rng = np.random.default_rng(seed)
     params = mixer_params(rng, C, N, K, expand, scale)
     x = rng.normal(size=(B, T, C))
     out, cache = ssm_mixer_forward(x, params)
     G, loss = project(out, rng)
     dx, grads = ssm_mixer_backward(G, cache)
+    return x, params, lambda: loss(ssm_mixer_forward(x, params)[0]), dx, grads
+
+
+@given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 6), C=st.integers(1, 5), N=st.integers(1, 3),
+       K=st.integers(1, 3), expand=st.integers(1, 2), scale=st.sampled_from([0.1, 0.5]))
+def test_ssm_mixer_backward_matches_finite_differences(seed, B, T, C, N, K, expand, scale):
+    x, params, f, dx, grads = mixer_case(seed, B, T, C, N, K, expand, scale)
     assert set(grads) == set(params)
-    inputs = {"x": x, **params}
-    assert_close(check_gradients(lambda: loss(ssm_mixer_forward(x, params)[0]), inputs, {"x": dx, **grads},
-                                 max_entries=8, seed=seed))
+    assert_close(check_gradients(f, {"x": x, **params}, {"x": dx, **grads}, max_entries=8, seed=seed))
 
 
 # ---------------------------------------------------------------- the whole model
@@ -269,13 +273,7 @@ def test_checker_catches_10_percent_error_in_smallest_ssm_gradients(seed, B, T, 
     72 of 150 draws): judged on their own scale, the true gradients pass and each scaled by 0.9
     fails, on all 100 draws. T ≥ 2: at T = 1, A never multiplies a state and its gradient is 0;
     C ≥ 2: at C = 1 it can fall to 1e-18 ≈ 1e-15·|f|, under float64's resolution for any checker."""
-    rng = np.random.default_rng(seed)
-    params = mixer_params(rng, C, N, K, expand, scale)
-    x = rng.normal(size=(B, T, C))
-    out, cache = ssm_mixer_forward(x, params)
-    G, loss = project(out, rng)
-    _, grads = ssm_mixer_backward(G, cache)
-    f = lambda: loss(ssm_mixer_forward(x, params)[0])
+    _, params, f, _, grads = mixer_case(seed, B, T, C, N, K, expand, scale)
     small = {k: params[k] for k in ("A_log", "dt_proj.bias")}
     assert_close(check_gradients(f, small, grads, seed=seed))
     wrong = check_gradients(f, small, {k: 0.9 * grads[k] for k in small}, seed=seed)
