@@ -85,3 +85,18 @@ def test_bpe_refuses_a_vocabulary_that_is_not_byte_level(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(ValueError, match="is not made of GPT-2's byte characters"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("word, expected", [
+    ("aaa", ["aa", "a"]),             # overlapping occurrences merge left to right
+    ("aaaaa", ["aaaa", "a"]),         # aa aa a, then (aa, aa)
+    ("baa", ["b", "aa"]),             # rank 0 (a, a) wins over rank 2 (b, a)
+    ("aba", ["a", "ba"]),             # the winning pair at the end of the word
+    ("bab", ["ba", "b"]),             # ... and at its start
+    ("abab", ["a", "ba", "b"]),
+])
+def test_bpe_merges_repeated_and_overlapping_pairs_by_hand(tmp_path, word, expected):
+    """Hand-worked merges with merges (a, a) < (aa, aa) < (b, a): a merge that reads the wrong
+    neighbour, skips the last pair or merges only the first occurrence gives another split."""
+    vocab = write_bpe(tmp_path, [("a", "a"), ("aa", "aa"), ("b", "a")])
+    assert load_tokenizer(tmp_path).encode(word).tolist() == [vocab[t] for t in expected]
