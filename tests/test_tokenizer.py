@@ -100,3 +100,15 @@ def test_bpe_merges_repeated_and_overlapping_pairs_by_hand(tmp_path, word, expec
     neighbour, skips the last pair or merges only the first occurrence gives another split."""
     vocab = write_bpe(tmp_path, [("a", "a"), ("aa", "aa"), ("b", "a")])
     assert load_tokenizer(tmp_path).encode(word).tolist() == [vocab[t] for t in expected]
+
+
+def test_bpe_decode_takes_a_batch_row_replaces_broken_utf8_and_names_an_unknown_id(tmp_path):
+    """decode reads any array shape, returns U+FFFD for a cut multi-byte character (a model may emit
+    half of "€") and refuses an unknown id with its number and the allowed range."""
+    vocab = write_bpe(tmp_path, MERGES)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode(" the €")
+    assert tok.decode(ids[None, :]) == " the €"
+    assert tok.decode(ids[:-1]) == " the \ufffd"
+    with pytest.raises(ValueError, match=rf"token id 999 is not in the BPE vocabulary \(allowed 0..{len(vocab) - 1}\)"):
+        tok.decode([vocab["he"], 999, 1000])
