@@ -112,3 +112,19 @@ def test_bpe_decode_takes_a_batch_row_replaces_broken_utf8_and_names_an_unknown_
     assert tok.decode(ids[:-1]) == " the \ufffd"
     with pytest.raises(ValueError, match=rf"token id 999 is not in the BPE vocabulary \(allowed 0..{len(vocab) - 1}\)"):
         tok.decode([vocab["he"], 999, 1000])
+
+
+def test_bytes_to_unicode_keeps_printable_bytes_and_moves_the_rest_past_255():
+    """GPT-2's table: '!'..'~', '¡'..'¬', '®'..'ÿ' (188 bytes) map to themselves, the other 68 to
+    256, 257, ... in byte order; all 256 characters distinct."""
+    table = bytes_to_unicode()
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    assert len(printable) == 188 and all(table[b] == chr(b) for b in printable)
+    others = [b for b in range(256) if b not in printable]
+    assert [table[b] for b in others] == [chr(256 + n) for n in range(len(others))]
+
+
+def test_byte_decode_reads_a_batch_row_and_encode_of_nothing_is_int64():
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("hi")[None, :]) == "hi"
+    assert tok.encode("").dtype == np.int64
