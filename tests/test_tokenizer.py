@@ -83,7 +83,7 @@ def test_load_tokenizer_refuses_vocab_mismatch(tmp_path):
 def test_bpe_refuses_a_vocabulary_that_is_not_byte_level(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "\u2603": 1}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match="is not made of GPT-2's byte characters"):
+    with pytest.raises(ValueError, match=r"is not made of GPT-2's byte characters \(not a byte-level BPE vocabulary\)"):
         load_tokenizer(tmp_path)
 
 
@@ -128,3 +128,20 @@ def test_byte_decode_reads_a_batch_row_and_encode_of_nothing_is_int64():
     tok = ByteTokenizer()
     assert tok.decode(tok.encode("hi")[None, :]) == "hi"
     assert tok.encode("").dtype == np.int64
+
+
+def test_broken_bpe_files_are_refused_with_the_line_or_file_named(tmp_path):
+    """A merge line with three tokens is quoted; an unreadable vocab.json is named; merges.txt's
+    "#version" header is no merge; vocab.json alone (no merges.txt) means the byte tokenizer."""
+    vocab = write_bpe(tmp_path, MERGES)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ t\nh e x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"merges.txt: a merge line must hold two tokens, got 'h e x'"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    assert load_tokenizer(tmp_path).encode(" t").tolist() == [vocab["Ġ"], vocab["t"]]
+    (tmp_path / "merges.txt").unlink()
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    (tmp_path / "merges.txt").write_text("", encoding="utf-8")
+    (tmp_path / "vocab.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cannot read the BPE tokenizer files \(Expecting"):
+        load_tokenizer(tmp_path)
