@@ -49,7 +49,7 @@ def test_flash_heads_match_reference_and_lse(seed, T, hd, block, causal):
 
 
 @given(seed=seeds, T=st.integers(1, 9), block=st.integers(1, 4), causal=st.booleans())
-def test_flash_backward_gradcheck(seed, T, block, causal):
+def test_flash_backward_matches_finite_differences(seed, T, block, causal):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.normal(size=(1, 2, T, 3)) for _ in range(3))
     G = rng.normal(size=q.shape)
@@ -87,7 +87,7 @@ def test_flash_memory_is_linear_in_T():
     assert peak < 512 * 512 * 8 / 4, peak
 
 
-def test_block_must_be_positive():
+def test_nonpositive_block_is_refused():
     q = np.zeros((1, 1, 4, 2))
     with pytest.raises(ValueError, match="block"):
         flash_forward(q, q, q, block=0)

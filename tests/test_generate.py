@@ -99,7 +99,7 @@ def test_prompt_longer_than_n_ctx_is_refused():
     (dict(top_k=24), "top_k must be an integer in 1..vocab_size=23"),
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
 ])
-def test_bad_sampling_arguments(kw, message):
+def test_bad_sampling_arguments_are_refused(kw, message):
     model = tiny_model()
     kw = {"max_new_tokens": 3, **kw}
     with pytest.raises(ValueError, match=message):

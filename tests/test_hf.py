@@ -1,27 +1,58 @@
 """Hugging Face GPT-2 checkpoints: a tiny model written by transformers itself (committed under
 tests/fixtures, see make_hf_fixture.py) loads into tinylm and gives transformers' logits; tinylm
 writes the same layout back; broken checkpoints are refused with a message naming the problem."""
+import functools
 import json
+import math
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tinylm import GPT
+from tinylm import GPT, layers
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")
 REFERENCE = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny_logits.npz"))
 
 
-@pytest.mark.parametrize("dtype, tol", [("float64", 1e-5), ("float32", 1e-4)])
+# float64 agrees with transformers to ~4e-8 (its float32 weights, our float64 arithmetic); each shared
+# constant below moves the logits by ≥ 4e-6 when mistyped, and finite differences cannot see any of
+# them (forward and backward share the constant). 5e-7 sits between the two.
+FLOAT64_TOL = 5e-7
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", FLOAT64_TOL), ("float32", 1e-4)])
 def test_load_transformers_checkpoint_gives_its_logits(dtype, tol):
     model = GPT.from_pretrained(FIXTURE, dtype=dtype)
     assert model.config.n_layer == 2 and model.config.d_model == 12 and model.config.n_ctx == 16
     logits = model.forward(REFERENCE["idx"])
     assert logits.dtype == dtype
     np.testing.assert_allclose(logits, REFERENCE["logits"], atol=tol, rtol=0)
+
+
+def sqrt_of_next(x):
+    return math.sqrt(x + 1)
+
+
+@pytest.mark.parametrize("mutation", ["layernorm eps 1e-6", "gelu 0.044", "gelu sqrt(1/pi)", "attention 1/sqrt(hd+1)"])
+def test_float64_fixture_tolerance_catches_mistyped_shared_constant(monkeypatch, mutation):
+    """Companion of the test above: each realistic typo of a constant that forward and backward
+    share makes the float64 comparison at FLOAT64_TOL fail. (GELU's 0.044715 is pinned to about
+    ±0.0007: the fixture's activations are small, so 0.0447 moves the logits by only 4e-8.)"""
+    model = GPT.from_pretrained(FIXTURE, dtype="float64")
+    if mutation == "layernorm eps 1e-6":
+        model.layers = model.layers._replace(layernorm_forward=functools.partial(layers.layernorm_forward, eps=1e-6))
+    elif mutation == "gelu 0.044":
+        monkeypatch.setattr(layers, "GELU_A", 0.044)
+    elif mutation == "gelu sqrt(1/pi)":
+        monkeypatch.setattr(layers, "GELU_C", math.sqrt(1.0 / math.pi))
+    else:
+        monkeypatch.setattr(layers, "math", types.SimpleNamespace(sqrt=sqrt_of_next, inf=math.inf))
+    error = np.abs(model.forward(REFERENCE["idx"]) - REFERENCE["logits"]).max()
+    assert error > FLOAT64_TOL
 
 
 def test_save_writes_transformers_layout(tmp_path):
@@ -46,7 +77,7 @@ def test_prefixless_keys_and_mask_buffers_are_accepted(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     shutil.copy(os.path.join(FIXTURE, "config.json"), tmp_path)
     logits = GPT.from_pretrained(tmp_path, dtype="float64").forward(REFERENCE["idx"])
-    np.testing.assert_allclose(logits, REFERENCE["logits"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits, REFERENCE["logits"], atol=FLOAT64_TOL, rtol=0)
 
 
 def broken_checkpoint(tmp_path, edit):

@@ -28,7 +28,7 @@ def assert_close(errors):
 
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 6), V=st.integers(1, 8), C=st.integers(1, 5))
-def test_embedding(seed, B, T, V, C):
+def test_embedding_backward_matches_finite_differences(seed, B, T, V, C):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, V, size=(B, T))          # small V: repeated ids are the norm
     W = rng.normal(size=(V, C))
@@ -38,7 +38,7 @@ def test_embedding(seed, B, T, V, C):
 
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 5), C=st.integers(3, 8), scale=scales)
-def test_layernorm(seed, B, T, C, scale):
+def test_layernorm_backward_matches_finite_differences(seed, B, T, C, scale):
     # (C = 2 is degenerate: xhat is ±1 whatever x is, so dx ≈ 0 and a relative error means nothing)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(B, T, C)) * scale + rng.normal() * scale
@@ -52,7 +52,7 @@ def test_layernorm(seed, B, T, C, scale):
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 5), I=st.integers(1, 6), O=st.integers(1, 6),
        bias=st.booleans(), scale=scales)
-def test_linear(seed, B, T, I, O, bias, scale):
+def test_linear_backward_matches_finite_differences(seed, B, T, I, O, bias, scale):
     rng = np.random.default_rng(seed)
     x, W = rng.normal(size=(B, T, I)) * scale, rng.normal(size=(I, O))
     b = rng.normal(size=O) if bias else None
@@ -68,7 +68,7 @@ def test_linear(seed, B, T, I, O, bias, scale):
 
 
 @given(seed=seeds, n=st.integers(1, 20), scale=scales)
-def test_gelu(seed, n, scale):
+def test_gelu_backward_matches_finite_differences(seed, n, scale):
     rng = np.random.default_rng(seed)
     # Two unit-scale entries keep the gradient's norm away from 0: at x = -30 GELU's slope is
     # ~1e-197, and a norm-wise relative error of two near-zero vectors measures only noise.
@@ -86,7 +86,7 @@ def test_gelu_matches_gpt2_formula():
 
 @given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 6), H=st.integers(1, 3), hd=st.integers(1, 4),
        scale=st.sampled_from([1.0, 0.1, 5.0]))
-def test_attention(seed, B, T, H, hd, scale):
+def test_attention_backward_matches_finite_differences(seed, B, T, H, hd, scale):
     rng = np.random.default_rng(seed)
     qkv = rng.normal(size=(B, T, 3 * H * hd)) * scale
     y, cache = attention_forward(qkv, H)
@@ -97,7 +97,7 @@ def test_attention(seed, B, T, H, hd, scale):
 
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 5), V=st.integers(2, 9),
        scale=st.sampled_from([1.0, 5.0]), ignore=st.booleans())
-def test_cross_entropy(seed, B, T, V, scale, ignore):
+def test_cross_entropy_backward_matches_finite_differences(seed, B, T, V, scale, ignore):
     # Larger logits saturate the softmax: the true gradient falls below finite-difference noise
     # (~1e-16·|loss|/h), so large magnitudes are tested for finiteness below instead.
     rng = np.random.default_rng(seed)
@@ -129,7 +129,7 @@ def test_cross_entropy_matches_definition_and_survives_huge_logits():
 
 
 @given(seed=seeds, B=st.integers(1, 4), T=st.integers(1, 6), C=st.integers(1, 5))
-def test_reward_head(seed, B, T, C):
+def test_reward_head_backward_matches_finite_differences(seed, B, T, C):
     rng = np.random.default_rng(seed)
     z, w, b = rng.normal(size=(B, T, C)), rng.normal(size=C), np.array(rng.normal())
     last = rng.integers(0, T, size=B)
@@ -189,3 +189,27 @@ def test_numerical_grad_refuses_float32():
     from tinylm.gradcheck import numerical_grad
     with pytest.raises(ValueError, match="float64"):
         numerical_grad(lambda: 0.0, np.zeros(3, np.float32))
+
+
+def test_every_layer_keeps_float32_forward_and_backward():
+    """A float32 model stays float32: no layer's output or gradient is promoted to float64 (a
+    dropped `dtype=` in a zeros() or a float64 constant array would double memory and time)."""
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+    B, T, C, V = 2, 3, 4, 5
+    ids, last = rng.integers(0, V, size=(B, T)), np.array([2, 0])
+    cases = [
+        (embedding_forward, embedding_backward, (ids, f32(V, C)), f32(B, T, C)),
+        (layernorm_forward, layernorm_backward, (f32(B, T, C), f32(C), f32(C)), f32(B, T, C)),
+        (linear_forward, linear_backward, (f32(B, T, C), f32(C, V), f32(V)), f32(B, T, V)),
+        (gelu_forward, gelu_backward, (f32(B, T, C),), f32(B, T, C)),
+        (attention_forward, attention_backward, (f32(B, T, 3 * C), 2), f32(B, T, C)),
+        (cross_entropy_forward, cross_entropy_backward, (f32(B, T, V), ids), f32(B, T)),
+        (reward_head_forward, reward_head_backward, (f32(B, T, C), last, f32(C), np.float32(0.5)), f32(B)),
+    ]
+    for forward, backward, inputs, dout in cases:
+        out, cache = forward(*inputs)
+        grads = backward(dout, cache)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        assert out.dtype == np.float32, forward.__name__
+        assert all(np.asarray(g).dtype == np.float32 for g in grads), (backward.__name__, [np.asarray(g).dtype for g in grads])

@@ -38,7 +38,7 @@ def scale_params(model, rng, scale):
 
 @given(config=configs(), seed=st.integers(0, 10**6), scale=st.sampled_from([0.02, 0.3, 1.0]),
        masked=st.booleans())
-def test_model_gradients(config, seed, scale, masked):
+def test_model_gradients_match_finite_differences(config, seed, scale, masked):
     rng = np.random.default_rng(seed)
     model = GPT(config, seed=seed)
     scale_params(model, rng, scale)
@@ -87,7 +87,7 @@ def test_float32_forward_matches_float64(config, seed):
 
 
 @given(config=configs(), seed=st.integers(0, 10**6))
-def test_causality(config, seed):
+def test_changing_token_t_leaves_earlier_positions_unchanged(config, seed):
     """Changing token t never changes logits or z at positions < t."""
     rng = np.random.default_rng(seed)
     model = GPT(config, seed=seed)
@@ -138,7 +138,7 @@ SMALL = dict(vocab_size=10, n_ctx=8, n_layer=1, n_head=2, d_model=4)
     (dict(n_ctx=2.5), "n_ctx must be a positive integer"),
     (dict(dtype="float16"), "dtype must be one of"),
 ])
-def test_bad_config(change, message):
+def test_bad_config_is_refused_naming_the_field(change, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**{**SMALL, **change})
 
@@ -151,7 +151,7 @@ def test_bad_config(change, message):
     (np.zeros((1, 9), dtype=int), "T=9, more than n_ctx=8"),
     ([[1, 2]], "must be an integer array"),
 ])
-def test_bad_idx(idx, message):
+def test_bad_idx_is_refused_with_a_message(idx, message):
     with pytest.raises(ValueError, match=message):
         GPT(GPTConfig(**SMALL)).forward(idx)
 
@@ -162,6 +162,47 @@ def test_bad_idx(idx, message):
     (np.array([[-2, 1]]), "targets: id -2 is out of range"),
     (np.array([[-1, -1]]), "no position counts"),
 ])
-def test_bad_targets(targets, message):
+def test_bad_targets_are_refused_with_a_message(targets, message):
     with pytest.raises(ValueError, match=message):
         GPT(GPTConfig(**SMALL)).loss_and_grads(np.array([[1, 2]]), targets)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_loss_is_mean_nll_over_masked_valid_positions(seed):
+    """Against log-softmax of forward()'s logits, averaged by hand over the positions where
+    loss_mask is 1 and the target is not −1. Dividing by every valid target (ignoring the mask),
+    or by every position, fails here."""
+    rng = np.random.default_rng(seed)
+    config = GPTConfig(vocab_size=7, n_ctx=6, n_layer=1, n_head=2, d_model=6, dtype="float64")
+    model = GPT(config, seed=seed)
+    idx, targets = batch(config, rng, B=3, T=6)
+    targets[0, :2] = -1
+    loss_mask = (rng.random(idx.shape) < 0.5).astype(np.float64)
+    loss_mask[1, 3] = 1.0
+    logits = model.forward(idx)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    terms = [-logp[b, t, targets[b, t]] for b in range(3) for t in range(6) if loss_mask[b, t] and targets[b, t] >= 0]
+    expected = sum(terms) / len(terms)
+    assert model.loss(idx, targets, loss_mask) == pytest.approx(expected, rel=1e-12)
+    assert model.loss_and_grads(idx, targets, loss_mask)[0] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "ssm"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_checker_catches_10_percent_error_in_every_parameter_gradient(mixer, seed):
+    """Every parameter of every layer, the smallest gradients included (the ssm's A_log and
+    dt_proj.bias, LayerNorm biases deep in the stack), scaled by 0.9 one at a time: each must
+    fail the check that its true gradient passes."""
+    rng = np.random.default_rng(seed)
+    config = GPTConfig(vocab_size=7, n_ctx=5, n_layer=2, n_head=1, d_model=4, dtype="float64", mixer=mixer,
+                       d_state=2, d_conv=2, expand=2)
+    model = GPT(config, seed=seed)
+    for p in model.params.values():
+        p += rng.normal(size=p.shape) * 0.3
+    idx, targets = batch(config, rng, B=2, T=5)
+    _, grads = model.loss_and_grads(idx, targets)
+    f = lambda: model.loss(idx, targets)
+    assert max(check_gradients(f, model.params, grads, max_entries=5, seed=seed).values()) <= 1e-6
+    wrong = check_gradients(f, model.params, {k: 0.9 * g for k, g in grads.items()}, max_entries=5, seed=seed)
+    missed = {k: (e, float(np.abs(grads[k]).max())) for k, e in wrong.items() if not e > 1e-6}
+    assert not missed, missed

@@ -7,7 +7,7 @@ from tinylm.model import param_shapes
 from tinylm.optim import decays, grad_norm
 
 
-def test_gpt2_small_counts():
+def test_gpt2_small_parameter_counts_match_the_published_totals():
     n = count_params(GPTConfig())
     assert n["total"] == 124_439_808
     assert n["non_embedding"] == 85_056_000
@@ -78,7 +78,7 @@ def test_adamw_refuses_mismatched_grads():
         adamw_step({"a": np.zeros(2), "b": np.zeros(2)}, {"a": np.zeros(2)}, adamw_init({"a": np.zeros(2)}), lr=0.1)
 
 
-def test_clip_grad_norm():
+def test_clip_grad_norm_rescales_only_above_the_limit_and_keeps_direction():
     grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
     assert clip_grad_norm(grads, 10.0) == pytest.approx(5.0)
     assert grad_norm(grads) == pytest.approx(5.0)               # under the limit: untouched

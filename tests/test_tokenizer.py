@@ -11,7 +11,7 @@ from tinylm.tokenizer import BPETokenizer, ByteTokenizer, bytes_to_unicode, load
 
 
 @given(st.text())
-def test_byte_roundtrip(text):
+def test_byte_decode_inverts_encode(text):
     tok = ByteTokenizer()
     ids = tok.encode(text)
     assert ids.dtype == np.int64
@@ -62,7 +62,7 @@ def test_bpe_merges_by_rank(tmp_path):
 
 
 @given(st.text())
-def test_bpe_roundtrip(text):
+def test_bpe_decode_inverts_encode(text):
     import tempfile
     from pathlib import Path
     with tempfile.TemporaryDirectory() as d:
@@ -83,5 +83,65 @@ def test_load_tokenizer_refuses_vocab_mismatch(tmp_path):
 def test_bpe_refuses_a_vocabulary_that_is_not_byte_level(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "\u2603": 1}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    with pytest.raises(ValueError, match="is not made of GPT-2's byte characters"):
+    with pytest.raises(ValueError, match=r"is not made of GPT-2's byte characters \(not a byte-level BPE vocabulary\)"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("word, expected", [
+    ("aaa", ["aa", "a"]),             # overlapping occurrences merge left to right
+    ("aaaaa", ["aaaa", "a"]),         # aa aa a, then (aa, aa)
+    ("baa", ["b", "aa"]),             # rank 0 (a, a) wins over rank 2 (b, a)
+    ("aba", ["a", "ba"]),             # the winning pair at the end of the word
+    ("bab", ["ba", "b"]),             # ... and at its start
+    ("abab", ["a", "ba", "b"]),
+])
+def test_bpe_merges_repeated_and_overlapping_pairs_by_hand(tmp_path, word, expected):
+    """Hand-worked merges with merges (a, a) < (aa, aa) < (b, a): a merge that reads the wrong
+    neighbour, skips the last pair or merges only the first occurrence gives another split."""
+    vocab = write_bpe(tmp_path, [("a", "a"), ("aa", "aa"), ("b", "a")])
+    assert load_tokenizer(tmp_path).encode(word).tolist() == [vocab[t] for t in expected]
+
+
+def test_bpe_decode_takes_a_batch_row_replaces_broken_utf8_and_names_an_unknown_id(tmp_path):
+    """decode reads any array shape, returns U+FFFD for a cut multi-byte character (a model may emit
+    half of "€") and refuses an unknown id with its number and the allowed range."""
+    vocab = write_bpe(tmp_path, MERGES)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode(" the €")
+    assert tok.decode(ids[None, :]) == " the €"
+    assert tok.decode(ids[:-1]) == " the \ufffd"
+    with pytest.raises(ValueError, match=rf"token id 999 is not in the BPE vocabulary \(allowed 0..{len(vocab) - 1}\)"):
+        tok.decode([vocab["he"], 999, 1000])
+
+
+def test_bytes_to_unicode_keeps_printable_bytes_and_moves_the_rest_past_255():
+    """GPT-2's table: '!'..'~', '¡'..'¬', '®'..'ÿ' (188 bytes) map to themselves, the other 68 to
+    256, 257, ... in byte order; all 256 characters distinct."""
+    table = bytes_to_unicode()
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    assert len(printable) == 188 and all(table[b] == chr(b) for b in printable)
+    others = [b for b in range(256) if b not in printable]
+    assert [table[b] for b in others] == [chr(256 + n) for n in range(len(others))]
+
+
+def test_byte_decode_reads_a_batch_row_and_encode_of_nothing_is_int64():
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("hi")[None, :]) == "hi"
+    assert tok.encode("").dtype == np.int64
+
+
+def test_broken_bpe_files_are_refused_with_the_line_or_file_named(tmp_path):
+    """A merge line with three tokens is quoted; an unreadable vocab.json is named; merges.txt's
+    "#version" header is no merge; vocab.json alone (no merges.txt) means the byte tokenizer."""
+    vocab = write_bpe(tmp_path, MERGES)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ t\nh e x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"merges.txt: a merge line must hold two tokens, got 'h e x'"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    assert load_tokenizer(tmp_path).encode(" t").tolist() == [vocab["Ġ"], vocab["t"]]
+    (tmp_path / "merges.txt").unlink()
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    (tmp_path / "merges.txt").write_text("", encoding="utf-8")
+    (tmp_path / "vocab.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cannot read the BPE tokenizer files \(Expecting"):
         load_tokenizer(tmp_path)
