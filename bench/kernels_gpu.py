@@ -126,8 +126,9 @@ def main(argv=None):
         if unknown:
             ap.error(f"unknown sections {sorted(unknown)}; choose from {[p[0] for p in PLAN]}")
         chosen = [p for p in PLAN if p[0] in wanted]
-        scale = sum(p[1] for p in PLAN if p[0] != "long") / sum(p[1] for p in chosen if p[0] != "long")
+        scale = sum(p[1] for p in PLAN if p[0] != "long") / sum(p[1] for p in chosen if p[0] != "long")  # env is in
         plan = [(n, min(1.0, share * scale), floor, numba) for n, share, floor, numba in chosen]
+    results_plan = len(plan)
     # A stop from outside (a device tool's timeout) ends the running section's process group too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"kernels_gpu.py: stopped by signal {signum}"))
     if args.budget <= 0:
@@ -139,7 +140,7 @@ def main(argv=None):
     results = {"harness": "bench/gpu_check.sh", "mode": "smoke" if args.smoke else "gpu",
                "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)), "budget_s": args.budget,
                "carried_wheels": wheels, "planted_wrong": os.environ.get("GPU_CHECK_PLANT_WRONG") or None,
-               "sections": []}
+               "planned_sections": results_plan, "sections": []}
     numba_ok, numba_reason = True, ""
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as rows_dir, \
             open(os.path.join(args.out, "sections.log"), "w") as log:
@@ -165,7 +166,7 @@ def write_results(results, out, start):
     failed = [s["name"] for s in results["sections"] if s["status"] in FAILED]
     if results["carried_wheels"].startswith("FAILED"):
         failed.append("carried wheels")
-    if len(results["sections"]) < len(PLAN):      # written mid-run: what a stopped run leaves says so
+    if len(results["sections"]) < results["planned_sections"]:   # written mid-run: a stopped run says so
         failed.append(f"incomplete (sections after {results['sections'][-1]['name'] if results['sections'] else 'none'}"
                       " not run yet)")
     results.update(elapsed_s=round(time.time() - start, 1), failed=failed, exit_code=1 if failed else 0)
