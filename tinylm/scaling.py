@@ -299,11 +299,12 @@ def joint_residuals(theta, lnN, lnD, lnL):
     w1 = e^{s1}/u, w2 = 1 − w1 the derivatives are α_D·w1·s1 (ln r: r·∂/∂r), α_D·ln u (ln α_D),
     α_D·w1·r (ln N_c) and α_D·w2 (ln D_c). Logs of r and α_D keep both positive.
     """
-    r, alpha_D = math.exp(theta[0]), math.exp(theta[1])
-    s1, s2 = r * (theta[2] - lnN), theta[3] - lnD
-    ln_u = np.logaddexp(s1, s2)                 # ln(e^{s1} + e^{s2}) without overflow
-    w1 = np.exp(s1 - ln_u)
-    jacobian = np.stack([alpha_D * w1 * s1, alpha_D * ln_u, alpha_D * w1 * r, alpha_D * (1 - w1)], axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):     # a wild trial step gives inf/nan: LM rejects it
+        r, alpha_D = np.exp(theta[0]), np.exp(theta[1])
+        s1, s2 = r * (theta[2] - lnN), theta[3] - lnD
+        ln_u = np.logaddexp(s1, s2)                 # ln(e^{s1} + e^{s2}) without overflow
+        w1 = np.exp(s1 - ln_u)
+        jacobian = np.stack([alpha_D * w1 * s1, alpha_D * ln_u, alpha_D * w1 * r, alpha_D * (1 - w1)], axis=1)
     return alpha_D * ln_u - lnL, jacobian
 
 
@@ -315,10 +316,13 @@ def levenberg_marquardt(theta, residuals, iterations=300):
     cost, lam = float(res @ res) / 2, 1e-3
     for _ in range(iterations):
         JtJ = J.T @ J
-        step = np.linalg.solve(JtJ + lam * np.diag(np.diag(JtJ) + 1e-12), -J.T @ res)
+        try:
+            step = np.linalg.solve(JtJ + lam * np.diag(np.diag(JtJ) + 1e-12), -J.T @ res)
+        except np.linalg.LinAlgError:          # a degenerate start: keep what we have
+            break
         new_res, new_J = residuals(theta + step)
         new_cost = float(new_res @ new_res) / 2
-        if np.isfinite(new_cost) and new_cost < cost:
+        if np.isfinite(new_cost) and np.isfinite(new_J).all() and new_cost < cost:
             theta, res, J, lam = theta + step, new_res, new_J, lam / 3
             if cost - new_cost < 1e-15 * max(cost, 1e-30):
                 cost = new_cost
@@ -348,8 +352,9 @@ def fit_joint(N, D, L):
             if best is None or cost < best[1]:
                 best = (theta, cost)
     theta, cost = best
-    r, alpha_D = math.exp(theta[0]), math.exp(theta[1])
-    return {"alpha_N": r * alpha_D, "alpha_D": alpha_D, "N_c": math.exp(theta[2]), "D_c": math.exp(theta[3]),
+    with np.errstate(over="ignore"):
+        r, alpha_D, N_c, D_c = (float(v) for v in np.exp(theta))
+    return {"alpha_N": r * alpha_D, "alpha_D": alpha_D, "N_c": N_c, "D_c": D_c,
             "rms_log_residual": math.sqrt(2 * cost / len(lnL)), "points": len(lnL)}
 
 
