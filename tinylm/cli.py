@@ -8,7 +8,7 @@ from .backend import keep_freed_memory
 
 COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",
             "tinylm.commands.info", "tinylm.commands.rlhf", "tinylm.commands.demo",
-            "tinylm.commands.scaling"]
+            "tinylm.commands.scaling", "tinylm.commands.attention_cost"]
 
 
 def build_parser():
