@@ -4,7 +4,7 @@ frontier; write DIR/runs.csv, DIR/fit.json and plots. Losses are in nats per byt
 import argparse
 from dataclasses import replace
 
-from tinylm.commands.args import positive
+from tinylm.commands.args import at_least, positive
 from tinylm.scaling import DEFAULT_DATA_SIZES, DEFAULT_SIZES, QUICK, QUICK_DATA_SIZES, QUICK_SIZES, SweepSettings
 
 DEFAULT = SweepSettings()
@@ -61,7 +61,8 @@ def add_parser(sub):
                    help=f"context length of every model (default {DEFAULT.n_ctx}; quick {QUICK.n_ctx})")
     p.add_argument("--batch-size", type=positive(int), default=None,
                    help=f"sequences per step (default {DEFAULT.batch_size}; quick {QUICK.batch_size})")
-    p.add_argument("--seed", type=int, default=None, help=f"initialisation and data-order seed (default {DEFAULT.seed})")
+    p.add_argument("--seed", type=at_least(0), default=None,
+                   help=f"initialisation and data-order seed (default {DEFAULT.seed})")
     p.add_argument("--data", default=None, help="a UTF-8 text file instead of the built-in corpus (default: built-in)")
     p.set_defaults(func=run)
 
