@@ -1,0 +1,12 @@
+"""Numbers read off a loss. A leaf module: it imports nothing from tinylm, so anything may use it."""
+import math
+
+
+def perplexity(loss):
+    """exp(loss): the mean cross-entropy in nats turned back into "how many equally likely choices".
+
+    A model that spreads its probability evenly over k tokens has loss ln k and perplexity k, so a
+    byte-level model starts near 256 and a perfect one reaches 1. loss: a float (nats per token);
+    an overflowing loss (> ~709 nats) gives inf.
+    """
+    return math.exp(loss) if loss < 709.0 else math.inf
