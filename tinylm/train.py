@@ -17,6 +17,7 @@ from .checkpoint import (LOCK, POINTER, STATE, TMP, RunLock, clean_stale, latest
                          load_training_checkpoint, no_symlink, read_trainer_state, remove, save_checkpoint)
 from .config import GPTConfig, check_int, config_from_dict
 from .data import Dataset, load_text
+from .metrics import perplexity
 from .model import GPT
 from .optim import adamw_init, adamw_step, clip_grad_norm
 from .tokenizer import ByteTokenizer
@@ -359,7 +360,7 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
                           elapsed_s=round(run.elapsed_s, 3))
                 if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
                     run.val_loss = estimate_loss(model, dataset, "val", cfg.batch_size, cfg.eval_batches)
-                    log.write(step=run.step, val_loss=run.val_loss)
+                    log.write(step=run.step, val_loss=run.val_loss, val_perplexity=perplexity(run.val_loss))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.val_loss:.3f}" if run.val_loss else "-",
                                 tok_s=f"{tokens_per_step / dt:,.0f}")

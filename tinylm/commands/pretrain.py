@@ -59,6 +59,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from tinylm.metrics import perplexity
     from tinylm.train import TrainConfig, pretrain, with_settings
     settings = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     if not args.resume:
@@ -67,8 +68,10 @@ def run(args):
     result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, device=args.device,
                       kernels=args.kernels, plot=args.plot, progress=progress_wanted(args.quiet))
     summary = (f"step {result['step']}, "
-               + (f"train loss {result['loss']:.4f}, " if result["loss"] is not None else "")
-               + (f"validation loss {result['val_loss']:.4f}, " if result["val_loss"] is not None else "")
+               + (f"train loss {result['loss']:.4f} (perplexity {perplexity(result['loss']):.2f}), "
+                  if result["loss"] is not None else "")
+               + (f"validation loss {result['val_loss']:.4f} (perplexity {perplexity(result['val_loss']):.2f}), "
+                  if result["val_loss"] is not None else "")
                + f"{result['elapsed_s']:.0f}s of training; checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":
         note("pretrain", f"interrupted at {summary}; continue with `tinylm pretrain --resume --out {args.out}`")

@@ -2,6 +2,7 @@
 few learning rates keeping the best, fit L(N), L(D), Kaplan's joint L(N, D) and the compute-optimal
 frontier; write DIR/runs.csv, DIR/fit.json and plots. Losses are in nats per byte, perplexity = e^loss."""
 import argparse
+import sys
 from dataclasses import replace
 
 from tinylm.commands.args import at_least, positive
@@ -101,6 +102,8 @@ def print_fit(mixer, fit, lrs):
 def run(args):
     from tqdm import tqdm
 
+    from tinylm.commands.terminal import progress_wanted
+
     from tinylm.data import load_text
     from tinylm.scaling import check_sweep, fit_sweep, plan, plot, sweep, write_fits
 
@@ -115,10 +118,12 @@ def run(args):
                                                                       else DEFAULT_DATA_SIZES)
     check_sweep(mixers, sizes, data_sizes, settings)       # bad input: an error before reading any data
     text = load_text(args.data)
-    bar = tqdm(total=len(plan(mixers, sizes, data_sizes, settings)), unit="run", desc="scaling")
+    # one line per run either way; the bar only where stderr is a terminal (tinylm.commands.terminal)
+    bar = tqdm(total=len(plan(mixers, sizes, data_sizes, settings)), unit="run", desc="scaling",
+               disable=not progress_wanted(), file=sys.stderr)
 
     def progress(message):
-        bar.write(message)
+        bar.write(message, file=sys.stderr)
         bar.update()
 
     rows = sweep(args.out, mixers, sizes, data_sizes, settings, text=text, progress=progress)
