@@ -71,6 +71,8 @@ def test_info_and_sample(run_dir, capsys):
     (["pretrain", "--data", "{tmp}/long.txt", "--out", "{tmp}/long.txt"], "is a file, not a directory"),
     (["pretrain", "--data", "{tmp}/long.txt", "--device", "gpu"], "invalid choice: 'gpu'"),
     (["sample", "{tmp}/nowhere"], "no checkpoint at"),
+    (["sample", "{tmp}/nowhere", "--max-new-tokens", "0"], "argument --max-new-tokens: must be > 0, got 0"),
+    (["sample", "{tmp}/nowhere", "--temperature", "-1"], "argument --temperature: must be >= 0, got -1"),
     (["sample", "{tmp}"], "expected checkpoint.json (a tinylm run) or config.json + model.safetensors"),
     (["info", "{tmp}/nowhere"], "the directory does not exist"),
     (["sample", "--device", "cpu"], "no run in runs/default yet: train one with `tinylm pretrain`"),

@@ -18,7 +18,7 @@ def add_parser(sub):
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_OUT,
                    help="run, checkpoint or Hugging Face directory")
     p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=at_least(0), default=300, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=positive(int), default=300, help="tokens to generate")
     p.add_argument("--temperature", type=at_least(0, float), default=0.8, help="0 = greedy; higher = more random")
     p.add_argument("--top-k", type=at_least(0), default=40, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--num-samples", type=positive(int), default=1, help="independent samples")
