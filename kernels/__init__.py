@@ -6,7 +6,9 @@ match. They take CuPy arrays on a GPU and NumPy arrays under the CUDA simulator
     flash_attention.py  fused causal attention forward / backward         (tinylm/flash_attention.py)
     fused.py            layernorm, gelu, softmax cross-entropy, AdamW     (layers.py, optim.py)
     selective_scan.py   Mamba's selective scan forward / backward         (tinylm/ssm.py)
-    ptx_check.py        compile each kernel for sm_90 and reject float64 instructions
+    ptx_check.py        the list of every kernel specialisation; compile each for sm_90, reject float64
+    report.py           `python -m kernels.report`: registers, spills, local/shared bytes, blocks per SM,
+                        the main loop's FFMA share, read from the sm_90 machine code without a GPU
 """
 from .flash_attention import flash_attention_backward, flash_attention_forward
 from .fused import (adamw_update, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
