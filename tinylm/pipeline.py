@@ -99,12 +99,17 @@ def make_pairs(model, instructions, labeller, max_new_tokens, rng, temperature=1
     else:
         responses = (sample_responses(model, prompts, max_new_tokens, temperature, rng, TOKENIZER.eot_id)
                      + sample_responses(against, prompts, max_new_tokens, temperature, rng, TOKENIZER.eot_id))
+    return label_pairs(labeller, instructions, prompts, responses[:len(prompts)], responses[len(prompts):])
+
+
+def label_pairs(labeller, instructions, prompts, first, second):
+    """Ask `labeller` (a Labeller or an LMJudge) about each (first[i], second[i]) token-id pair;
+    -> Preferences of the labelled pairs (ties, None, dropped)."""
     pairs = Preferences([], [], [], [])
-    for i, (task, letters) in enumerate(instructions):
-        a, b = responses[i], responses[i + len(prompts)]
+    for (task, letters), prompt, a, b in zip(instructions, prompts, first, second):
         choice = labeller.prefer(task, letters, TOKENIZER.decode(a), TOKENIZER.decode(b))
         if choice is not None:
-            pairs.prompts.append(prompts[i])
+            pairs.prompts.append(prompt)
             pairs.chosen.append(a if choice == 0 else b)
             pairs.rejected.append(b if choice == 0 else a)
             pairs.instructions.append((task, letters))
