@@ -8,7 +8,7 @@ from tinylm.judge import VERDICTS, JudgedExamples, LMJudge, judged_text, read_ve
 from tinylm.pipeline import TOKENIZER, encode_prompts, label_pairs
 from tinylm.reward import RewardModel
 from tinylm.rlhf import reward_model_accuracy, train_reward_model
-from tinylm.world import World, answer, score
+from tinylm.world import Labeller, World, answer, score
 
 ONE, TWO = (TOKENIZER.encode(v)[0] for v in VERDICTS)
 
@@ -59,21 +59,21 @@ def test_judge_counts_calls_and_answers_like_the_labeller():
 
 def test_judge_labels_train_a_reward_model():
     """Right answer vs a wrong one, order shuffled, labelled by the judge: a tiny reward model
-    trained on those labels ranks held-out pairs right."""
+    trained on those labels ranks held-out pairs as the noiseless labeller does."""
     world, rng = World(), np.random.default_rng(0)
     judge = LMJudge(OracleModel(), TOKENIZER, clip=4)
 
-    def labelled(n, heldout):
+    def labelled(n, heldout, labeller):
         ins = world.instructions(n, rng, heldout=heldout)
         right = [answer(t, s) for t, s in ins]
         wrong = [w[::-1] + "q" for w in right]
         swap = rng.random(n) < 0.5
         first = [TOKENIZER.encode(w if f else r) for f, r, w in zip(swap, right, wrong)]
         second = [TOKENIZER.encode(r if f else w) for f, r, w in zip(swap, right, wrong)]
-        return label_pairs(judge, ins, encode_prompts(ins), first, second)
+        return label_pairs(labeller, ins, encode_prompts(ins), first, second)
 
-    train, held = labelled(300, False), labelled(100, True)
-    assert judge.calls == 400 and len(train) == 300               # the judge never ties
+    train, held = labelled(300, False, judge), labelled(100, True, Labeller(noise=0.0))
+    assert judge.calls == 300 and len(train) == 300               # the judge never ties
     rm = RewardModel.from_lm(GPT(GPTConfig(vocab_size=TOKENIZER.vocab_size, n_ctx=24, n_layer=1, n_head=2,
                                            d_model=32), seed=0))
     train_reward_model(rm, train, epochs=3, batch_size=32, lr=3e-3, rng=rng)
