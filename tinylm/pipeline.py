@@ -281,6 +281,20 @@ def run_experiments(base, rms, world, labeller, cfg, pairs, eval_set, rng, progr
     return out
 
 
+def train_judge(world, cfg, rng, progress=True):
+    """An LMJudge: a GPT of cfg.model's shape pretrained for cfg.pretrain_steps on judged examples."""
+    corpus = JudgedExamples(world)
+    return LMJudge(pretrain_base(corpus, cfg, rng, progress), TOKENIZER, corpus.clip)
+
+
+def relabel(judge, pairs):
+    """The same response pairs labelled by `judge`; -> (Preferences, share of them on which the
+    judge agrees with the noiseless labeller)."""
+    judged = label_pairs(judge, pairs.instructions, pairs.prompts, pairs.chosen, pairs.rejected)
+    truth = true_order(pairs)
+    return judged, float(np.mean([np.array_equal(c, t) for c, t in zip(judged.chosen, truth.chosen)]))
+
+
 def run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress):
     """Issue 12's LM judge: a GPT of the base's shape pretrained on judged examples relabels the
     labeller's training pairs (the same responses, so only the labels differ); a reward model
@@ -288,12 +302,8 @@ def run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress):
     the noiseless labeller on those pairs, the reward model's held-out accuracy (labeller labels
     and noiseless), and the policy's success. Caveat: the judge sees only pairs the labeller did
     not call a tie."""
-    examples_ = JudgedExamples(world)
-    judge = LMJudge(pretrain_base(examples_, replace(cfg, pretrain_steps=cfg.judge_steps), rng, progress),
-                    TOKENIZER, examples_.clip)
-    judged = label_pairs(judge, pairs.instructions, pairs.prompts, pairs.chosen, pairs.rejected)
-    truth = true_order(pairs)
-    agree = float(np.mean([np.array_equal(c, t) for c, t in zip(judged.chosen, truth.chosen)]))
+    judge = train_judge(world, replace(cfg, pretrain_steps=cfg.judge_steps), rng, progress)
+    judged, agree = relabel(judge, pairs)
     rm = RewardModel.from_lm(base)
     order = rng.permutation(len(judged))
     n_val = max(1, int(len(judged) * cfg.rm_validation))
