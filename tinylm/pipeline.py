@@ -21,6 +21,7 @@ from .rlhf import (PolicyConfig, Preferences, policy_step, response_targets, rew
                    sample_responses, train_dpo, train_reward_model, train_reward_model_early_stopping)
 from .tokenizer import ByteTokenizer
 from .train import lr_at, train_step
+from .judge import JudgedExamples, LMJudge
 from .world import Labeller, World, instruction, score
 
 TOKENIZER = ByteTokenizer()
@@ -61,7 +62,8 @@ class DemoConfig:
     eval_samples: int = 2
     centre_rm: bool = True           # shift reward_bias so the base's responses score mean 0
     centre_instructions: int = 500
-    experiments: tuple = ()          # names from EXPERIMENTS: "sign", "shift"
+    experiments: tuple = ()          # names from EXPERIMENTS: "sign", "shift", and "judge"
+    judge_steps: int = 600           # pretraining steps of the LM judge ("judge" experiment)
     ablation_steps: int = 300        # RL steps of the "shift" runs (2× the RLHF stage)
     ablation_rm_rounds: int = 3
 
@@ -99,12 +101,17 @@ def make_pairs(model, instructions, labeller, max_new_tokens, rng, temperature=1
     else:
         responses = (sample_responses(model, prompts, max_new_tokens, temperature, rng, TOKENIZER.eot_id)
                      + sample_responses(against, prompts, max_new_tokens, temperature, rng, TOKENIZER.eot_id))
+    return label_pairs(labeller, instructions, prompts, responses[:len(prompts)], responses[len(prompts):])
+
+
+def label_pairs(labeller, instructions, prompts, first, second):
+    """Ask `labeller` (a Labeller or an LMJudge) about each (first[i], second[i]) token-id pair;
+    -> Preferences of the labelled pairs (ties, None, dropped)."""
     pairs = Preferences([], [], [], [])
-    for i, (task, letters) in enumerate(instructions):
-        a, b = responses[i], responses[i + len(prompts)]
+    for (task, letters), prompt, a, b in zip(instructions, prompts, first, second):
         choice = labeller.prefer(task, letters, TOKENIZER.decode(a), TOKENIZER.decode(b))
         if choice is not None:
-            pairs.prompts.append(prompts[i])
+            pairs.prompts.append(prompt)
             pairs.chosen.append(a if choice == 0 else b)
             pairs.rejected.append(b if choice == 0 else a)
             pairs.instructions.append((task, letters))
@@ -217,10 +224,10 @@ def run_demo(cfg, progress=True):
                      "examples": examples(model, eval_set, max_new, cfg.seed)}
               for name, model in (("base", base), ("rlhf", policy), ("dpo", dpo))}
     # What each stage cost: labeller comparisons behind its model (ties included) and reward-model scores.
-    labels = {"heldout_pairs": {"labeller": before - pair_comparisons, "reward_model": 0},
-              "rlhf": {"labeller": labeller.comparisons - before + pair_comparisons,
+    labels = {"heldout_pairs": {"labeller": before - pair_comparisons, "judge": 0, "reward_model": 0},
+              "rlhf": {"labeller": labeller.comparisons - before + pair_comparisons, "judge": 0,
                        "reward_model": sum(h["samples"] for h in history)},
-              "dpo": {"labeller": pair_comparisons, "reward_model": 0}}
+              "dpo": {"labeller": pair_comparisons, "judge": 0, "reward_model": 0}}
     results = {"stages": stages,
                "reward_model": {"heldout_accuracy": rm_accuracy, "heldout_accuracy_true": rm_accuracy_true,
                                 "train_pairs": len(pairs), "validation_pairs": n_val, "heldout_pairs": len(heldout_pairs),
@@ -230,6 +237,10 @@ def run_demo(cfg, progress=True):
     if cfg.experiments:
         results["experiments"] = run_experiments(base, {"raw": raw_rm, "centred": rm}, world, labeller, cfg, pairs,
                                                  eval_set, rng, progress)
+    if "judge" in cfg.experiments:
+        results["experiments"]["judge"] = run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress)
+        labels["judge_rlhf"] = results["experiments"]["judge"].pop("labels")
+    if cfg.experiments:
         results["history"].update({k: v.pop("history") for k, v in results["experiments"].items()})
     results["config"] = asdict(cfg)
     results["seconds"] = time.perf_counter() - t0
@@ -256,7 +267,7 @@ def run_experiments(base, rms, world, labeller, cfg, pairs, eval_set, rng, progr
     the named reward model, measured against the centred original (the proxy it optimised, or
     started from) and the labeller (the truth)."""
     out = {}
-    for experiment in cfg.experiments:
+    for experiment in (e for e in cfg.experiments if e != "judge"):
         for name, (rm_name, changes) in EXPERIMENTS[experiment](cfg).items():
             pcfg = replace(cfg.policy, **changes)
             policy, _, history = train_policy(base, copy_rm(rms[rm_name]), world, labeller, pcfg, cfg, pairs, rng,
@@ -270,6 +281,46 @@ def run_experiments(base, rms, world, labeller, cfg, pairs, eval_set, rng, progr
     return out
 
 
+def train_judge(world, cfg, rng, progress=True):
+    """An LMJudge: a GPT of cfg.model's shape pretrained for cfg.pretrain_steps on judged examples."""
+    corpus = JudgedExamples(world)
+    return LMJudge(pretrain_base(corpus, cfg, rng, progress), TOKENIZER, corpus.clip)
+
+
+def relabel(judge, pairs):
+    """The same response pairs labelled by `judge`; -> (Preferences, share of them on which the
+    judge agrees with the noiseless labeller)."""
+    judged = label_pairs(judge, pairs.instructions, pairs.prompts, pairs.chosen, pairs.rejected)
+    truth = true_order(pairs)
+    return judged, float(np.mean([np.array_equal(c, t) for c, t in zip(judged.chosen, truth.chosen)]))
+
+
+def run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress):
+    """Issue 12's LM judge: a GPT of the base's shape pretrained on judged examples relabels the
+    labeller's training pairs (the same responses, so only the labels differ); a reward model
+    trained on its labels then drives the demo's RLHF stage. Measured: the judge's agreement with
+    the noiseless labeller on those pairs, the reward model's held-out accuracy (labeller labels
+    and noiseless), and the policy's success. Caveat: the judge sees only pairs the labeller did
+    not call a tie."""
+    judge = train_judge(world, replace(cfg, pretrain_steps=cfg.judge_steps), rng, progress)
+    judged, agree = relabel(judge, pairs)
+    rm = RewardModel.from_lm(base)
+    order = rng.permutation(len(judged))
+    n_val = max(1, int(len(judged) * cfg.rm_validation))
+    train_reward_model_early_stopping(rm, judged.subset(order[n_val:]), judged.subset(order[:n_val]),
+                                      cfg.rm_epochs, cfg.rm_batch, cfg.rm_lr, rng)
+    accuracy, accuracy_true = reward_model_accuracy(rm, heldout_pairs), reward_model_accuracy(rm, true_order(heldout_pairs))
+    if cfg.centre_rm:
+        rm.centre(*reference_responses(base, world, cfg.centre_instructions, cfg.policy.max_new_tokens, rng))
+    policy, _, history = train_policy(base, rm, world, judge, cfg.policy, cfg, judged, rng, progress, "judge rlhf")
+    return {**evaluate(policy, base, rm, eval_set, cfg.eval_samples, cfg.policy.max_new_tokens, rng),
+            "examples": examples(policy, eval_set, cfg.policy.max_new_tokens, cfg.seed),
+            "judge_agreement": agree, "rm_heldout_accuracy": accuracy, "rm_heldout_accuracy_true": accuracy_true,
+            "reward_model": "judge", "baseline": cfg.policy.baseline, "beta": cfg.policy.beta,
+            "steps": cfg.policy.steps, "rm_rounds": cfg.policy.rm_rounds, "history": history,
+            "labels": {"labeller": 0, "judge": judge.calls, "reward_model": sum(h["samples"] for h in history)}}
+
+
 def mean_and_sd(per_seed):
     """{seed: {key: number}} -> {key: mean, key_sd: sample sd} (sd None for a single seed)."""
     out = {}
@@ -280,7 +331,8 @@ def mean_and_sd(per_seed):
     return out
 
 
-NUMBERS = ("success", "reward", "kl", "correct_pushed_down")
+NUMBERS = ("success", "reward", "kl", "correct_pushed_down", "judge_agreement", "rm_heldout_accuracy",
+           "rm_heldout_accuracy_true")
 
 
 def run_seeds(cfg, seeds, progress=True):

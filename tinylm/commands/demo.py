@@ -1,7 +1,7 @@
 """`tinylm demo`: the whole RLHF pipeline from scratch on the built-in instruction world —
 pretrain a base LM, label pairs, train a reward model, RLHF (REINFORCE + KL leash) and DPO — and
 a table of what each stage achieves on held-out instructions. `--seeds 0-4` repeats everything
-per seed and prints mean ± sd; `--experiment sign|shift` adds the lecture's open questions."""
+per seed and prints mean ± sd; `--experiment sign|shift|judge` adds the lecture's open questions (judge: labels from an LM)."""
 import argparse
 import json
 import os
@@ -12,7 +12,8 @@ PLOTS = (("reward", "reward-model score (proxy)"), ("kl", "KL(policy ‖ referen
          ("success", "labeller success (truth)"))
 EXPERIMENT_HELP = ("sign: the raw rule reward × (−log p) on the uncentred and the centred reward model vs the "
                    "batch-mean and leave-one-out baselines; shift: β = 0 long runs with and without "
-                   "reward-model retraining, and β as configured")
+                   "reward-model retraining, and β as configured; judge: an LM judge pretrained on judged "
+                   "examples relabels the pairs, and a reward model on its labels drives RLHF")
 
 
 def seed_list(text):
@@ -38,7 +39,7 @@ def add_parser(sub):
                    help="seeds to run, e.g. 3, 0-4 or 0,2,5; several print mean ± sd per stage")
     p.add_argument("--seed", type=seed_list, dest="seeds", metavar="SEED", default=argparse.SUPPRESS,
                    help="same as --seeds")
-    p.add_argument("--experiment", action="append", choices=("sign", "shift"), default=[], help=EXPERIMENT_HELP)
+    p.add_argument("--experiment", action="append", choices=("sign", "shift", "judge"), default=[], help=EXPERIMENT_HELP)
     p.add_argument("--rl-steps", type=positive(int), help="RL steps of the RLHF stage (None: the config's)")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH (must not exist)")
     p.add_argument("--plot", metavar="DIR", help="write reward, KL and success over RL steps as PNGs to DIR")
@@ -109,6 +110,13 @@ def format_table(results):
                 f"({labels['rlhf']['reward_model'] / labels['rlhf']['labeller']:.1f}× as many); DPO used the same "
                 f"{labels['dpo']['labeller']:.0f} comparisons and no reward model; "
                 f"{labels['heldout_pairs']['labeller']:.0f} more comparisons only measure the reward model")
+    if "judge_rlhf" in labels:
+        j = results["experiments"]["judge"]
+        rows.append(f"judge: {labels['judge_rlhf']['judge']:.0f} judge calls and 0 labeller comparisons relabelled the "
+                    f"RLHF pairs (agreement with the noiseless labeller {cell(j, 'judge_agreement')}); its reward model's "
+                    f"held-out accuracy {cell(j, 'rm_heldout_accuracy')} (true preferences "
+                    f"{cell(j, 'rm_heldout_accuracy_true')}); its RLHF used {labels['judge_rlhf']['reward_model']:.0f} "
+                    f"reward-model scores")
     if len(seeds) > 1:
         rows.append(f"{'seed':>4} | {'RM acc':>6} | {'base':>5} | {'rlhf':>5} | {'dpo':>5} | "
                     f"{'rlhf−base':>9} | {'dpo−base':>8} | {'seconds':>7}")

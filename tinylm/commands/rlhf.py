@@ -24,7 +24,7 @@ from tinylm.rlhf import BASELINES
 
 
 def add_parser(sub):
-    p = sub.add_parser("rlhf", help="RLHF step by step: base, pairs, reward, policy, dpo, eval",
+    p = sub.add_parser("rlhf", help="RLHF step by step: base, pairs, reward, judge, policy, dpo, eval",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = p.add_subparsers(dest="step", metavar="STEP", required=True)
 
@@ -51,6 +51,11 @@ def add_parser(sub):
     s.add_argument("--out", required=True, help="reward-model directory to write (must not exist)")
     s.add_argument("--epochs", type=positive(int), default=2, help="passes over the pairs")
     s.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
+
+    s = step("judge", "pretrain an LM judge on judged examples and relabel pairs with it", run_judge)
+    s.add_argument("--pairs", required=True, help="pairs file (from `rlhf pairs`) whose responses the judge labels")
+    s.add_argument("--out", required=True, help="pairs file (.json) to write with the judge's labels (must not exist)")
+    s.add_argument("--steps", type=positive(int), default=600, help="pretraining steps of the judge")
 
     s = step("policy", "REINFORCE with a KL penalty to the starting LM", run_policy)
     s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
@@ -157,6 +162,23 @@ def run_reward(args):
           f"{reward_model_accuracy(rm, pairs):.3f}" + (f", held-out accuracy {reward_model_accuracy(rm, heldout):.3f}"
                                                      if heldout else ""))
     save_atomically(args.out, rm.save)
+
+
+def run_judge(args):
+    from dataclasses import replace
+
+    from tinylm.pipeline import DemoConfig, relabel, train_judge
+    from tinylm.rlhf import Preferences
+    fresh(args.out)
+    pairs = Preferences.load(args.pairs)
+    world, rng = world_and_rng(args)
+    judge = train_judge(world, replace(DemoConfig(), pretrain_steps=args.steps, seed=args.seed), rng)
+    judged, agreement = relabel(judge, pairs)
+    same = float(np.mean([np.array_equal(a, b) for a, b in zip(judged.chosen, pairs.chosen)]))
+    judged.save(args.out + ".partial")
+    os.rename(args.out + ".partial", args.out)
+    print(f"wrote {args.out}: {judge.calls} judge calls, 0 labeller comparisons; the judge agrees with the "
+          f"file's labels on {same:.3f} of the pairs, with the noiseless labeller on {agreement:.3f}")
 
 
 def run_policy(args):
