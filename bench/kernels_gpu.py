@@ -128,7 +128,6 @@ def main(argv=None):
         chosen = [p for p in PLAN if p[0] in wanted]
         scale = sum(p[1] for p in PLAN if p[0] != "long") / sum(p[1] for p in chosen if p[0] != "long")  # env is in
         plan = [(n, min(1.0, share * scale), floor, numba) for n, share, floor, numba in chosen]
-    results_plan = len(plan)
     # A stop from outside (a device tool's timeout) ends the running section's process group too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"kernels_gpu.py: stopped by signal {signum}"))
     if args.budget <= 0:
@@ -140,7 +139,7 @@ def main(argv=None):
     results = {"harness": "bench/gpu_check.sh", "mode": "smoke" if args.smoke else "gpu",
                "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)), "budget_s": args.budget,
                "carried_wheels": wheels, "planted_wrong": os.environ.get("GPU_CHECK_PLANT_WRONG") or None,
-               "planned_sections": results_plan, "sections": []}
+               "planned_sections": len(plan), "sections": []}
     numba_ok, numba_reason = True, ""
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as rows_dir, \
             open(os.path.join(args.out, "sections.log"), "w") as log:

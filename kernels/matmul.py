@@ -58,6 +58,12 @@ def shared_offset(kk, r, width):
     return kk * (width + PAD) + r
 
 
+def threads_per_block(tile):
+    """One thread per TM×TN sub-tile of the BM×BN block."""
+    BM, BN, _, TM, TN = tile
+    return (BM // TM) * (BN // TN)
+
+
 def make_matmul_kernel(BM, BN, BK, TM, TN, trans_a, trans_b):
     """Compile-time tile sizes and transposes are closure constants: fixed shared shapes and loops."""
     CX, RY = BN // TN, BM // TM                  # the thread grid: RY rows × CX columns of threads
@@ -127,7 +133,7 @@ def matmul_kernel_for(tile, trans_a, trans_b):
     key = (tuple(tile), bool(trans_a), bool(trans_b))
     if key not in _kernels:
         BM, BN, BK, TM, TN = tile
-        threads = (BM // TM) * (BN // TN)
+        threads = threads_per_block(tile)
         if BM % TM or BN % TN or (BM * BK) % threads or (BN * BK) % threads:
             raise ValueError(f"tile {tile}: BM must be a multiple of TM, BN of TN, and each slice "
                              f"(BM·BK, BN·BK) a multiple of the {threads} threads")
@@ -165,5 +171,4 @@ def kernels_and_signatures():
 
 def launch_threads():
     """{kernel name: threads per block} at DEFAULT_TILE, for kernels.report's blocks per SM."""
-    BM, BN, _, TM, TN = DEFAULT_TILE
-    return {name: (BM // TM) * (BN // TN) for name, _, _ in kernels_and_signatures()}
+    return {name: threads_per_block(DEFAULT_TILE) for name, _, _ in kernels_and_signatures()}

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from collections import Counter
 
+from .ptx_check import f64_lines
+
 REGISTERS, SHARED, THREADS, BLOCKS = 65536, 227 * 1024, 2048, 32
 
 
@@ -39,6 +41,7 @@ def tools():
 def compile_sm90(kernel, signature, max_registers=None):
     """-> (PTX, ptxas -v report, SASS) for sm_90."""
     from numba import cuda
+
     from . import ptx_check
     ptx_check.compile_without_a_gpu()
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
@@ -95,7 +98,7 @@ def row(name, kernel, signature, threads, max_registers):
             "blocks_per_sm": blocks,
             "main_loop_ffma": round(base["FFMA"] / sum(base.values()), 3) if base else None,
             "lds128": any(".128" in op for op in shared_loads),
-            "f64": sum(".f64" in line for line in ptx.splitlines())}, ptx
+            "f64": len(f64_lines(ptx))}, ptx
 
 
 def launch_threads():
@@ -118,8 +121,10 @@ def main(argv=None):
     if tools() is None:
         print("kernels.report: ptxas/nvdisasm not found (pip install '.[test]' installs the CUDA wheels)")
         return 2
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-    from . import matmul as _  # noqa: F401  (import order: numba reads the simulator flag once)
+    from numba import config
+    if config.ENABLE_CUDASIM:       # read when numba was imported (by `import kernels`): too late to change here
+        print("kernels.report: set NUMBA_ENABLE_CUDASIM=0 (the simulator cannot compile for sm_90)")
+        return 2
     from .matmul import MAX_REGISTERS
     from .ptx_check import kernels_and_signatures
     threads = launch_threads()

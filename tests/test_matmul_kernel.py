@@ -16,7 +16,7 @@ mm = importlib.import_module("kernels.matmul")      # the module (kernels.matmul
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BM, BN, BK, TM, TN = mm.DEFAULT_TILE
 CX, RY = BN // TN, BM // TM
-THREADS = CX * RY
+THREADS = mm.threads_per_block(mm.DEFAULT_TILE)
 BANKS = 32
 
 
