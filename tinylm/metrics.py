@@ -10,3 +10,8 @@ def perplexity(loss):
     an overflowing loss (> ~709 nats) gives inf.
     """
     return math.exp(loss) if loss < 709.0 else math.inf
+
+
+def loss_text(loss):
+    """A loss as the CLI prints it, with its perplexity beside it: "3.1967 (perplexity 24.45)"."""
+    return f"{loss:.4f} (perplexity {perplexity(loss):.2f})"

@@ -16,7 +16,7 @@ def add_parser(sub):
 def run(args):
     from tinylm import count_params, flops_per_token
     from tinylm.checkpoint import STATE, load_model
-    from tinylm.metrics import perplexity
+    from tinylm.metrics import loss_text
     from tinylm.train import TrainConfig, flat_settings
     model, ckpt_dir, state = load_model(args.checkpoint)
     train = state and TrainConfig.from_dict(state["train_config"], f"{ckpt_dir}/{STATE}: train_config")
@@ -30,8 +30,7 @@ def run(args):
     if state is None:
         print("training state: none (Hugging Face weights)")
         return 0
-    val = ("not measured" if state["val_loss"] is None
-           else f"{state['val_loss']:.4f} (perplexity {perplexity(state['val_loss']):.2f})")
+    val = "not measured" if state["val_loss"] is None else loss_text(state["val_loss"])
     print(f"step: {state['step']} of {train.max_steps}, validation loss {val}, "
           f"{state['elapsed_s']:.0f}s of training, tokenizer {state['tokenizer']}")
     print(f"corpus: {train.data or CORPUS}")

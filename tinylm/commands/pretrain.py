@@ -2,6 +2,8 @@
 text file (default: the Python standard library's own source) with AdamW, warm-up + cosine
 learning rate and gradient clipping. Writes checkpoints, metrics.jsonl and (with --plot)
 loss.png to --out. Ctrl-C saves and exits; --resume continues bit-for-bit."""
+from tinylm.config import DTYPES, MIXERS
+
 from .args import at_least, positive
 from .terminal import note, progress_wanted
 
@@ -32,7 +34,7 @@ FLAGS = {
     "seed": ("--seed", at_least(0), "seed of the initial weights and of the data order"),
     "dtype": ("--dtype", str, "float32 or float64"),
 }
-CHOICES = {"mixer": ("attention", "ssm"), "dtype": ("float32", "float64")}
+CHOICES = {"mixer": MIXERS, "dtype": DTYPES}
 
 
 def add_parser(sub):
@@ -59,7 +61,7 @@ def add_parser(sub):
 
 
 def run(args):
-    from tinylm.metrics import perplexity
+    from tinylm.metrics import loss_text
     from tinylm.train import TrainConfig, pretrain, with_settings
     settings = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     if not args.resume:
@@ -68,10 +70,8 @@ def run(args):
     result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, device=args.device,
                       kernels=args.kernels, plot=args.plot, progress=progress_wanted(args.quiet))
     summary = (f"step {result['step']}, "
-               + (f"train loss {result['loss']:.4f} (perplexity {perplexity(result['loss']):.2f}), "
-                  if result["loss"] is not None else "")
-               + (f"validation loss {result['val_loss']:.4f} (perplexity {perplexity(result['val_loss']):.2f}), "
-                  if result["val_loss"] is not None else "")
+               + (f"train loss {loss_text(result['loss'])}, " if result["loss"] is not None else "")
+               + (f"validation loss {loss_text(result['val_loss'])}, " if result["val_loss"] is not None else "")
                + f"{result['elapsed_s']:.0f}s of training; checkpoint {result['checkpoint']}")
     if result["status"] == "interrupted":
         note("pretrain", f"interrupted at {summary}; continue with `tinylm pretrain --resume --out {args.out}`")
