@@ -112,3 +112,137 @@ def test_generate_from_a_hugging_face_checkpoint():
     cached, _ = steps(model, prompt, 20, temperature=0)          # n_ctx 16: slides once
     full, _ = steps(model, prompt, 20, temperature=0, use_cache=False)
     np.testing.assert_array_equal(cached, full)
+
+
+class FixedU:
+    """A stand-in rng whose uniform draws are all `u`: puts sample_next on its float edges."""
+    def __init__(self, u):
+        self.u = u
+
+    def random(self, shape):
+        return np.full(shape, self.u)
+
+
+def test_sample_next_never_draws_a_zero_probability_id_at_the_edges_of_u():
+    """u = 0 must skip ids that top-k removed (cdf 0 <= u; with `cdf < u` id 0 would be drawn), and
+    u at the top of the range must stay inside the vocabulary (the np.minimum guard)."""
+    logits = np.array([[-50.0, 3.0, 2.0, 1.0, 0.0]])       # id 0 falls outside top 3
+    assert sample_next(logits, 1.0, 3, FixedU(0.0))[0] == 1
+    assert sample_next(logits, 1.0, None, FixedU(1.0))[0] == 4
+    assert sample_next(logits, 1.0, 3, FixedU(1.0))[0] == 4   # last id (zero p) only by the guard: in range
+
+
+def test_sample_next_sums_the_cdf_in_float64_so_tiny_probabilities_keep_their_share():
+    """float32 logits [0, -20]: p(1) = 2e-9 is below float32's resolution at cdf = 1, so a float32
+    cdf would give id 1 an empty interval; u = 1 - 1e-10 falls inside it in float64."""
+    logits = np.array([[0.0, -20.0]], dtype=np.float32)
+    assert sample_next(logits, 1.0, None, FixedU(1 - 1e-10))[0] == 1
+    assert sample_next(logits, 1.0, None, FixedU(1 - 1e-8))[0] == 0
+
+
+def test_sample_next_top_k_keeps_the_k_largest_for_any_vocabulary_and_batch():
+    """V = 5, k = 2 (kth from the top is not the kth from the bottom, as it is for V = 4), and one
+    row at a time (top_k < B must not decide whether top-k applies)."""
+    logits = np.repeat(np.log([[0.1, 0.4, 0.05, 0.25, 0.2]]), 20000, axis=0)
+    freq = np.bincount(sample_next(logits, 1.0, 2, np.random.default_rng(1)), minlength=5) / 20000
+    np.testing.assert_allclose(freq, [0, 0.4 / 0.65, 0, 0.25 / 0.65, 0], atol=0.015)
+    for V, k in [(7, 2), (50, 3), (1000, 5)]:           # at V = 1000 partition leaves the tail unsorted
+        row = np.random.default_rng(V).normal(size=(1, V)) * 0.1
+        drawn = set(sample_next(np.repeat(row, 4000, 0), 1.0, k, np.random.default_rng(0)).tolist())
+        assert drawn == set(np.argsort(row[0])[-k:].tolist()), (V, k)
+    rng = np.random.default_rng(2)
+    draws = [sample_next(logits[:1], 1.0, 1, rng)[0] for _ in range(200)]
+    assert set(draws) == {1}
+
+
+def test_sample_next_is_exact_for_huge_logits_and_rows_of_different_scale():
+    """Subtracting each row's own max keeps exp finite (no overflow at 1000) and keeps a row with
+    small logits from underflowing to all zeros beside a row with large ones."""
+    base = np.log([0.5, 0.3, 0.15, 0.05])
+    logits = np.concatenate([np.repeat([base + 1000.0], 10000, 0), np.repeat([base - 1000.0], 10000, 0)])
+    ids = sample_next(logits, 1.0, None, np.random.default_rng(3))
+    for half in (ids[:10000], ids[10000:]):
+        np.testing.assert_allclose(np.bincount(half, minlength=4) / 10000, [0.5, 0.3, 0.15, 0.05], atol=0.02)
+
+
+def test_default_temperature_is_1_and_the_default_path_uses_the_kv_cache():
+    logits = np.repeat(np.log([[0.5, 0.3, 0.15, 0.05]]), 20000, axis=0)
+    freq = np.bincount(sample_next(logits, rng=np.random.default_rng(0)), minlength=4) / 20000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    model = tiny_model()
+    prompt = np.zeros((2, 3), dtype=np.int64)
+    np.testing.assert_array_equal(generate(model, prompt, 8, rng=5),
+                                  generate(model, prompt, 8, temperature=1.0, rng=5))
+    np.testing.assert_array_equal(np.stack([t for t, _ in generate_steps(model, prompt, 8, rng=5)], 1),
+                                  generate(model, prompt, 8, temperature=1.0, rng=5)[:, 3:])
+    assert fed_lengths(model, prompt, 4)[1] == [3, 1, 1, 1]
+    assert fed_lengths(model, prompt, 4, steps_only=True)[1] == [3, 1, 1, 1]
+
+
+def fed_lengths(model, prompt, n, steps_only=False, **kw):
+    """The tokens generate (or generate_steps) makes and every forward call's T: each step's work."""
+    seen, forward = [], model.forward
+
+    def spy(idx, kv_cache=None):
+        seen.append(idx.shape[1])
+        return forward(idx, kv_cache)
+    model.forward = spy
+    try:
+        if steps_only:
+            return [t for t, _ in generate_steps(model, prompt, n, temperature=0, **kw)], seen
+        return generate(model, prompt, n, temperature=0, **kw), seen
+    finally:
+        del model.forward
+
+
+def test_the_cache_feeds_one_token_per_step_and_no_cache_the_whole_window():
+    model = tiny_model(n_ctx=32)
+    prompt = np.zeros((1, 3), dtype=np.int64)
+    assert fed_lengths(model, prompt, 4, use_cache=True)[1] == [3, 1, 1, 1]
+    assert fed_lengths(model, prompt, 4, use_cache=False)[1] == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_full_window_slides_to_the_newest_n_ctx_half(use_cache):
+    """n_ctx 8, prompt 5: the model sees seq[start:] with start 0 until the sequence passes 8 tokens,
+    then the newest 4 (start 5 at length 9), and again at length 14 (start 10) — listed by hand."""
+    model = tiny_model(n_ctx=8)
+    prompt = np.random.default_rng(4).integers(0, 23, size=(2, 5))
+    out = list(generate_steps(model, prompt, 10, temperature=0, use_cache=use_cache))
+    seq = np.concatenate([prompt] + [t[:, None] for t, _ in out], 1)
+    for step, start in enumerate([0, 0, 0, 0, 5, 5, 5, 5, 5, 10]):
+        expected = model.forward(seq[:, start:5 + step])[:, -1]
+        np.testing.assert_allclose(out[step][1], expected, atol=1e-5, rtol=0, err_msg=f"step {step}")
+
+
+def test_a_one_token_context_generates_from_the_last_token():
+    model = tiny_model(n_ctx=1)
+    out = generate(model, np.array([[3]]), 5, temperature=0)
+    for t in range(1, 6):
+        assert out[0, t] == model.forward(out[:, t - 1:t])[0, -1].argmax()
+
+
+def test_generate_passes_top_k_on():
+    """top_k = 1 at temperature 1 is greedy: only the argmax survives the cut."""
+    model = tiny_model()
+    prompt = np.random.default_rng(6).integers(0, 23, size=(4, 3))
+    np.testing.assert_array_equal(generate(model, prompt, 8, temperature=1.0, top_k=1, rng=0),
+                                  generate(model, prompt, 8, temperature=0))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer >= 0"),
+    (dict(top_k=2.5), "top_k must be an integer in 1..vocab_size=23"),
+    (dict(top_k=True), "top_k must be an integer in 1..vocab_size=23"),
+])
+def test_non_integer_counts_are_refused(kw, message):
+    test_bad_sampling_arguments_are_refused(kw, message)
+
+
+def test_the_edges_of_the_argument_ranges_are_accepted():
+    """max_new_tokens 0 returns the prompt; top_k = vocab_size keeps everything (plain sampling)."""
+    model = tiny_model()
+    prompt = np.zeros((1, 2), dtype=np.int64)
+    np.testing.assert_array_equal(generate(model, prompt, 0), prompt)
+    np.testing.assert_array_equal(generate(model, prompt, 6, top_k=23, rng=1), generate(model, prompt, 6, rng=1))
