@@ -229,11 +229,14 @@ def test_centring_makes_reference_responses_score_mean_zero_and_keeps_every_pref
     rng = np.random.default_rng(seed)
     rm = RewardModel.from_lm(tiny(seed))
     rm.params["reward_vector"] += rng.normal(size=rm.params["reward_vector"].shape)
+    rm.params["reward_bias"] += 0.7                     # centring shifts the bias it finds, not from 0
     chosen, rejected, _ = random_pairs(rng, 4).packed()
     loss, grads, r_w, r_l = bradley_terry_loss_and_grads(rm, chosen, rejected)
     assert abs(float(grads["reward_bias"])) <= 1e-12
     idx, lengths, _ = pack(*(lambda p: (p.prompts, p.chosen))(random_pairs(rng, 5)))
+    before = rm.rewards(idx, lengths)
     shift = rm.centre(idx, lengths)
+    assert shift == -before.mean()
     assert abs(rm.rewards(idx, lengths).mean()) <= 1e-12
     loss2, _, r_w2, r_l2 = bradley_terry_loss_and_grads(rm, chosen, rejected)
     np.testing.assert_allclose(r_w2 - r_w, shift, rtol=1e-12)

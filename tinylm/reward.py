@@ -17,7 +17,6 @@ Bradley–Terry: P(y_w preferred to y_l) = σ(r_w − r_l), so the loss over N p
     L = (1/N) Σ −log σ(r_w − r_l) = (1/N) Σ softplus(−(r_w − r_l))
     ∂L/∂r_w = −σ(−(r_w − r_l)) / N,     ∂L/∂r_l = +σ(−(r_w − r_l)) / N
 """
-import json
 import os
 
 import numpy as np
@@ -108,8 +107,6 @@ class RewardModel:
         self.trunk.save_pretrained(path)
         save_file({k: np.ascontiguousarray(to_numpy(self.params[k])).reshape(-1)
                    for k in ("reward_vector", "reward_bias")}, os.path.join(path, HEAD_FILE))
-        with open(os.path.join(path, "reward_model.json"), "w") as f:
-            json.dump({"head": HEAD_FILE, "reads": "z at the last real token"}, f)
 
     @classmethod
     def load(cls, path, dtype="float32"):
