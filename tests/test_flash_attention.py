@@ -119,3 +119,71 @@ def test_auto_uses_flash_only_for_long_sequences():
 def test_attention_option_is_validated():
     with pytest.raises(ValueError, match=r"attention must be one of \('naive', 'flash', 'auto'\)"):
         GPTConfig(attention="fast")
+
+
+def count_tiles(monkeypatch):
+    """Count block_scores calls: one per (query block, key block) tile the loops visit."""
+    import tinylm.flash_attention as fa
+    calls, inner = [], fa.block_scores
+
+    def spy(q_i, k_j, i0, j0, scale, causal):
+        calls.append((i0, j0))
+        return inner(q_i, k_j, i0, j0, scale, causal)
+    monkeypatch.setattr(fa, "block_scores", spy)
+    return calls
+
+
+def test_causal_tiles_above_the_diagonal_are_skipped_and_each_block_is_visited_once(monkeypatch):
+    """T = 10 in blocks of 4: blocks 0-3, 4-7, 8-9. Causal: the forward visits tiles (i, j) with
+    j <= i — 6 of 9 — and so does the backward; not causal, all 9. The layer passes its block on."""
+    calls = count_tiles(monkeypatch)
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(3, 1, 2, 10, 3))
+    o, lse = flash_forward(q, k, v, causal=True, block=4)
+    assert calls == [(0, 0), (4, 0), (4, 4), (8, 0), (8, 4), (8, 8)]
+    calls.clear()
+    flash_backward(q, k, v, o, lse, o, causal=True, block=4)
+    assert sorted(calls) == [(0, 0), (4, 0), (4, 4), (8, 0), (8, 4), (8, 8)]
+    calls.clear()
+    flash_forward(q, k, v, causal=False, block=4)
+    assert len(calls) == 9
+    calls.clear()
+    out, cache = flash_attention_forward(rng.normal(size=(1, 10, 3 * 6)), 2, block=4)
+    flash_attention_backward(np.ones_like(out), cache)
+    assert len(calls) == 12
+
+
+def test_defaults_are_causal():
+    rng = np.random.default_rng(1)
+    q, k, v = rng.normal(size=(3, 1, 2, 7, 3))
+    o, lse = flash_forward(q, k, v, block=3)
+    np.testing.assert_allclose(o, softmax_attention(q, k, v, True)[0], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(flash_backward(q, k, v, o, lse, o, block=3)[0],
+                                  flash_backward(q, k, v, o, lse, o, True, 3)[0])
+
+
+def test_each_row_is_stabilised_by_its_own_max():
+    """One head's scores near 10^4, the other's near 1: a max shared across rows or heads would
+    underflow the small head's exp to 0 (0/0 = nan); each row's own max keeps both exact."""
+    rng = np.random.default_rng(2)
+    q, k, v = rng.normal(size=(3, 1, 2, 6, 4))
+    q[:, 0] *= 3000.0
+    o, lse = flash_forward(q, k, v, causal=True, block=2)
+    o_ref, lse_ref = softmax_attention(q, k, v, True)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-12)
+
+
+def test_float32_in_float32_out():
+    rng = np.random.default_rng(3)
+    q, k, v = rng.normal(size=(3, 1, 2, 5, 4)).astype(np.float32)
+    o, lse = flash_forward(q, k, v, block=2)
+    assert o.dtype == lse.dtype == np.float32
+    assert {g.dtype for g in flash_backward(q, k, v, o, lse, o, block=2)} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("block", [2.5, True, -1])
+def test_non_integer_or_negative_blocks_are_refused(block):
+    q = np.zeros((1, 1, 4, 2))
+    with pytest.raises(ValueError, match=f"block must be a positive integer, got {block!r}"):
+        flash_forward(q, q, q, block=block)
