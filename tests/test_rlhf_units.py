@@ -1,0 +1,126 @@
+"""The RLHF module's plumbing, checked piece by piece: the pairs file's refusals, PolicyConfig's
+ranges at both edges, the minibatch loop (batch sizes, gradient clipping in place, no progress bar
+off a terminal), early stopping's tie rule, and held-out accuracy against a direct computation."""
+import json
+
+import numpy as np
+import pytest
+
+import tinylm.rlhf as rlhf
+from tinylm import GPT, GPTConfig
+from tinylm.reward import RewardModel, pairwise_accuracy
+from tinylm.rlhf import (PolicyConfig, Preferences, optimise_on_pairs, reward_model_accuracy,
+                         train_dpo, train_reward_model, train_reward_model_early_stopping)
+
+V = 9
+
+
+def pairs_of(n, seed=0):
+    rng = np.random.default_rng(seed)
+    chosen = [rng.integers(0, V, size=rng.integers(1, 4)) for _ in range(n)]
+    rejected = [np.append(w, (w[-1] + 1) % V) for w in chosen]      # never identical to chosen
+    return Preferences([rng.integers(0, V, size=2) for _ in range(n)], chosen, rejected, [("cpy", "a")] * n)
+
+
+def tiny_rm(seed=0):
+    rm = RewardModel.from_lm(GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8,
+                                           dtype="float64"), seed=seed))
+    rm.params["reward_vector"] += np.random.default_rng(seed).normal(size=8)
+    return rm
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"prompt": [1]}, "expected a list of {prompt, chosen, rejected, instruction} objects"),
+    ([{"prompt": [1]}, 3], "expected a list of {prompt, chosen, rejected, instruction} objects"),
+    ([{"prompt": [[1]], "chosen": [2], "rejected": [3], "instruction": ["cpy", "a"]}],
+     "prompt, chosen and rejected must be lists of token ids"),
+])
+def test_a_malformed_pairs_file_is_refused_with_what_is_wrong(tmp_path, content, message):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=f"pairs file '{path}' is not a pairs file: {message}"):
+        Preferences.load(str(path))
+
+
+def test_an_empty_prompt_loads_as_integer_ids(tmp_path):
+    pairs = pairs_of(2)
+    pairs.prompts[0] = np.array([], dtype=np.int64)
+    pairs.save(str(tmp_path / "p.json"))
+    back = Preferences.load(str(tmp_path / "p.json"))
+    assert all(ids.dtype == np.int64 for ids in back.prompts + back.chosen + back.rejected)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(beta=-0.1), "beta must be a finite number >= 0, got -0.1"),
+    (dict(beta=float("inf")), "beta must be a finite number >= 0, got inf"),
+    (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
+    (dict(steps=0), "steps must be >= 1, got 0"),
+    (dict(prompts_per_step=0), "prompts_per_step must be >= 1, got 0"),
+    (dict(rm_rounds=-1), "rm_rounds must be >= 0, got -1"),
+    (dict(samples_per_prompt=1), "samples_per_prompt must be >= 2 for the leave-one-out baseline"),
+])
+def test_policy_config_refuses_each_bad_value_by_name(kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PolicyConfig(**kw)
+
+
+def test_policy_config_accepts_the_edges():
+    PolicyConfig(beta=0.0, samples_per_prompt=2, steps=1, prompts_per_step=1, max_new_tokens=1, rm_rounds=0)
+    PolicyConfig(baseline="none", samples_per_prompt=1)
+
+
+def test_minibatches_cover_the_pairs_in_ceil_n_over_b_batches_and_clip_in_place(capsys):
+    """10 pairs in batches of at most 4: three batches (4, 3, 3) per epoch; each step's gradients
+    (norm 20 as returned) are clipped to norm 1 in place before AdamW; no weight decay (a matrix
+    with zero gradient stays put); after_epoch hears 0, 1; nothing is printed off a terminal (the
+    progress bar disables itself)."""
+    params = {"w": np.zeros(3), "m": np.ones((2, 2))}
+    sizes, returned, epochs = [], [], []
+
+    def loss_and_grads(batch):
+        (idx_w, _), _, _ = batch
+        sizes.append(len(idx_w))
+        returned.append({"w": np.array([12.0, 16.0, 0.0]), "m": np.zeros((2, 2))})
+        return 0.0, returned[-1]
+    optimise_on_pairs(params, pairs_of(10), 2, 4, 1e-2, np.random.default_rng(0), loss_and_grads, "test",
+                      after_epoch=epochs.append)
+    assert sizes == [4, 3, 3, 4, 3, 3] and epochs == [0, 1]
+    assert all(np.isclose(np.linalg.norm(g["w"]), 1.0) for g in returned)
+    assert (params["m"] == 1).all() and (params["w"][:2] != 0).all()
+    assert capsys.readouterr().err == ""
+
+
+def test_early_stopping_keeps_the_first_of_equal_epochs(monkeypatch):
+    """Every epoch scores the same: the weights kept are the first epoch's, not a later one's."""
+    monkeypatch.setattr(rlhf, "reward_model_accuracy", lambda rm, pairs: 0.5)
+    pairs, validation = pairs_of(6), pairs_of(2, seed=1)
+    kept = tiny_rm()
+    train_reward_model_early_stopping(kept, pairs, validation, 3, 3, 1e-2, np.random.default_rng(0))
+    first = tiny_rm()
+    train_reward_model(first, pairs, 1, 3, 1e-2, np.random.default_rng(0))
+    for name in first.params:
+        np.testing.assert_array_equal(kept.params[name], first.params[name])
+
+
+@pytest.mark.parametrize("batch_size", [2, 256])
+def test_held_out_accuracy_is_pairwise_accuracy_over_every_pair(batch_size):
+    rm, pairs = tiny_rm(), pairs_of(7)
+    (idx_w, len_w), (idx_l, len_l), _ = pairs.packed()
+    direct = pairwise_accuracy(rm.rewards(idx_w, len_w), rm.rewards(idx_l, len_l))
+    assert 0 < direct < 1
+    scored, rewards = [], rm.rewards
+    rm.rewards = lambda idx, lengths: scored.append(len(idx)) or rewards(idx, lengths)
+    assert reward_model_accuracy(rm, pairs, batch_size) == direct
+    assert sum(scored) == 2 * len(pairs)                  # every pair scored once, each side
+    del rm.rewards
+    for i in range(len(pairs)):          # each single pair counts: moving one changes the score
+        one = pairs.subset([i])
+        (w, lw), (l, ll), _ = one.packed()
+        assert reward_model_accuracy(rm, one) == float(rm.rewards(w, lw)[0] > rm.rewards(l, ll)[0])
+
+
+def test_dpo_refuses_a_reference_with_another_vocabulary():
+    policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8))
+    reference = GPT(GPTConfig(vocab_size=V + 1, n_ctx=8, n_layer=1, n_head=2, d_model=8))
+    with pytest.raises(ValueError, match=f"policy vocab_size={V} differs from the reference's {V + 1}"):
+        train_dpo(policy, reference, pairs_of(2), 1, 2, 1e-3, 0.1, np.random.default_rng(0))
