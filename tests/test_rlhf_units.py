@@ -124,3 +124,83 @@ def test_dpo_refuses_a_reference_with_another_vocabulary():
     reference = GPT(GPTConfig(vocab_size=V + 1, n_ctx=8, n_layer=1, n_head=2, d_model=8))
     with pytest.raises(ValueError, match=f"policy vocab_size={V} differs from the reference's {V + 1}"):
         train_dpo(policy, reference, pairs_of(2), 1, 2, 1e-3, 0.1, np.random.default_rng(0))
+
+
+def test_preference_sets_are_refused_with_the_whole_reason():
+    with pytest.raises(ValueError, match=r"^the preference set is empty: need at least one \(chosen, rejected\) pair$"):
+        Preferences([], [], [], []).validate()
+    with pytest.raises(ValueError, match="^preference set: 2 prompts but 1 chosen and 2 rejected responses$"):
+        Preferences([np.array([1])] * 2, [np.array([2])], [np.array([3])] * 2, [("cpy", "a")] * 2).validate()
+    with pytest.raises(ValueError, match="^preference pair 0 has identical chosen and rejected responses: "
+                                         "it carries no preference$"):
+        Preferences([np.array([1])], [np.array([2])], [np.array([2])], [("cpy", "a")]).validate()
+
+
+def test_prompts_from_one_token_up_to_exactly_filling_the_context_are_accepted():
+    config = GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8)
+    rlhf.check_prompts([np.arange(1), np.arange(5)], 3, config)            # 5 + 3 = n_ctx
+    with pytest.raises(ValueError, match="instruction 0 has 0 tokens; with max_new_tokens=3 it needs 1..5"):
+        rlhf.check_prompts([np.arange(0)], 3, config)
+
+
+class EotAfter:
+    """A stand-in policy: row r of a batch emits token 2 while the sequence is shorter than
+    lengths[r] tokens, then eot (id 0). Counts its forward calls."""
+    config = GPTConfig(vocab_size=4, n_ctx=16, n_layer=1, n_head=1, d_model=4)
+    xp = np
+
+    def __init__(self, lengths):
+        self.lengths, self.calls = lengths, 0
+
+    def check_idx(self, idx, name="idx", past=0):
+        pass
+
+    def new_kv_cache(self):
+        return None                       # so every step feeds the whole sequence: T = its length
+
+    def forward(self, idx, kv_cache=None):
+        self.calls += 1
+        logits = np.zeros(idx.shape + (4,))
+        for r in range(len(idx)):
+            logits[r, :, 2 if idx.shape[1] < self.lengths[r] else 0] = 50.0
+        return logits
+
+
+def test_responses_stop_at_their_first_eot_and_generation_stops_when_every_row_has():
+    """Prompts [1, 2] and [3, 1] are one batch (rows 0, 1), [2] another (row 0). The rows finish at
+    different steps; each response keeps the tokens up to and including its own first eot, and each
+    batch stops at its last row's eot (2 + 3 forward calls, not 6 + 6)."""
+    policy = EotAfter([2, 4])
+    prompts = [np.array([1, 2]), np.array([3, 1]), np.array([2])]
+    responses = rlhf.sample_responses(policy, prompts, 6, 1.0, np.random.default_rng(0), eot_id=0)
+    assert [r.tolist() for r in responses] == [[0], [2, 2, 0], [2, 0]]
+    assert policy.calls == 5
+
+
+def test_sampling_follows_the_temperature_and_the_rng_it_is_given():
+    policy = GPT(GPTConfig(vocab_size=V, n_ctx=12, n_layer=1, n_head=2, d_model=8), seed=0)
+    rng = np.random.default_rng(0)
+    for p in policy.params.values():
+        p += rng.normal(size=p.shape).astype(p.dtype)
+    prompts = [np.array([1, 2]), np.array([3, 4]), np.array([5]), np.array([6, 7])]
+    sample = lambda t, seed: [r.tolist() for r in rlhf.sample_responses(policy, prompts, 8, t, np.random.default_rng(seed), V - 1)]
+    assert sample(1.0, 3) == sample(1.0, 3)
+    assert sample(1.0, 3) != sample(1.0, 4)
+    from tinylm.generate import generate
+    greedy = [generate(policy, p[None], 8, temperature=0, eot_id=V - 1)[0, len(p):].tolist() for p in prompts]
+    cut = [g[:g.index(V - 1) + 1] if V - 1 in g else g for g in greedy]
+    assert sample(1e-6, 3) == sample(1e-6, 4) == cut
+
+
+def test_a_policy_step_is_reproducible_from_its_rng_and_clips_at_norm_1(monkeypatch):
+    from tinylm.optim import adamw_init
+    norms = []
+    monkeypatch.setattr(rlhf, "clip_grad_norm", lambda grads, max_norm: norms.append(max_norm))
+    policy = GPT(GPTConfig(vocab_size=V, n_ctx=12, n_layer=1, n_head=2, d_model=8), seed=0)
+    rm = tiny_rm()
+    prompts = [np.array([1, 2]), np.array([3, 4])]
+    cfg = PolicyConfig(samples_per_prompt=2, max_new_tokens=4)
+    runs = [rlhf.policy_step(p, policy.copy(), rm, adamw_init(p.params), prompts, cfg, np.random.default_rng(7), 0)
+            for p in (policy.copy(), policy.copy())]
+    assert [r.tolist() for r in runs[0]["responses"]] == [r.tolist() for r in runs[1]["responses"]]
+    assert norms == [1.0, 1.0]
