@@ -204,3 +204,21 @@ def test_a_policy_step_is_reproducible_from_its_rng_and_clips_at_norm_1(monkeypa
             for p in (policy.copy(), policy.copy())]
     assert [r.tolist() for r in runs[0]["responses"]] == [r.tolist() for r in runs[1]["responses"]]
     assert norms == [1.0, 1.0]
+
+
+def test_leave_one_out_with_one_sample_is_refused_by_name():
+    with pytest.raises(ValueError, match="a leave-one-out baseline needs samples_per_prompt >= 2, got 1"):
+        rlhf.leave_one_out_baseline(np.zeros((3, 1)))
+
+
+def test_dpo_returns_the_chosen_log_ratio_and_float32_gradients():
+    """The third output is log π(y_w) − log π_ref(y_w): 0 when the policy is the reference, and
+    it moves by exactly what the policy's own log-probability moved."""
+    policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8), seed=0)
+    batch = pairs_of(3).packed()
+    ref_terms = rlhf.sequence_logprobs(policy, batch)
+    loss, grads, ratio = rlhf.dpo_loss_and_grads(policy, batch, ref_terms, 0.1)
+    np.testing.assert_allclose(ratio, 0.0, atol=1e-5)
+    assert {g.dtype for g in grads.values()} == {np.dtype("float32")}
+    shifted = (ref_terms[0] - 1.5, ref_terms[1])
+    np.testing.assert_allclose(rlhf.dpo_loss_and_grads(policy, batch, shifted, 0.1)[2], 1.5, atol=1e-5)
