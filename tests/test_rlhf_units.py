@@ -222,3 +222,19 @@ def test_dpo_returns_the_chosen_log_ratio_and_float32_gradients():
     assert {g.dtype for g in grads.values()} == {np.dtype("float32")}
     shifted = (ref_terms[0] - 1.5, ref_terms[1])
     np.testing.assert_allclose(rlhf.dpo_loss_and_grads(policy, batch, shifted, 0.1)[2], 1.5, atol=1e-5)
+
+
+def test_policy_loss_reports_the_surrogate_and_a_kl_per_sample_and_defaults_to_leave_one_out():
+    """beta 0, no baseline: the surrogate is Σ_i r_i · nll_i / N (nll_i summed over response tokens);
+    the KL estimate has one entry per sample (0 against itself); the default baseline is loo."""
+    policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8, dtype="float64"), seed=0)
+    (idx, lengths), _, starts = pairs_of(4).packed()
+    inputs, targets = rlhf.response_targets(idx, lengths, starts)
+    rewards = np.array([1.0, -2.0, 0.5, 3.0])
+    loss, _, kl, _ = rlhf.policy_loss_and_grads(policy, policy, inputs, targets, rewards, 1, 0.0, "none")
+    nll = policy.token_nll(inputs, targets)[0].sum(1)
+    assert loss == pytest.approx((rewards * nll).sum() / 4, rel=1e-12)
+    assert kl.shape == (4,) and np.allclose(kl, 0.0)
+    default = rlhf.policy_loss_and_grads(policy, policy, inputs, targets, rewards, 2, 0.1)
+    loo = rlhf.policy_loss_and_grads(policy, policy, inputs, targets, rewards, 2, 0.1, "loo")
+    np.testing.assert_array_equal(default[3], loo[3])
