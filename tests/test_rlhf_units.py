@@ -238,3 +238,9 @@ def test_policy_loss_reports_the_surrogate_and_a_kl_per_sample_and_defaults_to_l
     default = rlhf.policy_loss_and_grads(policy, policy, inputs, targets, rewards, 2, 0.1)
     loo = rlhf.policy_loss_and_grads(policy, policy, inputs, targets, rewards, 2, 0.1, "loo")
     np.testing.assert_array_equal(default[3], loo[3])
+
+
+def test_kl_to_go_sums_each_tokens_future_log_ratios_by_hand():
+    logratio = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, -1.0, 0.5, 9.0]])
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 0]], dtype=float)
+    np.testing.assert_array_equal(rlhf.kl_to_go(logratio, mask), [[0, 9, 7, 4], [4.5, -0.5, 0.5, 0]])
