@@ -10,7 +10,8 @@ logits is comparing probabilities (softmax is monotonic). It answers like Labell
 make_pairs takes either; it never ties, and `calls` counts what its labels cost.
 """
 import numpy as np
-from .world import answer, instruction, score
+
+from .world import instruction, score
 
 VERDICTS = "12"                       # verdict characters: the first / the second response is better
 
@@ -59,11 +60,3 @@ class LMJudge:
         self.calls += 1
         idx = np.array([self.tokenizer.encode(judged_text(task, letters, a, b, self.clip))])
         return read_verdict(np.asarray(self.model.forward(idx))[0, -1], self.tokenizer)
-
-
-def agreement(judge, instructions, pairs_text):
-    """Share of (a, b) pairs with different scores on which the judge picks the higher-scored one
-    (the labeller without its noise)."""
-    hits = [judge.prefer(t, s, a, b) == int(score(t, s, b) > score(t, s, a))
-            for (t, s), (a, b) in zip(instructions, pairs_text) if score(t, s, a) != score(t, s, b)]
-    return float(np.mean(hits)) if hits else float("nan")

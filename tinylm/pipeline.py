@@ -17,11 +17,11 @@ from .backend import to_numpy
 from .model import GPT, GPTConfig
 from .optim import adamw_init
 from .reward import RewardModel, pack
+from .judge import JudgedExamples, LMJudge
 from .rlhf import (PolicyConfig, Preferences, policy_step, response_targets, reward_model_accuracy,
                    sample_responses, train_dpo, train_reward_model, train_reward_model_early_stopping)
 from .tokenizer import ByteTokenizer
 from .train import lr_at, train_step
-from .judge import JudgedExamples, LMJudge
 from .world import Labeller, World, instruction, score
 
 TOKENIZER = ByteTokenizer()
@@ -195,6 +195,19 @@ def copy_rm(rm):
     return RewardModel(rm.trunk.copy(), rm.params["reward_vector"].copy(), float(rm.params["reward_bias"]))
 
 
+def train_demo_rm(base, pairs, heldout_pairs, cfg, rng):
+    """A reward model from a copy of `base`, trained on `pairs` with a random cfg.rm_validation share
+    held back for early stopping. -> (rm, number of validation pairs, per-epoch validation accuracies, held-out
+    accuracy on the labels, held-out accuracy on the noiseless preferences)."""
+    rm = RewardModel.from_lm(base)
+    order = rng.permutation(len(pairs))
+    n_val = max(1, int(len(pairs) * cfg.rm_validation))
+    validation_accuracy = train_reward_model_early_stopping(rm, pairs.subset(order[n_val:]), pairs.subset(order[:n_val]),
+                                                           cfg.rm_epochs, cfg.rm_batch, cfg.rm_lr, rng)
+    return (rm, n_val, validation_accuracy, reward_model_accuracy(rm, heldout_pairs),
+            reward_model_accuracy(rm, true_order(heldout_pairs)))
+
+
 def run_demo(cfg, progress=True):
     """Every stage from scratch for one seed; -> results dict (the JSON schema of `tinylm demo --json`)."""
     t0 = time.perf_counter()
@@ -206,13 +219,7 @@ def run_demo(cfg, progress=True):
     pair_comparisons = labeller.comparisons
     heldout_pairs = make_pairs(base, world.instructions(cfg.heldout_pair_instructions, rng, heldout=True),
                                labeller, max_new, rng)
-    rm = RewardModel.from_lm(base)
-    order = rng.permutation(len(pairs))
-    n_val = max(1, int(len(pairs) * cfg.rm_validation))
-    validation_accuracy = train_reward_model_early_stopping(rm, pairs.subset(order[n_val:]), pairs.subset(order[:n_val]),
-                                                           cfg.rm_epochs, cfg.rm_batch, cfg.rm_lr, rng)
-    rm_accuracy = reward_model_accuracy(rm, heldout_pairs)
-    rm_accuracy_true = reward_model_accuracy(rm, true_order(heldout_pairs))
+    rm, n_val, validation_accuracy, rm_accuracy, rm_accuracy_true = train_demo_rm(base, pairs, heldout_pairs, cfg, rng)
     raw_rm = copy_rm(rm)
     shift = rm.centre(*reference_responses(base, world, cfg.centre_instructions, max_new, rng)) if cfg.centre_rm else 0.0
     before = labeller.comparisons
@@ -237,10 +244,9 @@ def run_demo(cfg, progress=True):
     if cfg.experiments:
         results["experiments"] = run_experiments(base, {"raw": raw_rm, "centred": rm}, world, labeller, cfg, pairs,
                                                  eval_set, rng, progress)
-    if "judge" in cfg.experiments:
-        results["experiments"]["judge"] = run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress)
-        labels["judge_rlhf"] = results["experiments"]["judge"].pop("labels")
-    if cfg.experiments:
+        if "judge" in cfg.experiments:
+            results["experiments"]["judge"] = run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress)
+            labels["judge_rlhf"] = results["experiments"]["judge"].pop("labels")
         results["history"].update({k: v.pop("history") for k, v in results["experiments"].items()})
     results["config"] = asdict(cfg)
     results["seconds"] = time.perf_counter() - t0
@@ -304,12 +310,7 @@ def run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress):
     not call a tie."""
     judge = train_judge(world, replace(cfg, pretrain_steps=cfg.judge_steps), rng, progress)
     judged, agree = relabel(judge, pairs)
-    rm = RewardModel.from_lm(base)
-    order = rng.permutation(len(judged))
-    n_val = max(1, int(len(judged) * cfg.rm_validation))
-    train_reward_model_early_stopping(rm, judged.subset(order[n_val:]), judged.subset(order[:n_val]),
-                                      cfg.rm_epochs, cfg.rm_batch, cfg.rm_lr, rng)
-    accuracy, accuracy_true = reward_model_accuracy(rm, heldout_pairs), reward_model_accuracy(rm, true_order(heldout_pairs))
+    rm, _, _, accuracy, accuracy_true = train_demo_rm(base, judged, heldout_pairs, cfg, rng)
     if cfg.centre_rm:
         rm.centre(*reference_responses(base, world, cfg.centre_instructions, cfg.policy.max_new_tokens, rng))
     policy, _, history = train_policy(base, rm, world, judge, cfg.policy, cfg, judged, rng, progress, "judge rlhf")

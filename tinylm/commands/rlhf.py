@@ -104,13 +104,14 @@ def fresh(path):
     return path
 
 
-def save_atomically(path, save):
-    """save(tmp) writes a checkpoint directory; it appears at `path` only once complete."""
+def save_atomically(path, save, message=None):
+    """save(tmp) writes a checkpoint directory or a pairs file; it appears at `path` only once
+    complete. Then prints `message` (default: "wrote PATH")."""
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     save(tmp)
     os.rename(tmp, path)
-    print(f"wrote {path}")
+    print(message or f"wrote {path}")
 
 
 def world_and_rng(args):
@@ -144,9 +145,8 @@ def run_pairs(args):
     pairs = make_pairs(model, world.instructions(args.instructions, rng, heldout=args.heldout),
                        Labeller(args.noise, seed=args.seed), 7, rng)
     pairs.validate()
-    pairs.save(args.out + ".partial")
-    os.rename(args.out + ".partial", args.out)
-    print(f"wrote {args.out}: {len(pairs)} labelled pairs from {args.instructions} instructions (ties dropped)")
+    save_atomically(args.out, pairs.save,
+                    f"wrote {args.out}: {len(pairs)} labelled pairs from {args.instructions} instructions (ties dropped)")
 
 
 def run_reward(args):
@@ -175,10 +175,9 @@ def run_judge(args):
     judge = train_judge(world, replace(DemoConfig(), pretrain_steps=args.steps, seed=args.seed), rng)
     judged, agreement = relabel(judge, pairs)
     same = float(np.mean([np.array_equal(a, b) for a, b in zip(judged.chosen, pairs.chosen)]))
-    judged.save(args.out + ".partial")
-    os.rename(args.out + ".partial", args.out)
-    print(f"wrote {args.out}: {judge.calls} judge calls, 0 labeller comparisons; the judge agrees with the "
-          f"file's labels on {same:.3f} of the pairs, with the noiseless labeller on {agreement:.3f}")
+    save_atomically(args.out, judged.save,
+                    f"wrote {args.out}: {judge.calls} judge calls, 0 labeller comparisons; the judge agrees with the "
+                    f"file's labels on {same:.3f} of the pairs, with the noiseless labeller on {agreement:.3f}")
 
 
 def run_policy(args):
