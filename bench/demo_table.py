@@ -5,14 +5,17 @@ file per seed (each seed is independent and deterministic, so seeds can run side
 
 Prints the per-seed rows, the mean ± sample sd of every stage, and the experiments' runs."""
 import json
+import os
 import sys
 
-import numpy as np
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tinylm.commands.demo import cell  # noqa: E402
+from tinylm.pipeline import mean_and_sd  # noqa: E402
 
 
 def mean_sd(values):
-    values = np.asarray(values, dtype=np.float64)
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    """'mean ± sample sd' as `tinylm demo --seeds` prints it (the mean alone for one value)."""
+    return cell(mean_and_sd({i: {"v": v} for i, v in enumerate(values)}), "v")
 
 
 def main(paths):
