@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinylm.gradcheck import check_gradients
-from tinylm.layers import (attention_backward, attention_forward, cross_entropy_backward,
+from tinylm.layers import (attention_backward, attention_forward, causal_mask, cross_entropy_backward,
                            cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                            gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
                            linear_forward, reward_head_backward, reward_head_forward)
@@ -146,6 +146,21 @@ def test_attention_mask_is_minus_inf_and_rows_sum_to_one():
     _, (q, k, v, att) = attention_forward(qkv, 2)
     assert np.all(att[..., np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0.0)
     np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_causal_mask_by_hand_in_its_dtype_default_and_given_offset(dtype):
+    """0 where a query may see the key, -inf in its future, in the dtype asked for. The default
+    places 3 queries at the last 3 of 5 positions; offset=0 places them at the first 3 (a flash
+    block on the diagonal). An allowed score shifted by +1 would leave softmax unchanged, so the
+    mask itself is checked, not only attention."""
+    inf = -np.inf
+    last = causal_mask(np, 3, 5, dtype)
+    assert last.dtype == dtype
+    np.testing.assert_array_equal(last, [[0, 0, 0, inf, inf], [0, 0, 0, 0, inf], [0, 0, 0, 0, 0]])
+    first = causal_mask(np, 3, 5, dtype, offset=0)
+    assert first.dtype == dtype
+    np.testing.assert_array_equal(first, [[0, inf, inf, inf, inf], [0, 0, inf, inf, inf], [0, 0, 0, inf, inf]])
 
 
 # ---------------------------------------------------------------- the checker can fail
