@@ -24,7 +24,10 @@ from collections import Counter
 try:
     from tomllib import loads as toml_loads
 except ModuleNotFoundError:  # Python 3.10: mutmut itself depends on `toml` there
-    from toml import loads as toml_loads
+    try:
+        from toml import loads as toml_loads
+    except ModuleNotFoundError:
+        toml_loads = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPY = ("tinylm", "tests", "kernels", "bench", "pyproject.toml")
@@ -79,6 +82,8 @@ def results(work):
 
 
 def main():
+    if toml_loads is None or shutil.which("mutmut") is None:
+        sys.exit("mutmut is not installed: pip install -e '.[test,mutation]'")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modules = toml_loads(open(os.path.join(ROOT, "pyproject.toml")).read())["tool"]["mutmut"]["only_mutate"]
     names = [os.path.basename(m)[:-3] for m in modules]
@@ -87,8 +92,6 @@ def main():
     ap.add_argument("--resume", action="store_true", help="keep a module's earlier results; run only the rest")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="mutants run at once")
     args = ap.parse_args()
-    if shutil.which("mutmut") is None:
-        sys.exit("mutmut is not installed: pip install -e '.[test,mutation]'")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "HYPOTHESIS_PROFILE": "mutation"}
     print("module           mutants  killed  survived  timeout  no tests  minutes", flush=True)
     for module in args.modules:

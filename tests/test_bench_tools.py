@@ -1,12 +1,16 @@
 """The bench tools that turn runs into RESULTS.md tables and re-check mutants: the demo table's
 means and sample sds equal a hand computation; a mutmut diff of a dedented method applies at the
-method's own indentation, and a diff whose code is gone is reported, not forced."""
+method's own indentation, and a diff whose code is gone is reported, not forced; the mutation
+runner's per-module copy mutates that module only, against test files that exist."""
 import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import demo_table  # noqa: E402
+import mutation  # noqa: E402
 import recheck_mutants  # noqa: E402
 
 
@@ -45,3 +49,20 @@ def test_recheck_applies_a_dedented_method_diff_and_reports_gone_code(tmp_path):
     assert recheck_mutants.apply(DIFF, str(tmp_path))
     assert (tmp_path / "pkg" / "mod.py").read_text() == source.replace("x + 1", "x - 1")
     assert not recheck_mutants.apply(DIFF, str(tmp_path))       # the old line is gone now
+
+
+def test_mutation_copy_mutates_one_module_against_its_own_existing_tests(tmp_path):
+    loads = mutation.toml_loads
+    if loads is None:
+        pytest.skip("Python 3.10 without the toml package (mutmut's extra brings it)")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    listed = loads(open(os.path.join(root, "pyproject.toml")).read())["tool"]["mutmut"]["only_mutate"]
+    assert sorted(os.path.basename(m)[:-3] for m in listed) == sorted(mutation.TESTS)
+    for files in mutation.TESTS.values():
+        assert files and all(os.path.exists(os.path.join(root, "tests", f)) for f in files), files
+    mutation.prepare("ssm", str(tmp_path / "ssm"), resume=False)
+    cfg = loads((tmp_path / "ssm" / "pyproject.toml").read_text())["tool"]["mutmut"]
+    assert cfg["only_mutate"] == ["tinylm/ssm.py"]
+    assert cfg["pytest_add_cli_args_test_selection"] == ["tests/test_ssm.py", "tests/test_mixers.py"]
+    assert cfg["do_not_mutate_patterns"] == [r"^\s*xp = array_module\(\w+\)\s*$"]   # escapes survive
+    assert (tmp_path / "ssm" / "tinylm" / "ssm.py").read_text() == open(os.path.join(root, "tinylm", "ssm.py")).read()
