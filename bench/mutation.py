@@ -36,10 +36,11 @@ COPY = ("tinylm", "tests", "kernels", "bench", "pyproject.toml")
 # gradient checks see every layer; the Hugging Face fixture sees layernorm's eps and GELU's constants).
 TESTS = {
     "layers": ["test_layers.py", "test_hf.py", "test_model.py"],
-    "model": ["test_model.py", "test_hf.py", "test_mixers.py", "test_checkpoint.py", "test_optim_counting.py"],
+    "model": ["test_model.py", "test_hf.py", "test_mixers.py", "test_checkpoint.py", "test_optim_counting.py",
+              "test_faults.py", "test_flash_attention.py", "test_generate.py", "test_ssm.py"],
     "optim": ["test_optim_defaults.py", "test_optim_counting.py"],
     "flash_attention": ["test_flash_attention.py"],
-    "ssm": ["test_ssm.py", "test_mixers.py"],
+    "ssm": ["test_ssm.py", "test_mixers.py", "test_generate.py"],
     "reward": ["test_reward_model.py", "test_reward_read.py", "test_rlhf_units.py", "test_rlhf.py"],
     "rlhf": ["test_rlhf_units.py", "test_rlhf_baseline.py", "test_rlhf_learning.py", "test_rlhf.py"],
     "train": ["test_pretrain.py", "test_data_train.py", "test_faults.py", "test_cli_pretrain.py",

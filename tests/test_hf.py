@@ -100,6 +100,15 @@ def test_broken_checkpoints_are_refused(tmp_path, edit, message):
         GPT.from_pretrained(broken_checkpoint(tmp_path, edit))
 
 
+def test_from_pretrained_names_the_checkpoint_and_passes_its_settings_on(tmp_path):
+    path = broken_checkpoint(tmp_path, lambda t: t["transformer.h.0.ln_1.bias"].__setitem__(0, np.nan))
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(path)
+    assert str(e.value) == f"checkpoint {str(path)!r}: tensor h.0.ln_1.bias holds NaN or Inf values"
+    model = GPT.from_pretrained(FIXTURE, kernels=True)     # kernels under the simulator (conftest)
+    assert model.kernels is True and model.device == "cpu"
+
+
 def test_missing_and_truncated_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="missing config.json"):
         GPT.from_pretrained(tmp_path)

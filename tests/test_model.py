@@ -1,6 +1,7 @@
 """The whole model: gradients against finite differences, float32 vs float64, causality, the
 fresh-model loss, the KV cache, and clear errors for bad input."""
 import math
+import types
 
 import numpy as np
 import pytest
@@ -122,7 +123,7 @@ def test_kv_cache_logits_match_full_forward():
     parts = [model.forward(idx[:, :5], cache)] + [model.forward(idx[:, t:t + 1], cache) for t in range(5, 12)]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-12)
     assert len(cache) == 12
-    with pytest.raises(ValueError, match="n_ctx=16"):
+    with pytest.raises(ValueError, match=r"^idx has T=5 after 12 cached positions, more than n_ctx=16$"):
         model.forward(idx[:, :5], cache)
 
 
@@ -145,6 +146,13 @@ def test_bad_config_is_refused_naming_the_field(change, message):
 
 @pytest.mark.parametrize("idx, message", [
     (np.array([[1, 10]]), "token id 10 is out of range for vocab_size=10"),
+    # a valid 0 beside a bad id: the message names the bad one
+    (np.array([[0, 10]]), r"^idx: token id 10 is out of range for vocab_size=10 \(allowed 0..9\)$"),
+    (np.zeros((0, 3), dtype=int), r"^idx must have at least one row and one position, got shape \(0, 3\)$"),
+    (np.zeros((2, 0), dtype=int), r"^idx must have at least one row and one position, got shape \(2, 0\)$"),
+    ([[1, 2]], r"^idx must be an integer array of shape \(B, T\), got list$"),
+    # has a dtype but is no array (no ndim): refused up front, not an AttributeError later
+    (types.SimpleNamespace(dtype=np.dtype(int)), "^idx must be an integer array of shape \\(B, T\\), got SimpleNamespace$"),
     (np.array([[-1, 2]]), "token id -1 is out of range"),
     (np.array([[1.0, 2.0]]), "must hold integers"),
     (np.array([1, 2]), r"must be 2-D \(B, T\)"),
@@ -158,9 +166,13 @@ def test_bad_idx_is_refused_with_a_message(idx, message):
 
 @pytest.mark.parametrize("targets, message", [
     (np.array([[1, 2, 3]]), r"targets shape \(1, 3\) differs from idx shape \(1, 2\)"),
+    (np.array([[1.0, 2.0]]), "^targets must be an integer array, got float64$"),
+    ([[1, 2]], "^targets must be an integer array, got <class 'list'>$"),
+    # an ignored position (-1) beside a bad id: the message names the bad id, not the -1
+    (np.array([[-1, 10]]), r"^targets: id 10 is out of range for vocab_size=10 \(allowed 0..9, or -1 to ignore a position\)$"),
     (np.array([[1, 10]]), "targets: id 10 is out of range"),
     (np.array([[-2, 1]]), "targets: id -2 is out of range"),
-    (np.array([[-1, -1]]), "no position counts"),
+    (np.array([[-1, -1]]), r"^no position counts towards the loss \(loss_mask is all 0 or every target is -1\)$"),
 ])
 def test_bad_targets_are_refused_with_a_message(targets, message):
     with pytest.raises(ValueError, match=message):
@@ -206,3 +218,145 @@ def test_checker_catches_10_percent_error_in_every_parameter_gradient(mixer, see
     wrong = check_gradients(f, model.params, {k: 0.9 * g for k, g in grads.items()}, max_entries=5, seed=seed)
     missed = {k: (e, float(np.abs(grads[k]).max())) for k, e in wrong.items() if not e > 1e-6}
     assert not missed, missed
+
+
+def test_check_tensors_lists_at_most_eight_of_each_kind_then_dots():
+    """One message for a broken set of tensors: each kind names up to 8, ", "-separated, with " ..."
+    only when more were left out; kinds joined by "; "; a NaN names its tensor."""
+    from tinylm.model import check_tensors
+    shapes = {f"t{i}": (2,) for i in range(9)}
+
+    def message(params):
+        with pytest.raises(ValueError) as e:
+            check_tensors(params, shapes, "here")
+        return str(e.value)
+    listed = ", ".join(f"t{i}" for i in range(8))
+    good = {k: np.zeros(2) for k in shapes}
+    assert message({}) == f"here: missing tensors: {listed} ..."                      # 9 missing
+    assert message({"t8": np.zeros(2)}) == f"here: missing tensors: {listed}"         # exactly 8
+    extra = {f"e{i}": np.zeros(2) for i in range(9)}
+    assert message({**good, **extra}) == "here: unexpected tensors: " + ", ".join(f"e{i}" for i in range(8)) + " ..."
+    del extra["e8"]
+    assert message({**good, **extra}) == "here: unexpected tensors: " + ", ".join(f"e{i}" for i in range(8))
+    wrong = ", ".join(f"t{i} (3,) (expected (2,))" for i in range(8))
+    assert message({k: np.zeros(3) for k in shapes}) == f"here: mis-shaped tensors: {wrong}"
+    assert message({"t0": np.zeros(2), "e0": np.zeros(2)}) == \
+        "here: missing tensors: " + ", ".join(f"t{i}" for i in range(1, 9)) + "; unexpected tensors: e0"
+    assert message({**good, "t3": np.array([0.0, np.nan])}) == "here: tensor t3 holds NaN or Inf values"
+
+
+def test_float32_model_keeps_float32_weights_and_grads_whatever_the_weights_dtype():
+    """The per-position weights are cast to the model's dtype: float64 weights (a Python caller's
+    default) must not turn a float32 model's gradients into float64."""
+    config = GPTConfig(**SMALL)
+    model = GPT(config)
+    idx, targets = np.array([[1, 2, 3]]), np.array([[2, 3, -1]])
+    weights = model.mean_weights(idx, targets)
+    assert weights.dtype == np.float32
+    np.testing.assert_array_equal(weights, [[0.5, 0.5, 0.0]])
+    _, grads = model.weighted_nll_and_grads(idx, targets, np.full((1, 3), 0.25, dtype=np.float64))
+    assert {g.dtype for g in grads.values()} == {np.dtype(np.float32)}
+
+
+def test_weights_and_loss_mask_of_another_shape_are_refused_naming_both_shapes():
+    model = GPT(GPTConfig(**SMALL))
+    idx, targets = np.array([[1, 2, 3]]), np.array([[2, 3, 4]])
+    with pytest.raises(ValueError, match=r"^weights shape \(1, 2\) differs from idx shape \(1, 3\)$"):
+        model.weighted_nll_and_grads(idx, targets, np.ones((1, 2)))
+    with pytest.raises(ValueError, match=r"^loss_mask shape \(3,\) differs from idx shape \(1, 3\)$"):
+        model.loss(idx, targets, np.ones(3))
+
+
+def test_token_logprobs_are_log_softmax_at_the_targets_and_zero_where_ignored():
+    config = GPTConfig(**{**SMALL, "dtype": "float64"})
+    model = GPT(config, seed=2)
+    idx, targets = np.array([[1, 2, 3], [4, 5, 6]]), np.array([[2, 3, 4], [5, -1, 7]])
+    logits = model.forward(idx)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = np.where(targets >= 0, np.take_along_axis(logp, np.maximum(targets, 0)[..., None], -1)[..., 0], 0.0)
+    np.testing.assert_allclose(model.token_logprobs(idx, targets), expected, rtol=1e-12, atol=0)
+
+
+def test_copy_is_an_independent_model_with_the_same_outputs_and_settings():
+    model = GPT(GPTConfig(**SMALL), seed=4)
+    twin = model.copy()
+    idx = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(twin.forward(idx), model.forward(idx))
+    assert (twin.config, twin.device, twin.kernels) == (model.config, model.device, model.kernels)
+    twin.params["wte.weight"] += 1.0
+    assert not np.array_equal(twin.forward(idx), model.forward(idx))
+    assert all(np.array_equal(p, GPT(GPTConfig(**SMALL), seed=4).params[k]) for k, p in model.params.items())
+
+
+def test_init_is_gpt2s_seeded_and_in_the_configs_dtype():
+    """N(0, 0.02) weights, 0.02/√(2·n_layer) for the two residual projections, zero biases, unit
+    LayerNorm gains; the default seed is 0 and the seed is used; the ssm's parameters come from
+    ssm_init_param (A_log = log(1..N))."""
+    from tinylm.model import init_params
+    config = GPTConfig(vocab_size=64, n_ctx=16, n_layer=3, n_head=2, d_model=64, dtype="float32")
+    params = init_params(config)
+    assert {p.dtype for p in params.values()} == {np.dtype(np.float32)}
+    assert all(np.array_equal(p, init_params(config, 0)[k]) for k, p in params.items())
+    assert not np.array_equal(init_params(config, 1)["wte.weight"], params["wte.weight"])
+    out_std = 0.02 / math.sqrt(2 * 3)
+    for name, p in params.items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            assert np.all(p == 1.0), name
+        elif p.ndim == 1:
+            assert np.all(p == 0.0), name
+        else:           # ≥ 4096 draws each: the sample std is within ~2% of the true one
+            expected = out_std if name.endswith("c_proj.weight") else 0.02
+            assert abs(p.std() / expected - 1) < 0.05, (name, p.std(), expected)
+    ssm = init_params(GPTConfig(vocab_size=8, n_ctx=4, n_layer=1, n_head=1, d_model=4, mixer="ssm", d_state=3))
+    np.testing.assert_allclose(ssm["h.0.ssm.A_log"][0], np.log([1.0, 2.0, 3.0]))
+    assert np.all(ssm["h.0.ssm.D"] == 1.0)
+
+
+def test_model_seed_device_and_kernels_settings_are_kept_and_checked():
+    from tinylm import kernel_layers
+    from tinylm.config import FLASH_MIN_T
+    from tinylm.model import ARRAY_LAYERS, layers_for
+    config = GPTConfig(**SMALL)
+    default = GPT(config)
+    assert (default.device, default.kernels, default.layers) == ("cpu", False, ARRAY_LAYERS)
+    assert default.layers.auto_flash_from == FLASH_MIN_T
+    assert all(np.array_equal(p, GPT(config, seed=0).params[k]) for k, p in default.params.items())
+    assert not np.array_equal(GPT(config, seed=3).params["wte.weight"], default.params["wte.weight"])
+    assert GPT(config, kernels=False).kernels is False
+    on_kernels = GPT(config, kernels=True)         # the simulator (tests/conftest.py)
+    assert on_kernels.kernels is True and on_kernels.layers is kernel_layers.LAYERS
+    with pytest.raises(ValueError, match="^kernels=True needs dtype float32"):
+        GPT(GPTConfig(**{**SMALL, "dtype": "float64"}), kernels=True)
+    with pytest.raises(ValueError, match=r"^kernels must be True, False or None \(the device's default\), got 'yes'$"):
+        GPT(config, kernels="yes")
+    # On CuPy, "auto" attention never switches to the NumPy-shaped flash (thousands of tiny launches).
+    assert layers_for("cuda", False, "float32").auto_flash_from == math.inf
+
+
+def test_auto_attention_switches_at_the_layer_sets_threshold_on_positions():
+    """"auto" runs flash from layers.auto_flash_from positions T on; the switch reads T (not the
+    width 3C of c_attn's output) and the model's own layer set's threshold."""
+    from tinylm.flash_attention import flash_attention_backward
+    from tinylm.layers import attention_backward
+    model = GPT(GPTConfig(**{**SMALL, "d_model": 8}))          # 3C = 24 > T
+    idx = np.array([[1, 2, 3, 4]])
+
+    def attention_run(auto_from):
+        model.layers = model.layers._replace(auto_flash_from=auto_from)
+        return model.hidden(idx)[1].blocks[0].mixer.attention_backward
+    assert attention_run(5) is attention_backward
+    assert attention_run(4) is flash_attention_backward
+
+
+def test_ssm_mixer_runs_on_the_models_layer_set():
+    """The ssm blocks call the model's layers (the kernels when kernels=True), not the module default."""
+    from tinylm.layers import linear_forward
+    model = GPT(GPTConfig(vocab_size=8, n_ctx=4, n_layer=1, n_head=1, d_model=4, mixer="ssm"))
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return linear_forward(*args, **kwargs)
+    model.layers = model.layers._replace(linear_forward=counted)
+    model.forward(np.array([[1, 2]]))
+    assert len(calls) == 6           # the mixer's in_proj, x_proj, dt_proj, out_proj; the MLP's c_fc, c_proj
