@@ -4,7 +4,8 @@
 
 Run from the directory of a finished `mutmut run` (it asks `mutmut show NAME` for each diff). Each
 mutant's diff is applied to a copy of this checkout and the tests are run there; one line per
-mutant: killed, SURVIVED, or GONE (its code no longer exists here). mutmut's hunks are numbered
+mutant: killed, SURVIVED, GONE (its code no longer exists here), or ERROR (pytest ran no test or
+failed to start: nothing was proven). mutmut's hunks are numbered
 from the function and show methods dedented, so the old lines are found by their stripped text and
 the new ones re-indented to match."""
 import argparse
@@ -62,9 +63,10 @@ def main():
             if not apply(diff, work):
                 print("GONE", name)
                 continue
-            failed = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                     *args.tests.split()], cwd=work, env=env, capture_output=True).returncode
-            print("killed" if failed else "SURVIVED", name, flush=True)
+            code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                   *args.tests.split()], cwd=work, env=env, capture_output=True).returncode
+            # pytest: 1 = a test failed; anything else (no tests collected, usage error) proves nothing
+            print({0: "SURVIVED", 1: "killed"}.get(code, f"ERROR (pytest exit {code})"), name, flush=True)
             shutil.copy(os.path.join(ROOT, rel), os.path.join(work, rel))
 
 

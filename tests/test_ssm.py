@@ -14,7 +14,7 @@ from test_layers import TOL, assert_close, project  # noqa: E402  (tests/ is on 
 from tinylm.ssm import (causal_conv_backward, causal_conv_forward, selective_scan_backward,
                         selective_scan_forward, silu_backward, silu_forward, softplus_backward,
                         softplus_forward, ssm_init_param, ssm_mixer_backward, ssm_mixer_forward,
-                        ssm_param_shapes)
+                        ssm_param_shapes, dt_rank)
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -278,3 +278,28 @@ def test_checker_catches_10_percent_error_in_smallest_ssm_gradients(seed, B, T, 
     assert_close(check_gradients(f, small, grads, seed=seed))
     wrong = check_gradients(f, small, {k: 0.9 * grads[k] for k in small}, seed=seed)
     assert min(wrong.values()) > TOL, (wrong, {k: float(np.abs(grads[k]).max()) for k in small})
+
+
+def test_dt_rank_is_ceil_of_d_model_over_16():
+    assert [dt_rank(c) for c in (1, 16, 17, 32, 33, 768)] == [1, 1, 2, 2, 3, 48]
+
+
+def test_ssm_init_is_mambas():
+    """A_log = log(1..N) on every channel; D = 1; softplus(dt_proj.bias) = Δ log-uniform in
+    [0.001, 0.1]; conv and dt_proj uniform in ±1/√fan-in (fan-in = shape[0]); out_proj N(0, out_std);
+    in_proj and x_proj N(0, 0.02); conv.bias 0. Large shapes, so the ranges and stds are sharp."""
+    rng = np.random.default_rng(0)
+    shapes = ssm_param_shapes(d_model=64, d_state=8, d_conv=4, expand=2)        # E = 128, R = 4
+    p = {name: ssm_init_param(name, shape, rng, out_std=0.005) for name, shape in shapes.items()}
+    assert {k: v.shape for k, v in p.items()} == shapes
+    np.testing.assert_array_equal(p["A_log"], np.log(np.tile(np.arange(1.0, 9.0), (128, 1))))
+    assert np.all(p["D"] == 1.0) and np.all(p["conv.bias"] == 0.0)
+    dt = softplus_forward(p["dt_proj.bias"])[0]
+    assert dt.min() >= 1e-3 * (1 - 1e-9) and dt.max() <= 0.1 * (1 + 1e-9)
+    assert abs(np.log(dt).mean() - np.log(1e-2)) < 0.3          # log-uniform: centred at √(0.001·0.1)
+    for name in ("conv.weight", "dt_proj.weight"):
+        bound = 1 / np.sqrt(shapes[name][0])
+        w = p[name]
+        assert np.abs(w).max() <= bound and w.max() > 0.9 * bound and w.min() < -0.9 * bound, name
+    for name, std in (("out_proj.weight", 0.005), ("in_proj.weight", 0.02), ("x_proj.weight", 0.02)):
+        assert abs(p[name].mean()) < 0.1 * std and abs(p[name].std() / std - 1) < 0.05, name
