@@ -63,6 +63,7 @@ def test_mutation_copy_mutates_one_module_against_its_own_existing_tests(tmp_pat
     mutation.prepare("ssm", str(tmp_path / "ssm"), resume=False)
     cfg = loads((tmp_path / "ssm" / "pyproject.toml").read_text())["tool"]["mutmut"]
     assert cfg["only_mutate"] == ["tinylm/ssm.py"]
-    assert cfg["pytest_add_cli_args_test_selection"] == ["tests/test_ssm.py", "tests/test_mixers.py"]
+    assert cfg["pytest_add_cli_args_test_selection"] == ["tests/test_ssm.py", "tests/test_mixers.py",
+                                                         "tests/test_generate.py"]
     assert cfg["do_not_mutate_patterns"] == [r"^\s*xp = array_module\(\w+\)\s*$"]   # escapes survive
     assert (tmp_path / "ssm" / "tinylm" / "ssm.py").read_text() == open(os.path.join(root, "tinylm", "ssm.py")).read()
