@@ -286,6 +286,7 @@ def test_copy_is_an_independent_model_with_the_same_outputs_and_settings():
     twin.params["wte.weight"] += 1.0
     assert not np.array_equal(twin.forward(idx), model.forward(idx))
     assert all(np.array_equal(p, GPT(GPTConfig(**SMALL), seed=4).params[k]) for k, p in model.params.items())
+    assert GPT(GPTConfig(**SMALL), kernels=True).copy().kernels is True     # not the device's default
 
 
 def test_init_is_gpt2s_seeded_and_in_the_configs_dtype():
