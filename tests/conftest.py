@@ -6,9 +6,6 @@ from hypothesis import HealthCheck, settings
 # "dev": more examples for a longer local hunt (HYPOTHESIS_PROFILE=dev pytest).
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-# "mutation": fewer still, for bench/mutation.py, where a surviving mutant re-runs its module's tests.
-settings.register_profile("mutation", max_examples=5, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -34,6 +34,14 @@ def test_byte_decode_of_broken_utf8_replaces_instead_of_raising():
         tok.decode([65, 300])
 
 
+def test_byte_decode_accepts_byte_0_and_refuses_a_negative_id():
+    """Byte 0 (NUL) is a byte like any other; only ids below 0 or above eot are refused."""
+    tok = ByteTokenizer()
+    assert tok.decode([0, 65]) == "\x00A"
+    with pytest.raises(ValueError, match=r"^token id -1 is out of range for the byte tokenizer \(allowed 0..256\)$"):
+        tok.decode([65, -1])
+
+
 def write_bpe(path, merges):
     """A GPT-2-style vocabulary: the 256 byte characters, then one token per merge, then eot."""
     chars = list(bytes_to_unicode().values())
