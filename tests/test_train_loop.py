@@ -1,0 +1,194 @@
+"""pretrain's loop as a user sees it: each metrics.jsonl record taken from the step itself, the
+evaluations' schedule, the progress bar (its counts, postfix and width), Ctrl-C, the NaN stop's
+message, the metrics log's file, the loss plot, and what pretrain hands on (data path, val_fraction,
+kernels, stop_at, its defaults). Every run here is a 2-layer, 16-wide model for a few steps."""
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import struct
+import types
+
+import numpy as np
+import pytest
+
+import tinylm.train as train
+from tinylm import GPT
+from tinylm.checkpoint import latest_checkpoint, load_model
+from tinylm.data import Dataset
+from tinylm.tokenizer import ByteTokenizer
+from tinylm.train import METRICS, PLOT, StopFlag, TrainConfig, estimate_loss, lr_at, plot_metrics, pretrain, read_metrics
+
+TINY = dict(n_layer=2, n_head=2, d_model=16, n_ctx=16, batch_size=4, lr=3e-3, warmup_steps=3, eval_every=5,
+            eval_batches=2, checkpoint_every=5)
+TOKENS_PER_STEP = TINY["batch_size"] * TINY["n_ctx"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    words = "the quick brown fox jumps over the lazy dog and then it sleeps".split()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.txt"
+    path.write_text(" ".join(rng.choice(words, size=600)), encoding="utf-8")
+    return str(path)
+
+
+def tiny(text_file, max_steps=8, **settings):
+    return {**TINY, "data": text_file, "max_steps": max_steps, **settings}
+
+
+def records(out):
+    return read_metrics(os.path.join(str(out), METRICS))
+
+
+def step_records(out):
+    return [r for r in records(out) if "loss" in r]
+
+
+def eval_records(out):
+    return [r for r in records(out) if "val_loss" in r]
+
+
+class FakeClock:
+    """Stands in for time.perf_counter in tinylm.train: step k starts at 5000 + k and lasts
+    0.01234567·(1 + k mod 3) seconds, so every number derived from the step time is known."""
+
+    def __init__(self):
+        self.values = []
+        for k in range(100):
+            start = 5000.0 + k
+            self.values += [start, start + 0.01234567 * (1 + k % 3)]
+        self.calls = 0
+
+    def perf_counter(self):
+        self.calls += 1
+        return self.values[self.calls - 1]
+
+    def dt(self, k):                           # step k's duration as the loop computes it (0-based)
+        return self.values[2 * k + 1] - self.values[2 * k]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    return fake
+
+
+@pytest.fixture
+def steps_seen(monkeypatch):
+    """Records every train_step call: its arguments (defaults filled in) and what it returned."""
+    real, calls = train.train_step, []
+    signature = inspect.signature(real)
+
+    def recording(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        loss, norm = real(*args, **kwargs)
+        calls.append({**bound.arguments, "loss": loss, "norm": norm})
+        return loss, norm
+    monkeypatch.setattr(train, "train_step", recording)
+    return calls
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+def test_each_step_record_holds_that_steps_lr_grad_norm_loss_and_timing(tmp_path, text_file, clock, steps_seen):
+    """A step's record must describe that step: the lr and batch it trained with, the gradient
+    norm train_step returned, tokens/s = batch_size·n_ctx / the step's seconds, and elapsed_s the
+    running sum of step times rounded to milliseconds."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=7), progress=False)
+    recs = step_records(out)
+    assert [r["step"] for r in recs] == list(range(1, 8)) and len(steps_seen) == 7
+    elapsed, sums = 0.0, []
+    for k, (r, call) in enumerate(zip(recs, steps_seen)):
+        dt = clock.dt(k)
+        elapsed += dt
+        sums.append(elapsed)
+        assert r["loss"] == call["loss"] and r["grad_norm"] == call["norm"] > 0
+        assert r["lr"] == call["lr"] == lr_at(k, 7, TINY["lr"], TINY["warmup_steps"], TrainConfig().min_lr)
+        assert r["tokens_per_s"] == TOKENS_PER_STEP / dt           # 64 tokens in ~0.012-0.037 s
+        assert 1000 < r["tokens_per_s"] < 6000
+        assert r["elapsed_s"] == round(elapsed, 3)
+    assert any(round(e, 3) != round(e, 4) for e in sums)          # the rounding is visible in these times
+    assert clock.calls == 14                   # two clock reads per step, nothing else timed
+    assert [r["elapsed_s"] for r in recs] == sorted(r["elapsed_s"] for r in recs)
+
+
+def test_train_step_gets_the_runs_grad_clip_and_weight_decay(tmp_path, text_file, steps_seen):
+    """Settings other than the defaults reach every optimizer step (a dropped argument would fall
+    back to train_step's own defaults, 1.0 and 0.1)."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=3, grad_clip=0.5, weight_decay=0.05), progress=False)
+    assert [(c["grad_clip"], c["weight_decay"]) for c in steps_seen] == [(0.5, 0.05)] * 3
+
+
+def test_evaluations_run_every_eval_every_steps_and_at_max_steps(tmp_path, text_file):
+    """eval_every=3 over 7 steps: validation at 3, 6 and the last step 7; val_perplexity is
+    exp(val_loss), and the last val_loss is the final model's loss on the validation split."""
+    out = str(tmp_path / "run")
+    result = pretrain(out, tiny(text_file, max_steps=7, eval_every=3), progress=False)
+    evals = eval_records(out)
+    assert [r["step"] for r in evals] == [3, 6, 7]
+    for r in evals:
+        assert isinstance(r["val_loss"], float) and r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]),
+                                                                                         rel=1e-12)
+    model = load_model(out)[0]
+    dataset = Dataset(ByteTokenizer().encode(open(text_file).read()), TINY["n_ctx"], 0.1)
+    expected = estimate_loss(model, dataset, "val", TINY["batch_size"], TINY["eval_batches"])
+    assert evals[-1]["val_loss"] == pytest.approx(expected, rel=1e-6) == result["val_loss"]
+
+
+def test_dataset_split_uses_the_runs_val_fraction(tmp_path, text_file):
+    """val_fraction=0.3: the validation loss is measured on the last 30% of the text."""
+    out = str(tmp_path / "run")
+    result = pretrain(out, tiny(text_file, max_steps=3, val_fraction=0.3), progress=False)
+    model = load_model(out)[0]
+    ids = ByteTokenizer().encode(open(text_file).read())
+    on_30 = estimate_loss(model, Dataset(ids, TINY["n_ctx"], 0.3), "val", TINY["batch_size"], TINY["eval_batches"])
+    on_10 = estimate_loss(model, Dataset(ids, TINY["n_ctx"], 0.1), "val", TINY["batch_size"], TINY["eval_batches"])
+    assert on_30 != on_10 and result["val_loss"] == pytest.approx(on_30, rel=1e-6)
+
+
+def test_resumed_run_appends_to_the_metrics_log(tmp_path, text_file):
+    """Resuming keeps the records of the steps already done and adds the new ones after them."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=6, checkpoint_every=3), stop_at=3, progress=False)
+    before = records(out)
+    pretrain(out, {}, resume=True, progress=False)
+    after = records(out)
+    assert after[:len(before)] == before and [r["step"] for r in after if "loss" in r] == list(range(1, 7))
+
+
+def test_new_run_replaces_a_leftover_metrics_log_without_reading_it(tmp_path, text_file):
+    """A run that failed before its first checkpoint leaves metrics.jsonl but no checkpoint; a new
+    run there starts the log afresh, whatever the old file held (it is never parsed)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / METRICS).write_text(json.dumps({"step": 1, "loss": 9.9}) + "\n" + json.dumps({"note": "not a step"}) + "\n")
+    pretrain(str(out), tiny(text_file, max_steps=3), progress=False)
+    recs = records(out)
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3] and 9.9 not in [r.get("loss") for r in recs]
+    assert all("note" not in r for r in recs)
+
+
+def test_resume_without_a_metrics_log_starts_one(tmp_path, text_file):
+    """metrics.jsonl deleted between runs: resuming creates it again with the new steps only."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=5, checkpoint_every=3), stop_at=3, progress=False)
+    os.remove(os.path.join(out, METRICS))
+    pretrain(out, {}, resume=True, progress=False)
+    assert [r["step"] for r in step_records(out)] == [4, 5]
+
+
+def test_metrics_log_is_created_rw_r_r(tmp_path, text_file):
+    """The log is created with mode 0644 (under umask 022): readable, never executable."""
+    out = str(tmp_path / "run")
+    old = os.umask(0o022)
+    try:
+        pretrain(out, tiny(text_file, max_steps=1), progress=False)
+    finally:
+        os.umask(old)
+    assert os.stat(os.path.join(out, METRICS)).st_mode & 0o777 == 0o644
