@@ -192,3 +192,87 @@ def test_metrics_log_is_created_rw_r_r(tmp_path, text_file):
     finally:
         os.umask(old)
     assert os.stat(os.path.join(out, METRICS)).st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- the progress bar
+def bar_lines(err):
+    """The bar's successive states: tqdm rewrites its line after a carriage return."""
+    return [s.rstrip() for s in re.split(r"[\r\n]", err) if s.strip()]
+
+
+def count(line):
+    n, total = re.search(r"\| *(\d+)/(\d+) \[", line).groups()
+    return int(n), int(total)
+
+
+def postfix(line):
+    """tqdm's postfix, 'key=value' after the rate, as a dict (tok_s's thousands commas kept)."""
+    tail = re.split(r"(?:step/s|s/step), ", line, maxsplit=1)[1]
+    assert tail.endswith("]")
+    return dict(pair.split("=", 1) for pair in tail[:-1].split(", "))
+
+
+def test_progress_bar_of_a_resumed_run_counts_from_the_resumed_step_to_max_steps(tmp_path, text_file, capsys):
+    """pretrain shows a bar by default: 'pretrain', counting steps, starting at the step the run
+    resumes from (4/8, 50%) and moving one step at a time to max_steps."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=8, checkpoint_every=4), stop_at=4, progress=False)
+    capsys.readouterr()
+    pretrain(out, {}, resume=True)                     # progress left at its default
+    lines = bar_lines(capsys.readouterr().err)
+    assert lines and all(line.startswith("pretrain: ") for line in lines)
+    assert lines[0].startswith("pretrain:  50%|") and lines[0].endswith("| 4/8 [00:00<?, ?step/s]")
+    counts = [count(line) for line in lines]
+    assert {total for _, total in counts} == {8}
+    seen = [n for i, (n, _) in enumerate(counts) if i == 0 or n != counts[i - 1][0]]
+    assert seen == [4, 5, 6, 7, 8]
+    assert all(re.search(r"\d step/s|\ds/step|\dstep/s", line) for line in lines[1:])
+
+
+def test_progress_bar_postfix_shows_the_steps_loss_last_val_loss_and_tokens_per_second(
+        tmp_path, text_file, capsys, clock):
+    """After each step the bar shows that step's loss (3 decimals), the latest validation loss
+    ('-' before the first evaluation) and tokens/s of the step, with thousands separators."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=6, eval_every=3), progress=True)
+    lines = bar_lines(capsys.readouterr().err)
+    losses = [r["loss"] for r in step_records(out)]
+    val = {r["step"]: r["val_loss"] for r in eval_records(out)}
+    assert sorted(val) == [3, 6]
+    for step in range(1, 7):
+        last = [line for line in lines if count(line)[0] == step][-1]
+        shown_val = "-" if step < 3 else f"{val[3 if step < 6 else 6]:.3f}"
+        assert postfix(last) == {"loss": f"{losses[step - 1]:.3f}", "val": shown_val,
+                                 "tok_s": f"{TOKENS_PER_STEP / clock.dt(step - 1):,.0f}"}
+    assert "," in postfix(last)["tok_s"]                   # 64 tokens in 0.012 s: thousands
+
+
+def test_no_progress_bar_when_progress_is_false(tmp_path, text_file, capsys):
+    """progress=False (a log file, --quiet): nothing at all on stderr."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=3), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_follows_the_terminal_width_as_it_changes(tmp_path, text_file, capfd, monkeypatch, steps_seen):
+    """A terminal narrowed mid-run (a resized window) gets narrower bar lines from then on,
+    instead of lines as wide as the terminal was at the start, which would wrap."""
+    width = [120]
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((width[0], 40)))
+    real_step = train.train_step
+
+    def narrowing(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if len(steps_seen) == 2:
+            width[0] = 60
+        return result
+    monkeypatch.setattr(train, "train_step", narrowing)
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=5), progress=True)
+    monkeypatch.undo()
+    lines = bar_lines(capfd.readouterr().err)
+    early = [line for line in lines if count(line)[0] < 2]
+    late = [line for line in lines if count(line)[0] > 2]
+    assert early and late
+    assert all(len(line) == 119 for line in early)         # tqdm leaves the terminal's last column free
+    assert all(len(line) <= 59 for line in late)
