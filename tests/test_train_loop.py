@@ -276,3 +276,75 @@ def test_progress_bar_follows_the_terminal_width_as_it_changes(tmp_path, text_fi
     assert early and late
     assert all(len(line) == 119 for line in early)         # tqdm leaves the terminal's last column free
     assert all(len(line) <= 59 for line in late)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and stopping
+def test_stop_flag_turns_the_first_ctrl_c_into_a_flag_and_the_second_into_keyboard_interrupt():
+    """Inside StopFlag the first SIGINT only sets stop (False -> True); the second raises
+    KeyboardInterrupt at once; leaving restores the handler that was there before."""
+    before = signal.getsignal(signal.SIGINT)
+    with StopFlag() as flag:
+        assert flag.stop is False
+        signal.raise_signal(signal.SIGINT)
+        assert flag.stop is True
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_finishes_the_step_saves_and_reports_interrupted(tmp_path, text_file, monkeypatch, steps_seen):
+    """Ctrl-C during step 3: the step completes, a checkpoint at step 3 is saved and the status is
+    'interrupted' (not 'stopped', which means stop_at was reached)."""
+    recording = train.train_step
+
+    def interrupted(*args, **kwargs):
+        result = recording(*args, **kwargs)
+        if len(steps_seen) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return result
+    monkeypatch.setattr(train, "train_step", interrupted)
+    out = str(tmp_path / "run")
+    result = pretrain(out, tiny(text_file, max_steps=8), progress=False)
+    assert result["status"] == "interrupted" and result["step"] == 3 and len(steps_seen) == 3
+    assert result["checkpoint"] == latest_checkpoint(out) and latest_checkpoint(out).endswith("ckpt-0000003")
+    assert load_model(out)[2]["step"] == 3
+
+
+def test_stop_at_on_resume_is_checked_against_the_resumed_step_and_max_steps(tmp_path, text_file):
+    """Resumed at step 4 of 8: stop_at 6 stops there; then stop_at must lie in 7..8."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=8, checkpoint_every=4), stop_at=4, progress=False)
+    result = pretrain(out, {}, resume=True, stop_at=6, progress=False)
+    assert result["status"] == "stopped" and result["step"] == 6
+    for bad in (6, 9):
+        with pytest.raises(ValueError, match=re.escape(f"stop_at must be in 7..8 (after the current step 6, at most "
+                                                       f"max_steps), got {bad}")):
+            pretrain(out, {}, resume=True, stop_at=bad, progress=False)
+    assert load_model(out)[2]["step"] == 6
+
+
+# ----------------------------------------------------------------------------- the NaN stop
+def test_nan_after_resume_names_the_checkpoint_resumed_from_the_norm_and_out_dir(tmp_path, text_file, monkeypatch,
+                                                                                   steps_seen):
+    """Resumed from step 5, the loss turns NaN at step 7, before any new save: the message names
+    the checkpoint the run resumed from (still the last good one), the step's gradient norm and
+    the --out to resume with."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=20), stop_at=5, progress=False)
+    good = latest_checkpoint(out)
+    original, calls = GPT.loss_and_grads, []
+
+    def poisoned(self, idx, targets, loss_mask=None):
+        loss, grads = original(self, idx, targets, loss_mask)
+        calls.append(1)
+        return (float("nan") if len(calls) == 2 else loss), grads
+    monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
+    with pytest.raises(ValueError) as error:
+        pretrain(out, {}, resume=True, progress=False)
+    norm = steps_seen[-1]["norm"]
+    assert math.isfinite(norm)
+    assert str(error.value) == (
+        f"loss became nan (gradient norm {norm}) at step 7; training stopped; the last good checkpoint, {good}, is "
+        f"kept: continue from it with a lower peak rate, `tinylm pretrain --resume --out {out} --lr 0.0015`")
+    assert latest_checkpoint(out) == good
