@@ -348,3 +348,106 @@ def test_nan_after_resume_names_the_checkpoint_resumed_from_the_norm_and_out_dir
         f"loss became nan (gradient norm {norm}) at step 7; training stopped; the last good checkpoint, {good}, is "
         f"kept: continue from it with a lower peak rate, `tinylm pretrain --resume --out {out} --lr 0.0015`")
     assert latest_checkpoint(out) == good
+
+
+# ----------------------------------------------------------------------------- what pretrain hands on
+def test_relative_data_path_is_saved_absolute_so_resume_works_from_elsewhere(tmp_path, text_file, monkeypatch):
+    """--data given relative to the working directory is stored absolute in the checkpoint;
+    resuming from another directory then finds the same text."""
+    monkeypatch.chdir(os.path.dirname(text_file))
+    pretrain("run", tiny(os.path.basename(text_file), max_steps=4, checkpoint_every=2), stop_at=2, progress=False)
+    assert load_model("run")[2]["train_config"]["data"] == text_file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = pretrain(os.path.join(os.path.dirname(text_file), "run"), {}, resume=True, progress=False)
+    assert result["status"] == "done" and result["step"] == 4
+
+
+def test_kernels_reach_the_model_of_a_new_and_a_resumed_run(tmp_path, text_file, monkeypatch):
+    """kernels=True builds the model on the Numba kernels (the CUDA simulator on CPU), for a new run
+    and for a resumed one; not passing it leaves the device's default (off on CPU)."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=4, checkpoint_every=2), stop_at=2, progress=False)
+    monkeypatch.setattr(train, "train_loop", lambda run, *args: run)      # the run as built, no steps
+    assert pretrain(out, {}, resume=True, kernels=True).model.kernels is True
+    assert pretrain(out, {}, resume=True).model.kernels is False
+    fresh = str(tmp_path / "fresh")
+    assert pretrain(fresh, tiny(text_file, max_steps=4), kernels=True).model.kernels is True
+    assert pretrain(str(tmp_path / "fresh2"), tiny(text_file, max_steps=4)).model.kernels is False
+
+
+# ----------------------------------------------------------------------------- the loss plot
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_no_plot_unless_asked(tmp_path, text_file):
+    """pretrain's plot defaults to off: no loss.png."""
+    out = str(tmp_path / "run")
+    pretrain(out, tiny(text_file, max_steps=2), progress=False)
+    assert not os.path.exists(os.path.join(out, PLOT))
+
+
+def test_plot_reads_the_runs_own_metrics_whatever_the_working_directory(tmp_path, text_file, monkeypatch):
+    """plot=True writes out_dir/loss.png from out_dir/metrics.jsonl, with the working directory
+    elsewhere (and holding no metrics.jsonl)."""
+    out = str(tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pretrain(out, tiny(text_file, max_steps=3), progress=False, plot=True)
+    assert png_size(os.path.join(out, PLOT)) == (700, 400)
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.fixture
+def metrics_file(tmp_path):
+    path = tmp_path / METRICS
+    lines = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 7)]
+    lines.insert(3, {"step": 3, "val_loss": 4.8, "val_perplexity": math.exp(4.8)})
+    lines.append({"step": 6, "val_loss": 4.5, "val_perplexity": math.exp(4.5)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return str(path)
+
+
+def test_plot_draws_train_loss_thin_and_validation_as_dots_with_labels(metrics_file, tmp_path, monkeypatch):
+    """The figure: per-batch train loss as a thin translucent line, validation loss as dots joined
+    by a line, a legend naming both, axis labels, a faint grid."""
+    import matplotlib.pyplot as plt
+    real, made = plt.subplots, []
+
+    def keep(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(plt, "subplots", keep)
+    png = str(tmp_path / "loss.png")
+    plot_metrics(metrics_file, png)
+    (fig, ax), = made
+    train_line, val_line = ax.get_lines()
+    assert list(train_line.get_xdata()) == [1, 2, 3, 4, 5, 6]
+    assert list(train_line.get_ydata()) == [5.0 - 0.1 * s for s in range(1, 7)]
+    assert (train_line.get_linewidth(), train_line.get_alpha(), train_line.get_label()) == (0.8, 0.7,
+                                                                                           "train (per batch)")
+    assert train_line.get_marker() in ("None", None, "")
+    assert list(val_line.get_xdata()) == [3, 6] and list(val_line.get_ydata()) == [4.8, 4.5]
+    assert (val_line.get_marker(), val_line.get_linestyle(), val_line.get_label()) == ("o", "-", "validation")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train (per batch)", "validation"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "cross-entropy (nats per token)")
+    grid = ax.xaxis.get_gridlines()[0]
+    assert grid.get_visible() and grid.get_alpha() == 0.3
+    assert not plt.fignum_exists(fig.number)                  # closed: a long session doesn't pile them up
+    assert png_size(png) == (700, 400)
+
+
+def test_plot_is_700_by_400_pixels_whatever_matplotlibrc_says(metrics_file, tmp_path):
+    """The PNG's size is the code's 7x4 inches at 100 dpi, not the user's figure/savefig defaults."""
+    import matplotlib
+    png = str(tmp_path / "loss.png")
+    with matplotlib.rc_context({"figure.figsize": (3, 2), "figure.dpi": 50, "savefig.dpi": 50}):
+        plot_metrics(metrics_file, png)
+    assert png_size(png) == (700, 400)
+    assert sorted(os.listdir(tmp_path)) == ["loss.png", METRICS]      # no temporary file left
