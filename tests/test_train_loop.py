@@ -19,7 +19,8 @@ from tinylm import GPT
 from tinylm.checkpoint import latest_checkpoint, load_model
 from tinylm.data import Dataset
 from tinylm.tokenizer import ByteTokenizer
-from tinylm.train import METRICS, PLOT, StopFlag, TrainConfig, estimate_loss, lr_at, plot_metrics, pretrain, read_metrics
+from tinylm.train import (METRICS, PLOT, StopFlag, TrainConfig, estimate_loss, lr_at, plot_metrics, pretrain,
+                          read_metrics)
 
 TINY = dict(n_layer=2, n_head=2, d_model=16, n_ctx=16, batch_size=4, lr=3e-3, warmup_steps=3, eval_every=5,
             eval_batches=2, checkpoint_every=5)
