@@ -43,7 +43,7 @@ TESTS = {
     "ssm": ["test_ssm.py", "test_mixers.py", "test_generate.py"],
     "reward": ["test_reward_model.py", "test_reward_read.py", "test_rlhf_units.py", "test_rlhf.py"],
     "rlhf": ["test_rlhf_units.py", "test_rlhf_baseline.py", "test_rlhf_learning.py", "test_rlhf.py"],
-    "train": ["test_train_units.py", "test_pretrain.py", "test_data_train.py",
+    "train": ["test_train_units.py", "test_train_loop.py", "test_pretrain.py", "test_data_train.py",
               "test_faults.py", "test_cli_pretrain.py", "test_checkpoint.py"],
     "generate": ["test_generate.py"],
     "tokenizer": ["test_tokenizer.py"],
