@@ -244,3 +244,64 @@ def test_kl_to_go_sums_each_tokens_future_log_ratios_by_hand():
     logratio = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, -1.0, 0.5, 9.0]])
     mask = np.array([[0, 1, 1, 1], [1, 1, 1, 0]], dtype=float)
     np.testing.assert_array_equal(rlhf.kl_to_go(logratio, mask), [[0, 9, 7, 4], [4.5, -0.5, 0.5, 0]])
+
+
+def test_pairs_file_round_trip_keeps_instructions_and_a_missing_key_is_named(tmp_path):
+    pairs = pairs_of(3)
+    pairs.instructions = [("cpy", "ab"), ("rev", "ba"), ("cpy", "c")]
+    pairs.save(str(tmp_path / "p.json"))
+    back = Preferences.load(str(tmp_path / "p.json"))
+    assert back.instructions == pairs.instructions
+    rows = json.loads((tmp_path / "p.json").read_text())
+    del rows[1]["chosen"]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError) as e:
+        Preferences.load(str(tmp_path / "p.json"))
+    assert str(e.value) == f"pairs file {str(tmp_path / 'p.json')!r}: a pair has no 'chosen' key"
+
+
+def test_mean_baseline_is_the_batch_mean_for_every_sample():
+    rewards = np.array([1.0, 2.0, 4.0, 9.0])
+    mean = rlhf.reward_baseline(rewards, 2, "mean")
+    assert mean.shape == (4,) and mean.dtype == np.float64
+    np.testing.assert_array_equal(mean, np.full(4, 4.0))
+    np.testing.assert_array_equal(rlhf.reward_baseline(rewards, 2, "none"), np.zeros(4))
+
+
+def test_a_policy_step_reports_the_mean_reward_of_its_samples_their_kl_and_advantages():
+    """The returned reward is the reward model's mean score of the very responses returned; the
+    advantages are r − b with the leave-one-out baseline over each prompt's k samples; kl is a
+    finite number (0 at the first step, the policy being the reference)."""
+    from tinylm.optim import adamw_init
+    from tinylm.reward import pack
+    policy = GPT(GPTConfig(vocab_size=V, n_ctx=12, n_layer=1, n_head=2, d_model=8, dtype="float64"), seed=0)
+    rm = tiny_rm()
+    prompts = [np.array([1, 2]), np.array([3, 4])]
+    cfg = PolicyConfig(samples_per_prompt=2, max_new_tokens=4)
+    reference = policy.copy()
+    out = rlhf.policy_step(policy, reference, rm, adamw_init(policy.params), prompts, cfg,
+                           np.random.default_rng(3), 0)
+    idx, lengths, _ = pack([p for p in prompts for _ in range(2)], out["responses"])
+    scores = rm.rewards(idx, lengths)
+    assert out["reward"] == pytest.approx(scores.mean(), rel=1e-12)
+    np.testing.assert_allclose(out["advantages"], scores - rlhf.reward_baseline(scores, 2, "loo"), rtol=1e-12)
+    assert out["kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_train_dpo_lowers_the_dpo_loss_and_follows_its_settings():
+    """A few epochs of DPO lower the DPO loss on the training pairs against the reference; the run
+    is reproducible from its rng and changes with beta, batch size and lr."""
+    def run(epochs=3, batch_size=2, lr=1e-2, beta=0.5, seed=0):
+        policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8, dtype="float64"), seed=0)
+        reference = policy.copy()
+        losses = rlhf.train_dpo(policy, reference, pairs_of(4), epochs, batch_size, lr, beta,
+                                np.random.default_rng(seed))
+        batch = pairs_of(4).packed()
+        after = rlhf.dpo_loss_and_grads(policy, batch, rlhf.sequence_logprobs(reference, batch), beta)[0]
+        return losses, after, policy.params["wte.weight"]
+    losses, after, w = run()
+    assert len(losses) == 3 * 2 and losses[0] == pytest.approx(np.log(2), rel=1e-9)   # policy = reference
+    assert after < np.log(2) - 0.01
+    assert np.array_equal(run()[2], w)
+    for changed in (dict(beta=0.1), dict(batch_size=4), dict(lr=1e-3), dict(seed=1), dict(epochs=2)):
+        assert not np.array_equal(run(**changed)[2], w), changed
