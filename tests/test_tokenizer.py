@@ -153,3 +153,17 @@ def test_broken_bpe_files_are_refused_with_the_line_or_file_named(tmp_path):
     (tmp_path / "vocab.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"cannot read the BPE tokenizer files \(Expecting"):
         load_tokenizer(tmp_path)
+
+
+def test_bpe_skips_blank_merge_lines_encodes_nothing_as_int64_and_names_a_token_missing_from_vocab(tmp_path):
+    """A blank line in merges.txt is no merge (not a malformed one); encoding "" gives int64 ids
+    like any text; a merge whose result vocab.json lacks is named when it is first produced."""
+    vocab = write_bpe(tmp_path, MERGES)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ t\n\nh e\n", encoding="utf-8")
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode(" the").tolist() == [vocab["Ġt"], vocab["he"]]
+    assert tok.encode("").dtype == np.int64 and tok.encode("").shape == (0,)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nx y\n", encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(tmp_path).encode(" xy")
+    assert str(e.value) == "BPE token 'xy' is not in vocab.json (vocab and merges don't match)"
