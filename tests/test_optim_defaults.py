@@ -44,3 +44,13 @@ def test_clipping_leaves_a_norm_equal_to_max_norm_untouched_and_never_exceeds_it
     above = {"a": np.array([30.0, 40.0])}
     clip_grad_norm(above, 5.0)
     assert np.linalg.norm(above["a"]) <= 5.0
+
+
+def test_grad_norm_accumulates_float32_squares_in_float64():
+    """One large gradient beside a million small ones: summed in float32 the norm is off by ~4e-8
+    (relative); grad_norm's float64 sums keep it to float64 rounding."""
+    from tinylm.optim import grad_norm
+    g = np.full(1_000_001, 0.1, dtype=np.float32)
+    g[0] = 1e4
+    exact = np.sqrt((g * g).astype(np.float64).sum())         # float32 squares, float64 sum
+    assert grad_norm({"w": g}) == pytest.approx(exact, rel=1e-12)
