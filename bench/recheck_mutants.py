@@ -30,7 +30,9 @@ def apply(diff_text, root):
     if len(hits) != 1:
         return False
     i = hits[0]
-    first = next(k for k, l in enumerate(old) if l.strip())
+    # The indentation shift from the first removed line: it is code, while a context line may sit
+    # inside a docstring, whose text mutmut leaves at the method's original indentation.
+    first = [l for l in body if l[:1] in " -"].index(next(l for l in body if l[:1] == "-" and l[1:].strip()))
     indent = lambda s: len(s) - len(s.lstrip())
     delta = indent(lines[i + first]) - indent(old[first])
     out, k = [], i

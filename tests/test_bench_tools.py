@@ -51,6 +51,26 @@ def test_recheck_applies_a_dedented_method_diff_and_reports_gone_code(tmp_path):
     assert not recheck_mutants.apply(DIFF, str(tmp_path))       # the old line is gone now
 
 
+DOCSTRING_DIFF = '''# m: survived
+--- pkg/mod.py
++++ pkg/mod.py
+@@ -3,3 +3,3 @@
+         on two lines."""
+-    return x + 1
++    return x - 1
+'''
+
+
+def test_recheck_takes_the_indent_from_code_not_from_a_docstring_line(tmp_path):
+    """mutmut dedents a method's code but not its docstring's text: the shift comes from the
+    changed line (a patch indented from the docstring line was a syntax error, read as a kill)."""
+    (tmp_path / "pkg").mkdir()
+    source = 'class A:\n    def f(self, x):\n        """Doc,\n        on two lines."""\n        return x + 1\n'
+    (tmp_path / "pkg" / "mod.py").write_text(source)
+    assert recheck_mutants.apply(DOCSTRING_DIFF, str(tmp_path))
+    assert (tmp_path / "pkg" / "mod.py").read_text() == source.replace("x + 1", "x - 1")
+
+
 def test_mutation_copy_mutates_one_module_against_its_own_existing_tests(tmp_path):
     loads = mutation.toml_loads
     if loads is None:
