@@ -82,17 +82,25 @@ def results(work):
     return dict(line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
 
 
-def main():
-    if toml_loads is None or shutil.which("mutmut") is None:
-        sys.exit("mutmut is not installed: pip install -e '.[test,mutation]'")
+def parse_args(argv=None):
+    """The command line; no module named means every module of [tool.mutmut] only_mutate."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modules = toml_loads(open(os.path.join(ROOT, "pyproject.toml")).read())["tool"]["mutmut"]["only_mutate"]
     names = [os.path.basename(m)[:-3] for m in modules]
-    ap.add_argument("modules", nargs="*", choices=names, default=names, metavar="MODULE")
+    # no default= here: argparse would check the whole default list against `choices` and refuse it
+    ap.add_argument("modules", nargs="*", choices=names, metavar="MODULE")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "mutation"), help="where the copies go")
     ap.add_argument("--resume", action="store_true", help="keep a module's earlier results; run only the rest")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="mutants run at once")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.modules = args.modules or names
+    return args
+
+
+def main():
+    if toml_loads is None or shutil.which("mutmut") is None:
+        sys.exit("mutmut is not installed: pip install -e '.[test,mutation]'")
+    args = parse_args()
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "HYPOTHESIS_PROFILE": "ci"}
     print("module           mutants  killed  survived  timeout  no tests  minutes", flush=True)
     for module in args.modules:
