@@ -87,12 +87,15 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modules = toml_loads(open(os.path.join(ROOT, "pyproject.toml")).read())["tool"]["mutmut"]["only_mutate"]
     names = [os.path.basename(m)[:-3] for m in modules]
-    # no default= here: argparse would check the whole default list against `choices` and refuse it
-    ap.add_argument("modules", nargs="*", choices=names, metavar="MODULE")
+    # checked by hand: argparse tests an empty or default list as one value against `choices`
+    ap.add_argument("modules", nargs="*", metavar="MODULE", help="any of: " + ", ".join(names))
     ap.add_argument("--workdir", default=os.path.join(ROOT, "mutation"), help="where the copies go")
     ap.add_argument("--resume", action="store_true", help="keep a module's earlier results; run only the rest")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="mutants run at once")
     args = ap.parse_args(argv)
+    unknown = [m for m in args.modules if m not in names]
+    if unknown:
+        ap.error(f"unknown module {unknown[0]!r} (choose from {', '.join(names)})")
     args.modules = args.modules or names
     return args
 

@@ -82,6 +82,8 @@ def test_mutation_copy_mutates_one_module_against_its_own_existing_tests(tmp_pat
         assert files and all(os.path.exists(os.path.join(root, "tests", f)) for f in files), files
     assert mutation.parse_args([]).modules == [os.path.basename(m)[:-3] for m in listed]     # all, by default
     assert mutation.parse_args(["ssm", "layers"]).modules == ["ssm", "layers"]
+    with pytest.raises(SystemExit):
+        mutation.parse_args(["ssm", "nope"])
     mutation.prepare("ssm", str(tmp_path / "ssm"), resume=False)
     cfg = loads((tmp_path / "ssm" / "pyproject.toml").read_text())["tool"]["mutmut"]
     assert cfg["only_mutate"] == ["tinylm/ssm.py"]
