@@ -21,19 +21,9 @@ from tinylm.data import Dataset
 from tinylm.tokenizer import ByteTokenizer
 from tinylm.train import (METRICS, PLOT, StopFlag, TrainConfig, estimate_loss, lr_at, plot_metrics, pretrain,
                           read_metrics)
+from test_pretrain import TINY, text_file  # noqa: F401, E402  (text_file is a fixture)
 
-TINY = dict(n_layer=2, n_head=2, d_model=16, n_ctx=16, batch_size=4, lr=3e-3, warmup_steps=3, eval_every=5,
-            eval_batches=2, checkpoint_every=5)
 TOKENS_PER_STEP = TINY["batch_size"] * TINY["n_ctx"]
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    words = "the quick brown fox jumps over the lazy dog and then it sleeps".split()
-    rng = np.random.default_rng(0)
-    path = tmp_path / "data.txt"
-    path.write_text(" ".join(rng.choice(words, size=600)), encoding="utf-8")
-    return str(path)
 
 
 def tiny(text_file, max_steps=8, **settings):
