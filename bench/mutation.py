@@ -55,6 +55,12 @@ def toml_list(values):
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
+def pyproject():
+    """pyproject.toml's text and its [tool.mutmut] table."""
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    return text, toml_loads(text)["tool"]["mutmut"]
+
+
 def prepare(module, work, resume):
     """Copy the checkout to `work` with a pyproject that mutates only `module` against its tests."""
     if not resume and os.path.exists(work):
@@ -67,8 +73,7 @@ def prepare(module, work, resume):
                             ignore=shutil.ignore_patterns("__pycache__", ".hypothesis", "gpu_results"))
         else:
             shutil.copy(src, dst)
-    text = open(os.path.join(ROOT, "pyproject.toml")).read()
-    base = toml_loads(text)["tool"]["mutmut"]
+    text, base = pyproject()
     head = text[:text.index("[tool.mutmut]")]
     cfg = {**base, "only_mutate": [f"tinylm/{module}.py"],
            "pytest_add_cli_args_test_selection": [f"tests/{t}" for t in TESTS[module]]}
@@ -85,8 +90,7 @@ def results(work):
 def parse_args(argv=None):
     """The command line; no module named means every module of [tool.mutmut] only_mutate."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    modules = toml_loads(open(os.path.join(ROOT, "pyproject.toml")).read())["tool"]["mutmut"]["only_mutate"]
-    names = [os.path.basename(m)[:-3] for m in modules]
+    names = [os.path.basename(m)[:-3] for m in pyproject()[1]["only_mutate"]]
     # checked by hand: argparse tests an empty or default list as one value against `choices`
     ap.add_argument("modules", nargs="*", metavar="MODULE", help="any of: " + ", ".join(names))
     ap.add_argument("--workdir", default=os.path.join(ROOT, "mutation"), help="where the copies go")

@@ -23,7 +23,8 @@ def apply(diff_text, root):
     diff = diff_text[diff_text.index("--- "):].splitlines()
     path = os.path.join(root, diff[0][4:].strip())
     body = [l for l in diff[2:] if l[:1] in " -+"]
-    old = [l[1:] for l in body if l[:1] in " -"]
+    old_side = [l for l in body if l[:1] in " -"]                # context and removed lines, in order
+    old = [l[1:] for l in old_side]
     lines = open(path).read().split("\n")
     hits = [i for i in range(len(lines) - len(old) + 1)
             if all(lines[i + j].strip() == o.strip() for j, o in enumerate(old))]
@@ -32,7 +33,7 @@ def apply(diff_text, root):
     i = hits[0]
     # The indentation shift from the first removed line: it is code, while a context line may sit
     # inside a docstring, whose text mutmut leaves at the method's original indentation.
-    first = [l for l in body if l[:1] in " -"].index(next(l for l in body if l[:1] == "-" and l[1:].strip()))
+    first = next(k for k, l in enumerate(old_side) if l[0] == "-" and l[1:].strip())
     indent = lambda s: len(s) - len(s.lstrip())
     delta = indent(lines[i + first]) - indent(old[first])
     out, k = [], i
