@@ -24,11 +24,16 @@ def text_file(tmp_path):
     return str(path)
 
 
+def tiny(text_file, max_steps=8, **settings):
+    """The tiny run's flat settings on `text_file` (shared by the train tests)."""
+    return {**TINY, "data": text_file, "max_steps": max_steps, **settings}
+
+
 SSM = dict(mixer="ssm", d_state=4, d_conv=3, expand=2)
 
 
 def run(out, text_file, model=None, **kw):
-    return pretrain(str(out), {**TINY, **(model or {}), "data": text_file, "max_steps": 20}, progress=False, **kw)
+    return pretrain(str(out), tiny(text_file, 20, **(model or {})), progress=False, **kw)
 
 
 def weights(out):

@@ -22,9 +22,13 @@ def pairs_of(n, seed=0):
     return Preferences([rng.integers(0, V, size=2) for _ in range(n)], chosen, rejected, [("cpy", "a")] * n)
 
 
+def tiny_lm(n_ctx=8, dtype="float32", seed=0):
+    """A one-layer, 8-wide model on the V-token vocabulary of pairs_of."""
+    return GPT(GPTConfig(vocab_size=V, n_ctx=n_ctx, n_layer=1, n_head=2, d_model=8, dtype=dtype), seed=seed)
+
+
 def tiny_rm(seed=0):
-    rm = RewardModel.from_lm(GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8,
-                                           dtype="float64"), seed=seed))
+    rm = RewardModel.from_lm(tiny_lm(dtype="float64", seed=seed))
     rm.params["reward_vector"] += np.random.default_rng(seed).normal(size=8)
     return rm
 
@@ -120,7 +124,7 @@ def test_held_out_accuracy_is_pairwise_accuracy_over_every_pair(batch_size):
 
 
 def test_dpo_refuses_a_reference_with_another_vocabulary():
-    policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8))
+    policy = tiny_lm()
     reference = GPT(GPTConfig(vocab_size=V + 1, n_ctx=8, n_layer=1, n_head=2, d_model=8))
     with pytest.raises(ValueError, match=f"policy vocab_size={V} differs from the reference's {V + 1}"):
         train_dpo(policy, reference, pairs_of(2), 1, 2, 1e-3, 0.1, np.random.default_rng(0))
@@ -178,7 +182,7 @@ def test_responses_stop_at_their_first_eot_and_generation_stops_when_every_row_h
 
 
 def test_sampling_follows_the_temperature_and_the_rng_it_is_given():
-    policy = GPT(GPTConfig(vocab_size=V, n_ctx=12, n_layer=1, n_head=2, d_model=8), seed=0)
+    policy = tiny_lm(n_ctx=12)
     rng = np.random.default_rng(0)
     for p in policy.params.values():
         p += rng.normal(size=p.shape).astype(p.dtype)
@@ -196,7 +200,7 @@ def test_a_policy_step_is_reproducible_from_its_rng_and_clips_at_norm_1(monkeypa
     from tinylm.optim import adamw_init
     norms = []
     monkeypatch.setattr(rlhf, "clip_grad_norm", lambda grads, max_norm: norms.append(max_norm))
-    policy = GPT(GPTConfig(vocab_size=V, n_ctx=12, n_layer=1, n_head=2, d_model=8), seed=0)
+    policy = tiny_lm(n_ctx=12)
     rm = tiny_rm()
     prompts = [np.array([1, 2]), np.array([3, 4])]
     cfg = PolicyConfig(samples_per_prompt=2, max_new_tokens=4)
@@ -214,7 +218,7 @@ def test_leave_one_out_with_one_sample_is_refused_by_name():
 def test_dpo_returns_the_chosen_log_ratio_and_float32_gradients():
     """The third output is log π(y_w) − log π_ref(y_w): 0 when the policy is the reference, and
     it moves by exactly what the policy's own log-probability moved."""
-    policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8), seed=0)
+    policy = tiny_lm()
     batch = pairs_of(3).packed()
     ref_terms = rlhf.sequence_logprobs(policy, batch)
     loss, grads, ratio = rlhf.dpo_loss_and_grads(policy, batch, ref_terms, 0.1)
@@ -227,7 +231,7 @@ def test_dpo_returns_the_chosen_log_ratio_and_float32_gradients():
 def test_policy_loss_reports_the_surrogate_and_a_kl_per_sample_and_defaults_to_leave_one_out():
     """beta 0, no baseline: the surrogate is Σ_i r_i · nll_i / N (nll_i summed over response tokens);
     the KL estimate has one entry per sample (0 against itself); the default baseline is loo."""
-    policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8, dtype="float64"), seed=0)
+    policy = tiny_lm(dtype="float64")
     (idx, lengths), _, starts = pairs_of(4).packed()
     inputs, targets = rlhf.response_targets(idx, lengths, starts)
     rewards = np.array([1.0, -2.0, 0.5, 3.0])
@@ -274,7 +278,7 @@ def test_a_policy_step_reports_the_mean_reward_of_its_samples_their_kl_and_advan
     finite number (0 at the first step, the policy being the reference)."""
     from tinylm.optim import adamw_init
     from tinylm.reward import pack
-    policy = GPT(GPTConfig(vocab_size=V, n_ctx=12, n_layer=1, n_head=2, d_model=8, dtype="float64"), seed=0)
+    policy = tiny_lm(n_ctx=12, dtype="float64")
     rm = tiny_rm()
     prompts = [np.array([1, 2]), np.array([3, 4])]
     cfg = PolicyConfig(samples_per_prompt=2, max_new_tokens=4)
@@ -292,7 +296,7 @@ def test_train_dpo_lowers_the_dpo_loss_and_follows_its_settings():
     """A few epochs of DPO lower the DPO loss on the training pairs against the reference; the run
     is reproducible from its rng and changes with beta, batch size and lr."""
     def run(epochs=3, batch_size=2, lr=1e-2, beta=0.5, seed=0):
-        policy = GPT(GPTConfig(vocab_size=V, n_ctx=8, n_layer=1, n_head=2, d_model=8, dtype="float64"), seed=0)
+        policy = tiny_lm(dtype="float64")
         reference = policy.copy()
         losses = rlhf.train_dpo(policy, reference, pairs_of(4), epochs, batch_size, lr, beta,
                                 np.random.default_rng(seed))

@@ -21,13 +21,9 @@ from tinylm.data import Dataset
 from tinylm.tokenizer import ByteTokenizer
 from tinylm.train import (METRICS, PLOT, StopFlag, TrainConfig, estimate_loss, lr_at, plot_metrics, pretrain,
                           read_metrics)
-from test_pretrain import TINY, text_file  # noqa: F401, E402  (text_file is a fixture)
+from test_pretrain import TINY, text_file, tiny  # noqa: F401, E402  (text_file is a fixture)
 
 TOKENS_PER_STEP = TINY["batch_size"] * TINY["n_ctx"]
-
-
-def tiny(text_file, max_steps=8, **settings):
-    return {**TINY, "data": text_file, "max_steps": max_steps, **settings}
 
 
 def records(out):

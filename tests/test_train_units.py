@@ -17,7 +17,7 @@ from tinylm.tokenizer import ByteTokenizer
 from tinylm.train import (TrainConfig, check_out_dir, check_stop_at, data_fingerprint, default_model, lr_at,
                           nan_stop_message, new_run, pretrain, read_metrics, resumed_run, run_dataset,
                           train_step, with_settings)
-from test_pretrain import TINY, text_file  # noqa: F401  (text_file is a fixture)
+from test_pretrain import text_file, tiny  # noqa: F401  (text_file is a fixture)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -148,18 +148,14 @@ def test_out_dir_whose_parent_is_not_writable_is_refused(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- runs
-def settings(text_file, **more):
-    return {**TINY, "data": text_file, "max_steps": 5, **more}
-
-
 def saved_run(tmp_path, text_file):
     out = str(tmp_path / "run")
-    pretrain(out, settings(text_file), progress=False)
+    pretrain(out, tiny(text_file, 5), progress=False)
     return out
 
 
 def test_new_run_uses_the_seed_and_kernels_and_refuses_an_existing_run(tmp_path, text_file):
-    cfg = with_settings(TrainConfig(), {**settings(text_file), "seed": 5})
+    cfg = with_settings(TrainConfig(), {**tiny(text_file, 5), "seed": 5})
     run = new_run(str(tmp_path / "a"), cfg, "cpu", kernels=True)          # the simulator (conftest)
     assert run.model.kernels is True
     fresh = GPT(cfg.model, seed=5)
