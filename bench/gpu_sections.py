@@ -428,8 +428,8 @@ def cublas_matmul(xp):
 
 
 def section_matmul(run):
-    import kernels
-    matmul_rows(run, "numba", kernels.matmul)
+    from tinylm.kernels.matmul import matmul
+    matmul_rows(run, "numba", matmul)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -472,14 +472,14 @@ def attention_method(run, method, x):
     """(device, forward(), forward_backward()); each returns its outputs as (B, H, T, hd) arrays."""
     q, k, v, do, H = x["q"], x["k"], x["v"], x["do"], x["H"]
     if method == "numba flash":
-        import kernels
+        from tinylm.kernels.flash_attention import flash_attention_backward, flash_attention_forward
 
         def forward():
-            return [kernels.flash_attention_forward(q, k, v, causal=True)[0]]
+            return [flash_attention_forward(q, k, v, causal=True)[0]]
 
         def forward_backward():
-            o, lse = kernels.flash_attention_forward(q, k, v, causal=True)
-            return [o, *kernels.flash_attention_backward(q, k, v, o, lse, do, causal=True)]
+            o, lse = flash_attention_forward(q, k, v, causal=True)
+            return [o, *flash_attention_backward(q, k, v, o, lse, do, causal=True)]
         return run.dev, forward, forward_backward
     if method == "cupy unfused":
         from tinylm.layers import attention_backward, attention_forward, split_heads

@@ -9,7 +9,7 @@ TM×TN sub-tile of C, kept in registers. Per k it loads TM values of A and TN of
 and does TM·TN multiply-adds: the register tile lifts the kernel from memory-bound to compute-bound
 (siboehm's SGEMM worklog: shared tiles alone ~13% of cuBLAS, 2-D register tiles ~70%).
 
-Why it is fast by construction (checked by `python -m kernels.report` and tests/test_matmul_kernel.py):
+Why it is fast by construction (checked by `python -m tinylm.kernels.report` and tests/test_matmul_kernel.py):
 - Specialised per (trans_a, trans_b) and tile at compile time: every per-thread loop has a constant
   trip count and unrolls, so the accumulators and operand rows are registers (no local memory), and
   the transposes cost no branch in the loop.

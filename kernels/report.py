@@ -1,6 +1,6 @@
 """Every kernel's machine code for sm_90, read without a GPU: how kernel speed is judged here.
 
-    python -m kernels.report [--json PATH] [--ptx-dir DIR]
+    python -m tinylm.kernels.report [--json PATH] [--ptx-dir DIR]
 
 For each kernel specialisation the model uses (kernels.ptx_check's list), compile to PTX with
 Numba (NVVM), assemble with the ptxas of the same CUDA wheels (`pip install '.[test]'`), and
@@ -113,7 +113,7 @@ def launch_threads():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m kernels.report", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tinylm.kernels.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--ptx-dir", help="write each kernel's PTX into this folder")
@@ -122,7 +122,7 @@ def main(argv=None):
         print("kernels.report: ptxas/nvdisasm not found (pip install '.[test]' installs the CUDA wheels)")
         return 2
     from numba import config
-    if config.ENABLE_CUDASIM:       # read when numba was imported (by `import kernels`): too late to change here
+    if config.ENABLE_CUDASIM:       # read when numba was imported (by importing tinylm.kernels): too late to change here
         print("kernels.report: set NUMBA_ENABLE_CUDASIM=0 (the simulator cannot compile for sm_90)")
         return 2
     from .matmul import MAX_REGISTERS

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from numba import config
 
-import kernels
-from kernels.flash_attention import (DEFAULT_TILES, HEAD_DIMS, Tiles, check_tiles, head_dim_bucket,
-                                     kernels_and_signatures, launch_threads, padded_strides)
+from tinylm.kernels.flash_attention import (DEFAULT_TILES, HEAD_DIMS, Tiles, check_tiles, flash_attention_backward,
+                                            flash_attention_forward, head_dim_bucket, kernels_and_signatures,
+                                            launch_threads, padded_strides)
 from tinylm.backend import to_numpy
 from tinylm.flash_attention import flash_backward, flash_forward
 
@@ -52,10 +52,10 @@ def test_flash_kernels_match_numpy(B, H, T, hd, causal, tiles):
     rng = np.random.default_rng(T + hd)
     q, k, v, do = (rng.normal(size=(B, H, T, hd)) for _ in range(4))
     o_ref, lse_ref = flash_forward(q, k, v, causal)
-    o, lse = kernels.flash_attention_forward(device(q), device(k), device(v), causal, tiles)
+    o, lse = flash_attention_forward(device(q), device(k), device(v), causal, tiles)
     assert_close(o, o_ref)
     assert_close(lse, lse_ref)
-    grads = kernels.flash_attention_backward(device(q), device(k), device(v), o, lse, device(do), causal, tiles)
+    grads = flash_attention_backward(device(q), device(k), device(v), o, lse, device(do), causal, tiles)
     for got, want in zip(grads, flash_backward(q, k, v, o_ref, lse_ref, do, causal)):
         assert_close(got, want)
 
@@ -74,12 +74,12 @@ def test_head_dim_buckets_and_tile_checks():
 def test_flash_attention_rejects_bad_input():
     q = np.zeros((1, 1, 4, 129), np.float32)
     with pytest.raises(ValueError, match="head_dim must be at most 128"):
-        kernels.flash_attention_forward(q, q, q)
+        flash_attention_forward(q, q, q)
     q = np.zeros((1, 1, 4, 8), np.float32)
     with pytest.raises(ValueError, match="k must have shape"):
-        kernels.flash_attention_forward(q, q[:, :, :3], q)
+        flash_attention_forward(q, q[:, :, :3], q)
     with pytest.raises(ValueError, match="float32"):
-        kernels.flash_attention_forward(q.astype(np.float64), q, q)
+        flash_attention_forward(q.astype(np.float64), q, q)
 
 
 def test_registry_lists_every_specialisation_with_its_launch_size():

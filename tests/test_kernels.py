@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from numba import config
 
-import kernels
-from kernels import ptx_check
+from tinylm.kernels import fused, ptx_check
+from tinylm.kernels.matmul import matmul
 from tinylm.backend import to_numpy
 from tinylm import layers
 from tinylm.layers import (cross_entropy_backward, cross_entropy_forward, gelu_backward, gelu_forward,
@@ -49,7 +49,7 @@ def test_matmul_matches_numpy(M, N, K, trans_a, trans_b):
     a, a64 = data(rng, *((K, M) if trans_a else (M, K)))
     b, b64 = data(rng, *((N, K) if trans_b else (K, N)))
     want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
-    close(kernels.matmul(device(a), device(b), trans_a, trans_b, tile=SMALL_TILE), want)
+    close(matmul(device(a), device(b), trans_a, trans_b, tile=SMALL_TILE), want)
 
 
 def test_matmul_default_tile_and_strided_views():
@@ -57,15 +57,15 @@ def test_matmul_default_tile_and_strided_views():
     rng = np.random.default_rng(0)
     a, a64 = data(rng, 19, 13)
     b, b64 = data(rng, 7, 13)
-    close(kernels.matmul(device(a), device(b).T), a64 @ b64.T)
+    close(matmul(device(a), device(b).T), a64 @ b64.T)
 
 
 def test_matmul_rejects_bad_input():
     a = np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="inner dimensions"):
-        kernels.matmul(a, a)
+        matmul(a, a)
     with pytest.raises(ValueError, match="float32"):
-        kernels.matmul(a.astype(np.float64), a.T)
+        matmul(a.astype(np.float64), a.T)
 
 
 # ----------------------------------------------------------------------------- fused kernels
@@ -74,11 +74,11 @@ def test_layernorm_kernels_match_numpy():
     (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 3, 70), data(rng, 70), data(rng, 70), data(rng, 3, 70)
     x, x64 = x.reshape(3, 1, 70) * 3 + 1, x64.reshape(3, 1, 70) * 3 + 1      # C = 70: not a power of two
     y_ref, cache = layernorm_forward(x64, w64, b64)
-    y, mean, rstd = kernels.layernorm_forward(device(x), device(w), device(b))
+    y, mean, rstd = fused.layernorm_forward(device(x), device(w), device(b))
     close(y, y_ref)
     close(rstd, cache.rstd.reshape(-1))
     dy, dy64 = dy.reshape(3, 1, 70), dy64.reshape(3, 1, 70)
-    got = kernels.layernorm_backward(device(dy), device(x), mean, rstd, device(w))
+    got = fused.layernorm_backward(device(dy), device(x), mean, rstd, device(w))
     for g, want in zip(got, layernorm_backward(dy64, cache)):
         close(g, want)
 
@@ -87,14 +87,14 @@ def test_layernorm_kernels_cover_rows_wider_than_the_block():
     """C = 2·THREADS + 3: each thread sums three columns (two for some), the case the strided loops
     `range(t, C, THREADS)` exist for. Checked: with those loops cut to one column per thread
     (`for c in range(t, min(t + 1, C), THREADS)`), this test fails and the C = 70 one passes."""
-    from kernels.fused import THREADS
+    from tinylm.kernels.fused import THREADS
     C = 2 * THREADS + 3
     rng = np.random.default_rng(6)
     (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 2, C), data(rng, C), data(rng, C), data(rng, 2, C)
     y_ref, cache = layernorm_forward(x64 * 2 + 1, w64, b64)
-    y, mean, rstd = kernels.layernorm_forward(device(x * 2 + 1), device(w), device(b))
+    y, mean, rstd = fused.layernorm_forward(device(x * 2 + 1), device(w), device(b))
     close(y, y_ref)
-    got = kernels.layernorm_backward(device(dy), device(x * 2 + 1), mean, rstd, device(w))
+    got = fused.layernorm_backward(device(dy), device(x * 2 + 1), mean, rstd, device(w))
     for g, want in zip(got, layernorm_backward(dy64, cache)):
         close(g, want)
 
@@ -102,25 +102,32 @@ def test_layernorm_kernels_cover_rows_wider_than_the_block():
 def test_kernel_constants_agree_with_tinylm():
     """kernels/ imports nothing from tinylm, so the layernorm eps and GELU's √(2/π) and 0.044715 are
     written in both: they must agree (the kernel's float32 copies to float32 precision)."""
-    from kernels import fused
     assert fused.LAYERNORM_EPS == layers.LAYERNORM_EPS
     assert fused.SQRT_2_OVER_PI == np.float32(layers.GELU_C)
     assert fused.GELU_A == np.float32(layers.GELU_A)
 
 
 def test_kernels_import_nothing_from_tinylm():
-    code = "import sys, kernels; print(sorted(m for m in sys.modules if m.split('.')[0] == 'tinylm'))"
+    """Every module of kernels/, loaded as a package of its own (not through tinylm/__init__.py), leaves
+    no tinylm module imported."""
+    code = ("import importlib, importlib.machinery as m, importlib.util as u, pathlib, sys; "
+            "spec = m.ModuleSpec('standalone', None, is_package=True); "
+            "spec.submodule_search_locations = ['kernels']; sys.modules['standalone'] = u.module_from_spec(spec); "
+            "names = sorted(p.stem for p in pathlib.Path('kernels').glob('*.py')); "
+            "[importlib.import_module('standalone.' + n) for n in names]; "
+            "print(len(names), sorted(m for m in sys.modules if m.split('.')[0] == 'tinylm'))")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+    modules = len([f for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".py")])
+    assert modules >= 7 and run.returncode == 0 and run.stdout.strip() == f"{modules} []", run.stdout + run.stderr
 
 
 def test_gelu_kernels_match_numpy():
     rng = np.random.default_rng(2)
     (x, x64), (dy, dy64) = data(rng, 5, 41), data(rng, 5, 41)
     y_ref, cache = gelu_forward(x64 * 3)
-    close(kernels.gelu_forward(device(x * 3)), y_ref)
-    close(kernels.gelu_backward(device(dy), device(x * 3)), gelu_backward(dy64, cache))
+    close(fused.gelu_forward(device(x * 3)), y_ref)
+    close(fused.gelu_backward(device(dy), device(x * 3)), gelu_backward(dy64, cache))
 
 
 def test_softmax_cross_entropy_kernel_matches_numpy():
@@ -131,7 +138,7 @@ def test_softmax_cross_entropy_kernel_matches_numpy():
     targets[0, 1] = -1                                       # an ignored position
     weights, weights64 = data(rng, 2, 3)
     nll_ref, cache = cross_entropy_forward(logits64, targets)
-    nll, dlogits = kernels.softmax_cross_entropy(device(logits), device(targets), device(weights))
+    nll, dlogits = fused.softmax_cross_entropy(device(logits), device(targets), device(weights))
     close(nll, nll_ref)
     close(dlogits, cross_entropy_backward(weights64, cache))
 
@@ -148,7 +155,7 @@ def test_adamw_kernel_matches_optim(weight_decay):
     for step in (1, 2, 3):                                   # the bias corrections change per step
         g, g64 = data(rng, 4, 9)
         adamw_step(params, {"w": g64}, state, lr=0.01, weight_decay=weight_decay, decay=lambda n, s: True)
-        kernels.adamw_update(p_dev, device(g), m, v, lr=0.01, step=step, weight_decay=weight_decay)
+        fused.adamw_update(p_dev, device(g), m, v, lr=0.01, step=step, weight_decay=weight_decay)
         # every step, both moments: they are saved in checkpoints, and v feeds only later steps' p
         close(v, state["v"]["w"])
         close(m, state["m"]["w"])
@@ -158,7 +165,7 @@ def test_adamw_kernel_matches_optim(weight_decay):
 # ----------------------------------------------------------------------------- PTX: no float64
 PTX_SCRIPT = """
 from numba import cuda, float32
-from kernels import ptx_check
+from tinylm.kernels import ptx_check
 status = ptx_check.main()
 def promoted(x, y):                 # the bug ptx_check exists to catch: a Python float literal
     i = cuda.grid(1)

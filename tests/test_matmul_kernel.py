@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from kernels import report
+from tinylm.kernels import report
 
-mm = importlib.import_module("kernels.matmul")      # the module (kernels.matmul is the function)
+mm = importlib.import_module("tinylm.kernels.matmul")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BM, BN, BK, TM, TN = mm.DEFAULT_TILE
 CX, RY = BN // TN, BM // TM
@@ -71,13 +71,13 @@ def test_counter_sees_the_conflicts_the_old_layouts_had():
 
 # ----------------------------------------------------------------------------- machine code
 def test_kernel_report_meets_the_budgets(tmp_path):
-    """`python -m kernels.report` on every kernel: no float64 anywhere; matmul with no local memory
+    """`python -m tinylm.kernels.report` on every kernel: no float64 anywhere; matmul with no local memory
     or spills, >= 2 blocks per SM and a main loop >= 70% FFMA; flash with no local memory or spills
     at head_dim 64 and 128. Skips (saying why) where the CUDA wheels are not installed."""
     if report.tools() is None:
         pytest.skip("ptxas / nvdisasm not installed (pip install '.[test]' brings them)")
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "kernels.report", "--json", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "tinylm.kernels.report", "--json", str(out)], cwd=ROOT,
                           env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}, capture_output=True, text=True)
     if done.returncode:
         pytest.skip(f"cannot compile for sm_90 here: {(done.stdout + done.stderr).strip().splitlines()[-1]}")

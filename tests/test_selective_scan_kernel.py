@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from test_kernels import close, device  # noqa: E402  (tests/ is on sys.path)
-from kernels.selective_scan import selective_scan_backward, selective_scan_forward
+from tinylm.kernels.selective_scan import selective_scan_backward, selective_scan_forward
 from tinylm import ssm
 
 

@@ -1,4 +1,20 @@
 """tinylm: a GPT-2 language model in NumPy with every gradient written by hand."""
+import importlib.machinery as _machinery
+import importlib.util as _util
+import sys as _sys
+from pathlib import Path as _Path
+
+# The CUDA kernels are the sub-package tinylm.kernels, never a top-level `kernels` (Hugging Face's kernel
+# hub owns that name, and transformers imports it). A wheel installs the repository's kernels/ folder as
+# tinylm/kernels (pyproject's package-dir); a source checkout has no such folder, so here the sub-package
+# is declared with the top-level kernels/ as its search path. Nothing is imported until a kernel is used.
+_here = _Path(__file__).resolve().parent
+_checkout_kernels = _here.parent / "kernels"
+if not (_here / "kernels").is_dir() and (_here.parent / "pyproject.toml").is_file() and _checkout_kernels.is_dir():
+    _spec = _machinery.ModuleSpec(f"{__name__}.kernels", None, is_package=True)
+    _spec.submodule_search_locations = [str(_checkout_kernels)]
+    kernels = _sys.modules[_spec.name] = _util.module_from_spec(_spec)
+
 from .counting import count_params, flops_per_token
 from .model import GPT, GPTConfig, KVCache
 from .optim import adamw_init, adamw_step, clip_grad_norm

@@ -1,4 +1,4 @@
-"""The model's layers on the Numba CUDA kernels of kernels/: the one module through which tinylm
+"""The model's layers on the Numba CUDA kernels of kernels/ (imported as tinylm.kernels): the one module through which tinylm
 reaches them. Each pair keeps layers.py's contract (`x_forward(...) -> (out, cache)`,
 `x_backward(dout, cache)`), and LAYERS is a layers.Layers, so a model holding it runs every layer on
 the kernels with the very code that runs the NumPy/CuPy layers (GPT(config, kernels=True)):
@@ -19,17 +19,17 @@ from typing import NamedTuple
 import numpy as np
 from numba import config as numba_config
 
-import kernels
-
 from . import layers
 from .backend import array_module
+from .kernels import flash_attention as flash, fused, selective_scan
+from .kernels.matmul import matmul
 from .layers import Layers, merge_heads, merge_qkv_grads, split_heads
 
 # Launch sizes: the kernels' own defaults on a GPU. The simulator costs ~35 µs per thread-op and
 # more per block, so there the same kernels run with small blocks: a tiny model's step takes seconds.
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
 MATMUL_LAUNCH = {"tile": (16, 64, 16, 4, 16)} if SIMULATOR else {}
-FLASH_LAUNCH = {"blocks": kernels.flash_attention.Tiles(8, 4, 4, 2)} if SIMULATOR else {}   # 8 threads
+FLASH_LAUNCH = {"blocks": flash.Tiles(8, 4, 4, 2)} if SIMULATOR else {}   # 8 threads
 ROW_LAUNCH = {"threads": 2} if SIMULATOR else {}
 ELEMENTWISE_LAUNCH = {"threads": 32} if SIMULATOR else {}
 
@@ -53,7 +53,7 @@ def gemm(a, b, trans_a=False, trans_b=False):
     """op(a) @ op(b) on the matmul kernel: what LinearCache keeps, so the backward uses it too."""
     xp = array_module(a)
     # Slices such as the ssm's dbc[..., :R] reach here as strided views: the kernels take dense arrays.
-    return kernels.matmul(xp.ascontiguousarray(a), xp.ascontiguousarray(b), trans_a, trans_b, **MATMUL_LAUNCH)
+    return matmul(xp.ascontiguousarray(a), xp.ascontiguousarray(b), trans_a, trans_b, **MATMUL_LAUNCH)
 
 
 def linear_forward(x, weight, bias=None):
@@ -73,21 +73,21 @@ class LayernormCache(NamedTuple):
 
 
 def layernorm_forward(x, weight, bias):
-    y, mean, rstd = kernels.layernorm_forward(x, weight, bias, layers.LAYERNORM_EPS, **ROW_LAUNCH)
+    y, mean, rstd = fused.layernorm_forward(x, weight, bias, layers.LAYERNORM_EPS, **ROW_LAUNCH)
     return y, LayernormCache(x, mean, rstd, weight)
 
 
 def layernorm_backward(dy, cache):
-    return kernels.layernorm_backward(dy, *cache, **ROW_LAUNCH)
+    return fused.layernorm_backward(dy, *cache, **ROW_LAUNCH)
 
 
 # ----------------------------------------------------------------------------- gelu
 def gelu_forward(x):
-    return kernels.gelu_forward(x, **ELEMENTWISE_LAUNCH), x     # the cache is x: the backward recomputes tanh
+    return fused.gelu_forward(x, **ELEMENTWISE_LAUNCH), x     # the cache is x: the backward recomputes tanh
 
 
 def gelu_backward(dy, x):
-    return kernels.gelu_backward(dy, x, **ELEMENTWISE_LAUNCH)
+    return fused.gelu_backward(dy, x, **ELEMENTWISE_LAUNCH)
 
 
 # ----------------------------------------------------------------------------- flash attention
@@ -104,7 +104,7 @@ def flash_attention_forward(qkv, n_head):
     xp = array_module(qkv)
     # Contiguous heads: split_heads gives strided views, which a kernel would read with a stride of 3C.
     q, k, v = (xp.ascontiguousarray(t) for t in split_heads(qkv, n_head))
-    o, lse = kernels.flash_attention_forward(q, k, v, True, **FLASH_LAUNCH)
+    o, lse = flash.flash_attention_forward(q, k, v, True, **FLASH_LAUNCH)
     return merge_heads(o), FlashCache(q, k, v, o, lse)
 
 
@@ -113,7 +113,7 @@ def flash_attention_backward(dout, cache):
     q, k, v, o, lse = cache
     B, H, T, hd = q.shape
     do = array_module(dout).ascontiguousarray(dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3))
-    return merge_qkv_grads(*kernels.flash_attention_backward(q, k, v, o, lse, do, True, **FLASH_LAUNCH))
+    return merge_qkv_grads(*flash.flash_attention_backward(q, k, v, o, lse, do, True, **FLASH_LAUNCH))
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -121,7 +121,7 @@ def cross_entropy_forward(logits, targets):
     """nll (B, T) and, from the same pass, dlogits for unit weights (0 where the target is −1)."""
     xp = array_module(logits)
     targets = xp.asarray(targets)
-    nll, dlogits = kernels.softmax_cross_entropy(logits, targets, xp.ones(targets.shape, dtype=np.float32),
+    nll, dlogits = fused.softmax_cross_entropy(logits, targets, xp.ones(targets.shape, dtype=np.float32),
                                                  **ROW_LAUNCH)
     return nll, dlogits
 
@@ -147,19 +147,19 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None):
     xp = array_module(u)
     Bm, Cm = xp.ascontiguousarray(Bm), xp.ascontiguousarray(Cm)     # slices of the x_proj output
     h0 = None if h0 is None else xp.ascontiguousarray(h0)           # hs[:, -1] of the previous call
-    y, hs = kernels.selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0)
+    y, hs = selective_scan.selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0)
     return y, ScanCache(u, delta, A_log, Bm, Cm, D, hs, h0)
 
 
 def selective_scan_backward(dy, cache):
     u, delta, A_log, Bm, Cm, D, hs, h0 = cache
-    return kernels.selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0)
+    return selective_scan.selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0)
 
 
 # ----------------------------------------------------------------------------- AdamW
 def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
     """optim.adamw_update's contract, on the AdamW kernel (p, m, v contiguous, updated in place)."""
-    kernels.adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay, **ELEMENTWISE_LAUNCH)
+    fused.adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay, **ELEMENTWISE_LAUNCH)
 
 
 LAYERS = Layers(
