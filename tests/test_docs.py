@@ -138,7 +138,7 @@ def test_every_documented_command_prints_what_the_page_shows(page, command, show
     assert argv[0] in ("tinylm", "python"), f"{page.name}: unexpected command {command!r}"
     argv = [sys.executable, "-m", "tinylm", *argv[1:]] if argv[0] == "tinylm" else [sys.executable, *argv[1:]]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
-    done = subprocess.run(argv, cwd=tour_dir, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(argv, cwd=tour_dir, env=env, capture_output=True, text=True, timeout=1200)
     output = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 0, f"{page.name}: `{command}` exited {done.returncode}:\n" + "\n".join(output[-20:])
     missing = matches_in_order(shown, output)

