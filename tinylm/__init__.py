@@ -9,8 +9,9 @@ from pathlib import Path as _Path
 # tinylm/kernels (pyproject's package-dir); a source checkout has no such folder, so here the sub-package
 # is declared with the top-level kernels/ as its search path. Nothing is imported until a kernel is used.
 _here = _Path(__file__).resolve().parent
-_checkout_kernels = _here.parent / "kernels"
-if not (_here / "kernels").is_dir() and (_here.parent / "pyproject.toml").is_file() and _checkout_kernels.is_dir():
+_checkout_kernels = _here.parent / "kernels"         # a folder of modules, not a package (no __init__.py)
+if not (_here / "kernels").is_dir() and (_checkout_kernels / "matmul.py").is_file() and not (
+        _checkout_kernels / "__init__.py").exists():
     _spec = _machinery.ModuleSpec(f"{__name__}.kernels", None, is_package=True)
     _spec.submodule_search_locations = [str(_checkout_kernels)]
     kernels = _sys.modules[_spec.name] = _util.module_from_spec(_spec)
