@@ -106,7 +106,7 @@ def launch_threads():
     import importlib
     threads = {}
     for module in ("matmul", "flash_attention"):
-        mod = importlib.import_module(f"kernels.{module}")
+        mod = importlib.import_module(f".{module}", __package__)
         if hasattr(mod, "launch_threads"):
             threads.update(mod.launch_threads())
     return threads

@@ -107,16 +107,22 @@ def test_from_the_repository_root_a_real_kernels_package_wins(tmp_path, stand_in
     assert module_file("tinylm.kernels.matmul", ROOT, dict(env, **NUMBA_SIM)) == os.path.join(ROOT, "kernels", "matmul.py")
 
 
-def venv_with_the_test_environment(path):
-    """A venv with no packages of its own; the running environment's site-packages (numpy, numba,
-    ...) is appended to its path by a .pth file, after the venv's own site-packages, so what is
-    installed into the venv is found first."""
+def empty_venv(path):
+    """A venv with no packages of its own -> (its python, its site-packages)."""
     run([sys.executable, "-m", "venv", "--without-pip", str(path)], path.parent)
     python = str(path / "bin" / "python")
-    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], path.parent).strip()
-    with open(os.path.join(purelib, "outer.pth"), "w") as f:
+    return python, run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], path.parent).strip()
+
+
+def borrow_the_test_environment(purelib):
+    """Write a .pth file that appends the running environment's site-packages (numpy, numba, ...) to
+    the venv's path, after its own, so what is installed in the venv is found first -> its path.
+    Only while tinylm runs: pip must not see it (the running environment has a tinylm of its own,
+    which pip takes as already installed: CI's run installed nothing into the venv)."""
+    pth = os.path.join(purelib, "outer.pth")
+    with open(pth, "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    return python, purelib
+    return pth
 
 
 def pip_into(python, *args):
@@ -141,7 +147,7 @@ print(kernels.NAME, sys.modules["tinylm.kernels.matmul"].__file__, np.isfinite(l
 @pytest.mark.parametrize("order", ["stand-in first", "tinylm first"])
 def test_installed_beside_another_kernels_package_both_keep_their_modules(tmp_path, tinylm_wheel, stand_in_wheel,
                                                                            order):
-    python, purelib = venv_with_the_test_environment(tmp_path / "venv")
+    python, purelib = empty_venv(tmp_path / "venv")
     wheels = [stand_in_wheel, tinylm_wheel] if order == "stand-in first" else [tinylm_wheel, stand_in_wheel]
     for wheel in wheels:
         pip_into(python, "install", "--no-deps", "--no-index", wheel)
@@ -149,7 +155,9 @@ def test_installed_beside_another_kernels_package_both_keep_their_modules(tmp_pa
     assert open(stand_in).read() == STAND_IN                                       # not overwritten
     away = tmp_path / "elsewhere"                                                  # not the repository
     away.mkdir()
+    pth = borrow_the_test_environment(purelib)
     out = run([python, "-c", KERNEL_PATH], away, NUMBA_SIM).split()
+    os.remove(pth)
     assert out == ["stand-in", os.path.join(purelib, "tinylm", "kernels", "matmul.py"), "True"], out
     before = sha256(stand_in)
     pip_into(python, "uninstall", "-y", "tinylm")
