@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from .backend import to_numpy
 from .model import GPT, GPTConfig
-from .optim import adamw_init
+from .optim import Schedule, adamw_init
 from .reward import RewardModel, pack
 from .judge import JudgedExamples, LMJudge
 from .rlhf import (PolicyConfig, Preferences, policy_step, response_targets, reward_model_accuracy,
                    sample_responses, train_dpo, train_reward_model, train_reward_model_early_stopping)
 from .tokenizer import ByteTokenizer
-from .train import lr_at, train_step
+from .train import train_step
 from .world import Labeller, World, instruction, score
 
 TOKENIZER = ByteTokenizer()
@@ -82,13 +82,13 @@ def pretrain_base(world, cfg, rng, progress=True):
     starts at position 0, as at sampling time), padded targets −1."""
     model = GPT(cfg.model, seed=cfg.seed)
     opt = adamw_init(model.params)
-    for step in tqdm(range(cfg.pretrain_steps), desc="pretrain", disable=None if progress else True, leave=False):
+    schedule = Schedule(cfg.pretrain_lr, cfg.pretrain_steps, cfg.pretrain_steps // 20, cfg.pretrain_lr / 10)
+    for _ in tqdm(range(cfg.pretrain_steps), desc="pretrain", disable=None if progress else True, leave=False):
         docs = [np.append(TOKENIZER.encode(d)[:cfg.model.n_ctx], TOKENIZER.eot_id)
                 for d in world.corpus(cfg.pretrain_batch, rng)]
         idx, lengths, _ = pack(docs, [np.zeros(0, np.int64)] * len(docs))
         targets = np.where(np.arange(idx.shape[1] - 1)[None] + 1 < lengths[:, None], idx[:, 1:], -1)
-        lr = lr_at(step, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_steps // 20, cfg.pretrain_lr / 10)
-        train_step(model, opt, idx[:, :-1], targets, lr)
+        train_step(model, opt, idx[:, :-1], targets, schedule)
     return model
 
 

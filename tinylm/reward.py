@@ -53,6 +53,7 @@ class RewardModel:
     def __init__(self, trunk, reward_vector, reward_bias):
         self.trunk = trunk
         self.config = trunk.config
+        self.layers = trunk.layers              # the trunk's layer set: its AdamW steps the head too
         xp, dtype = trunk.xp, trunk.config.dtype
         self.params = dict(trunk.params)
         self.params["reward_vector"] = xp.asarray(reward_vector, dtype=dtype)

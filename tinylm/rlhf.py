@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import to_numpy
-from .optim import adamw_init, adamw_step, clip_grad_norm
+from .optim import Schedule, adamw_init, optimizer_step
 from .reward import (bradley_terry_backward, bradley_terry_forward, bradley_terry_loss_and_grads, pack,
                      pairwise_accuracy, stack_padded)
 
@@ -230,7 +230,8 @@ def policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta, 
 
 
 def policy_step(policy, reference, rm, opt_state, prompts, cfg, rng, eot_id, grad_clip=1.0):
-    """Sample k responses per prompt, score them with the reward model, take one AdamW step.
+    """Sample k responses per prompt, score them with the reward model, take one optimizer step
+    (optim.optimizer_step: clipped, AdamW at cfg.lr without decay, skipped if not finite).
     -> dict with the mean reward, KL estimate, the samples (for logging and RM retraining) and
     each sample's advantage r − b (its sign: pushed up or down by the reward term)."""
     rm.check_vocab(policy.config)
@@ -241,8 +242,7 @@ def policy_step(policy, reference, rm, opt_state, prompts, cfg, rng, eot_id, gra
     inputs, targets = response_targets(idx, lengths, starts)
     loss, grads, kl, advantages = policy_loss_and_grads(policy, reference, inputs, targets, rewards,
                                                         cfg.samples_per_prompt, cfg.beta, cfg.baseline)
-    clip_grad_norm(grads, grad_clip)
-    adamw_step(policy.params, grads, opt_state, cfg.lr, weight_decay=0.0)
+    optimizer_step(policy, grads, opt_state, Schedule.constant(cfg.lr), grad_clip, weight_decay=0.0, loss=loss)
     return {"reward": float(rewards.mean()), "kl": float(kl.mean()), "responses": responses,
             "advantages": advantages}
 
@@ -275,18 +275,17 @@ def sequence_logprobs(model, pairs_batch):
 
 
 # ----------------------------------------------------------------------------- training loops
-def optimise_on_pairs(params, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
-    """AdamW (no weight decay, gradients clipped to norm 1) over shuffled minibatches of pairs;
-    loss_and_grads(packed batch) -> (loss, grads); after_epoch(epoch), if given, runs after each
-    epoch (validation, snapshots). -> list of per-step losses."""
+def optimise_on_pairs(model, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
+    """optim.optimizer_step (no weight decay, gradients clipped to norm 1, constant lr) on model
+    over shuffled minibatches of pairs; loss_and_grads(PairBatch) -> (loss, grads); after_epoch(epoch),
+    if given, runs after each epoch (validation, snapshots). -> list of per-step losses."""
     pairs.validate()
-    opt = adamw_init(params)
+    opt, schedule = adamw_init(model.params), Schedule.constant(lr)
     losses = []
     for epoch in tqdm(range(epochs), desc=desc, disable=None, leave=False):
         for index in np.array_split(rng.permutation(len(pairs)), max(1, -(-len(pairs) // batch_size))):
             loss, grads = loss_and_grads(pairs.packed(index))
-            clip_grad_norm(grads, 1.0)
-            adamw_step(params, grads, opt, lr, weight_decay=0.0)
+            optimizer_step(model, grads, opt, schedule, 1.0, weight_decay=0.0, loss=loss)
             losses.append(loss)
         if after_epoch is not None:
             after_epoch(epoch)
@@ -298,7 +297,7 @@ def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch=None)
     def loss_and_grads(batch):
         chosen, rejected, _ = batch
         return bradley_terry_loss_and_grads(rm, chosen, rejected)[:2]
-    return optimise_on_pairs(rm.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model",
+    return optimise_on_pairs(rm, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model",
                              after_epoch)
 
 
@@ -336,4 +335,4 @@ def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng):
                          f"{reference.config.vocab_size}")
     def loss_and_grads(batch):
         return dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)[:2]
-    return optimise_on_pairs(policy.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")
+    return optimise_on_pairs(policy, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")
