@@ -1,7 +1,7 @@
 """Mutation testing, one module at a time, each against its own tests (mutmut 3; not in CI).
 
     pip install -e '.[test,mutation]'
-    python bench/mutation.py                    # the ten modules of [tool.mutmut] only_mutate
+    python bench/mutation.py                    # the modules of [tool.mutmut] only_mutate
     python bench/mutation.py layers model       # some of them
     python bench/mutation.py --resume layers    # carry on an interrupted run
 
@@ -38,13 +38,18 @@ TESTS = {
     "layers": ["test_layers.py", "test_hf.py", "test_model.py"],
     "model": ["test_model.py", "test_hf.py", "test_mixers.py", "test_checkpoint.py", "test_optim_counting.py",
               "test_faults.py", "test_flash_attention.py", "test_generate.py", "test_ssm.py"],
-    "optim": ["test_optim_defaults.py", "test_optim_counting.py"],
+    "optim": ["test_optim_defaults.py", "test_optim_counting.py", "test_train_units.py", "test_data_train.py",
+              "test_rlhf_units.py"],
     "flash_attention": ["test_flash_attention.py"],
     "ssm": ["test_ssm.py", "test_mixers.py", "test_generate.py"],
     "reward": ["test_reward_model.py", "test_reward_read.py", "test_rlhf_units.py", "test_rlhf.py"],
     "rlhf": ["test_rlhf_units.py", "test_rlhf_baseline.py", "test_rlhf_learning.py", "test_rlhf.py"],
     "train": ["test_train_units.py", "test_train_loop.py", "test_pretrain.py", "test_data_train.py",
               "test_faults.py", "test_cli_pretrain.py", "test_checkpoint.py"],
+    "train_config": ["test_train_units.py", "test_data_train.py", "test_train_loop.py", "test_cli_pretrain.py",
+                     "test_pretrain.py"],
+    "run_log": ["test_train_units.py", "test_train_loop.py", "test_faults.py"],
+    "metrics": ["test_train_loop.py", "test_scaling.py"],
     "generate": ["test_generate.py"],
     "tokenizer": ["test_tokenizer.py"],
 }

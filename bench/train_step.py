@@ -13,9 +13,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tinylm import GPT, GPTConfig, adamw_init, adamw_step, clip_grad_norm, flops_per_token  # noqa: E402
+from tinylm import GPT, GPTConfig, adamw_init, flops_per_token  # noqa: E402
 from tinylm.backend import DEVICES, keep_freed_memory  # noqa: E402
 from tinylm.model import ATTENTIONS  # noqa: E402
+from tinylm.optim import Schedule  # noqa: E402
+from tinylm.train import train_step  # noqa: E402
 
 
 def matmul_gflops(n=2048, repeats=5, dtype="float32"):
@@ -45,9 +47,7 @@ def seconds_per_step(config, batch, device="cpu", steps=10, seed=0, kernels=None
     state = adamw_init(model.params)
 
     def step():
-        loss, grads = model.loss_and_grads(idx, targets)
-        clip_grad_norm(grads, 1.0)
-        adamw_step(model.params, grads, state, lr=1e-4, update=model.layers.adamw_update)
+        loss = train_step(model, state, idx, targets, Schedule.constant(1e-4)).loss   # every loop's one step
         if xp is not np:                                    # GPU work is asynchronous: wait for it
             xp.cuda.runtime.deviceSynchronize()
         return loss

@@ -10,7 +10,9 @@ import pytest
 
 from tinylm import GPT, GPTConfig, adamw_init
 from tinylm.data import Dataset, default_corpus, load_text
-from tinylm.train import TrainConfig, lr_at, train_step, with_settings
+from tinylm.optim import Schedule
+from tinylm.train import train_step
+from tinylm.train_config import TrainConfig, with_settings
 
 
 def test_batches_are_shifted_windows_and_seeded():
@@ -56,13 +58,13 @@ def test_default_corpus_is_python_source_and_deterministic():
 
 
 def test_lr_schedule():
-    kw = dict(max_steps=110, lr=1e-3, warmup_steps=10, min_lr=1e-4)
-    assert lr_at(0, **kw) == pytest.approx(1e-4)              # first step: lr / warmup
-    assert lr_at(9, **kw) == pytest.approx(1e-3)              # warm-up reaches lr
-    assert lr_at(10, **kw) == pytest.approx(1e-3)             # cosine starts at lr
-    assert lr_at(60, **kw) == pytest.approx(0.55e-3)          # half-way: (lr + min_lr) / 2
-    assert lr_at(110, **kw) == pytest.approx(1e-4)            # ends at min_lr
-    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    lr_at = Schedule(max_steps=110, lr=1e-3, warmup_steps=10, min_lr=1e-4)
+    assert lr_at(0) == pytest.approx(1e-4)              # first step: lr / warmup
+    assert lr_at(9) == pytest.approx(1e-3)              # warm-up reaches lr
+    assert lr_at(10) == pytest.approx(1e-3)             # cosine starts at lr
+    assert lr_at(60) == pytest.approx(0.55e-3)          # half-way: (lr + min_lr) / 2
+    assert lr_at(110) == pytest.approx(1e-4)            # ends at min_lr
+    lrs = [lr_at(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
@@ -75,11 +77,11 @@ def test_train_steps_lower_the_loss():
     state = adamw_init(model.params)
     idx = np.tile(np.arange(8) % 11, (4, 1))
     targets = (idx + 1) % 11
-    losses = [train_step(model, state, idx, targets, lr=1e-2)[0] for _ in range(30)]
+    losses = [train_step(model, state, idx, targets, Schedule.constant(1e-2)).loss for _ in range(30)]
     assert losses[-1] < losses[0] - 1.0 and state["step"] == 30
     mask = np.zeros_like(idx)
     mask[:, -1] = 1
-    loss, norm = train_step(model, state, idx, targets, lr=1e-2, loss_mask=mask)
+    loss, norm, _, _ = train_step(model, state, idx, targets, Schedule.constant(1e-2), loss_mask=mask)
     assert loss == pytest.approx(model.loss(idx, targets, mask), abs=0.5) and norm > 0
 
 
@@ -88,7 +90,8 @@ def test_non_finite_loss_leaves_weights_and_optimizer_alone():
     state = adamw_init(model.params)
     model.params["ln_f.bias"][0] = np.nan
     before = {k: v.copy() for k, v in model.params.items()}
-    loss, norm = train_step(model, state, np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64), lr=1e-2)
+    loss, norm, _, _ = train_step(model, state, np.zeros((1, 8), np.int64), np.ones((1, 8), np.int64),
+                                  Schedule.constant(1e-2))
     assert math.isnan(loss) and state["step"] == 0
     for k in before:
         np.testing.assert_array_equal(model.params[k], before[k])

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from tinylm.checkpoint import latest_checkpoint
-from tinylm.train import read_metrics
+from tinylm.run_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60

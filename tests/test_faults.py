@@ -18,7 +18,7 @@ from tinylm import checkpoint
 from tinylm.checkpoint import RunLock, latest_checkpoint
 from tinylm.cli import main
 from tinylm.commands.terminal import os_error_sentence, progress_wanted
-from tinylm.train import read_metrics
+from tinylm.run_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "8", "--n-ctx", "8", "--batch-size", "2", "--warmup", "1",

@@ -5,7 +5,7 @@ import numpy as np
 
 from tinylm import GPT, GPTConfig
 from tinylm.judge import VERDICTS, JudgedExamples, LMJudge, judged_text, read_verdict
-from tinylm.pipeline import TOKENIZER, encode_prompts, label_pairs
+from tinylm.environment import TOKENIZER, encode_prompts, label_pairs
 from tinylm.reward import RewardModel
 from tinylm.rlhf import reward_model_accuracy, train_reward_model
 from tinylm.world import Labeller, World, answer, score

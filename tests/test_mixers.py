@@ -11,7 +11,7 @@ import pytest
 
 from tinylm.gradcheck import check_gradients
 from tinylm.model import GPT, GPTConfig
-from tinylm.optim import adamw_init
+from tinylm.optim import Schedule, adamw_init
 from tinylm.train import train_step
 
 
@@ -135,5 +135,5 @@ def test_every_mixer_trains(kind):
     for _ in range(60):
         starts = rng.integers(0, len(pattern), size=8)
         seq = pattern[(starts[:, None] + np.arange(13)) % len(pattern)]
-        losses.append(train_step(model, opt, seq[:, :-1], seq[:, 1:], lr=1e-2)[0])
+        losses.append(train_step(model, opt, seq[:, :-1], seq[:, 1:], Schedule.constant(1e-2)).loss)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-5:])

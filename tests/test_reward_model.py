@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tinylm import GPT, GPTConfig
-from tinylm.reward import HEAD_FILE, RewardModel, bradley_terry_loss_and_grads, pairwise_accuracy
+from tinylm.reward import HEAD_FILE, RewardModel, Sequences, bradley_terry_loss_and_grads, pairwise_accuracy
 
 
 def scored_model(dtype):
@@ -59,7 +59,7 @@ def test_a_fresh_reward_head_scores_zero_and_keeps_the_trunks_dtype():
     rm, idx, lengths = scored_model("float32")
     fresh = RewardModel.from_lm(rm.trunk)
     assert (fresh.rewards(idx, lengths) == 0).all()
-    chosen, rejected = (idx[:2], np.array([6, 2])), (idx[1:], np.array([2, 4]))
+    chosen, rejected = Sequences(idx[:2], np.array([6, 2])), Sequences(idx[1:], np.array([2, 4]))
     loss, grads, _, _ = bradley_terry_loss_and_grads(fresh, chosen, rejected)
     assert loss == pytest.approx(np.log(2), abs=1e-12)
     assert {g.dtype for g in grads.values()} == {np.dtype("float32")}

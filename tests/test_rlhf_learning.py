@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tinylm import pipeline
+from tinylm import environment, pipeline
 from tinylm.optim import adamw_init
 from tinylm.reward import RewardModel
 from tinylm.rlhf import PolicyConfig, policy_step, train_reward_model
@@ -32,10 +32,10 @@ def small_world():
     rng = np.random.default_rng(0)
     world, labeller = World(seed=0, max_len=2, p_follow=0.5), Labeller(0.0, seed=0)
     model = replace(pipeline.DemoConfig().model, d_model=32, n_layer=1, n_head=2)
-    cfg = pipeline.DemoConfig(model=model, pretrain_steps=400, pretrain_batch=32)
-    base = pipeline.pretrain_base(world, cfg, rng, progress=False)
+    base = environment.pretrain_base(world, model, environment.PretrainConfig(steps=400, batch=32), 0, rng,
+                                     progress=False)
     rm = RewardModel.from_lm(base)
-    train_reward_model(rm, pipeline.make_pairs(base, world.instructions(1500, rng), labeller, 7, rng), 3, 32, 1e-3, rng)
+    train_reward_model(rm, environment.make_pairs(base, world.instructions(1500, rng), labeller, 7, rng), 3, 32, 1e-3, rng)
     return world, base, rm
 
 
@@ -46,10 +46,10 @@ def after_rl(small_world, reward_model, steps=30):
     policy, opt = base.copy(), adamw_init(base.params)
     cfg = PolicyConfig(lr=1e-3, prompts_per_step=16)
     for _ in range(steps):
-        policy_step(policy, base, reward_model, opt, pipeline.encode_prompts(world.instructions(16, rng)), cfg, rng,
-                    pipeline.TOKENIZER.eot_id)
+        policy_step(policy, base, reward_model, opt, environment.encode_prompts(world.instructions(16, rng)), cfg, rng,
+                    environment.TOKENIZER.eot_id)
     held = world.instructions(100, np.random.default_rng(2))
-    return tuple(pipeline.evaluate(model, base, rm, held, 2, 7, np.random.default_rng(3)) for model in (base, policy))
+    return tuple(environment.evaluate(model, base, rm, held, 2, 7, np.random.default_rng(3)) for model in (base, policy))
 
 
 def test_policy_steps_raise_reward_and_labeller_success(small_world):

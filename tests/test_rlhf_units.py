@@ -2,12 +2,15 @@
 ranges at both edges, the minibatch loop (batch sizes, gradient clipping in place, no progress bar
 off a terminal), early stopping's tie rule, and held-out accuracy against a direct computation."""
 import json
+import types
 
 import numpy as np
 import pytest
 
+import tinylm.optim as optim
 import tinylm.rlhf as rlhf
 from tinylm import GPT, GPTConfig
+from tinylm.model import ARRAY_LAYERS
 from tinylm.reward import RewardModel, pairwise_accuracy
 from tinylm.rlhf import (PolicyConfig, Preferences, optimise_on_pairs, reward_model_accuracy,
                          train_dpo, train_reward_model, train_reward_model_early_stopping)
@@ -86,7 +89,8 @@ def test_minibatches_cover_the_pairs_in_ceil_n_over_b_batches_and_clip_in_place(
         sizes.append(len(idx_w))
         returned.append({"w": np.array([12.0, 16.0, 0.0]), "m": np.zeros((2, 2))})
         return 0.0, returned[-1]
-    optimise_on_pairs(params, pairs_of(10), 2, 4, 1e-2, np.random.default_rng(0), loss_and_grads, "test",
+    model = types.SimpleNamespace(params=params, layers=ARRAY_LAYERS)
+    optimise_on_pairs(model, pairs_of(10), 2, 4, 1e-2, np.random.default_rng(0), loss_and_grads, "test",
                       after_epoch=epochs.append)
     assert sizes == [4, 3, 3, 4, 3, 3] and epochs == [0, 1]
     assert all(np.isclose(np.linalg.norm(g["w"]), 1.0) for g in returned)
@@ -199,7 +203,7 @@ def test_sampling_follows_the_temperature_and_the_rng_it_is_given():
 def test_a_policy_step_is_reproducible_from_its_rng_and_clips_at_norm_1(monkeypatch):
     from tinylm.optim import adamw_init
     norms = []
-    monkeypatch.setattr(rlhf, "clip_grad_norm", lambda grads, max_norm: norms.append(max_norm))
+    monkeypatch.setattr(optim, "clip_grad_norm", lambda grads, max_norm: norms.append(max_norm) or 1.0)
     policy = tiny_lm(n_ctx=12)
     rm = tiny_rm()
     prompts = [np.array([1, 2]), np.array([3, 4])]

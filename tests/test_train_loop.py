@@ -19,8 +19,11 @@ from tinylm import GPT
 from tinylm.checkpoint import latest_checkpoint, load_model
 from tinylm.data import Dataset
 from tinylm.tokenizer import ByteTokenizer
-from tinylm.train import (METRICS, PLOT, StopFlag, TrainConfig, estimate_loss, lr_at, plot_metrics, pretrain,
-                          read_metrics)
+from tinylm.metrics import estimate_loss
+from tinylm.optim import Schedule
+from tinylm.run_log import METRICS, PLOT, plot_metrics, read_metrics
+from tinylm.train import StopFlag, pretrain
+from tinylm.train_config import TrainConfig
 from test_pretrain import TINY, text_file, tiny  # noqa: F401, E402  (text_file is a fixture)
 
 TOKENS_PER_STEP = TINY["batch_size"] * TINY["n_ctx"]
@@ -73,9 +76,9 @@ def steps_seen(monkeypatch):
     def recording(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        loss, norm = real(*args, **kwargs)
-        calls.append({**bound.arguments, "loss": loss, "norm": norm})
-        return loss, norm
+        result = real(*args, **kwargs)
+        calls.append({**bound.arguments, "loss": result.loss, "norm": result.grad_norm, "lr": result.lr})
+        return result
     monkeypatch.setattr(train, "train_step", recording)
     return calls
 
@@ -95,7 +98,7 @@ def test_each_step_record_holds_that_steps_lr_grad_norm_loss_and_timing(tmp_path
         elapsed += dt
         sums.append(elapsed)
         assert r["loss"] == call["loss"] and r["grad_norm"] == call["norm"] > 0
-        assert r["lr"] == call["lr"] == lr_at(k, 7, TINY["lr"], TINY["warmup_steps"], TrainConfig().min_lr)
+        assert r["lr"] == call["lr"] == Schedule(TINY["lr"], 7, TINY["warmup_steps"], TrainConfig().min_lr)(k)
         assert r["tokens_per_s"] == TOKENS_PER_STEP / dt           # 64 tokens in ~0.012-0.037 s
         assert 1000 < r["tokens_per_s"] < 6000
         assert r["elapsed_s"] == round(elapsed, 3)

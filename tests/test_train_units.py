@@ -9,14 +9,16 @@ import os
 import numpy as np
 import pytest
 
+import tinylm.optim as optim
 import tinylm.train as train
 from tinylm import GPT, GPTConfig
 from tinylm.checkpoint import STATE, latest_checkpoint
-from tinylm.optim import adamw_init
+from tinylm.optim import Schedule, adamw_init
+from tinylm.run_log import read_metrics
 from tinylm.tokenizer import ByteTokenizer
-from tinylm.train import (TrainConfig, check_out_dir, check_stop_at, data_fingerprint, default_model, lr_at,
-                          nan_stop_message, new_run, pretrain, read_metrics, resumed_run, run_dataset,
-                          train_step, with_settings)
+from tinylm.train import (check_out_dir, check_stop_at, data_fingerprint, nan_stop_message, new_run, pretrain,
+                          resumed_run, run_dataset, train_step)
+from tinylm.train_config import TrainConfig, default_model, with_settings
 from test_pretrain import text_file, tiny  # noqa: F401  (text_file is a fixture)
 
 
@@ -24,12 +26,12 @@ from test_pretrain import text_file, tiny  # noqa: F401  (text_file is a fixture
 def test_lr_schedule_by_hand_through_warmup_cosine_and_past_the_end():
     """Warm-up 10 of 110 steps, lr 1, min_lr 0.1: linear to 1, cosine to 0.1, then flat at 0.1
     (progress is capped at 1: past max_steps the cosine must not come back up)."""
-    at = lambda step: lr_at(step, 110, 1.0, 10, 0.1)
+    at = Schedule(lr=1.0, max_steps=110, warmup_steps=10, min_lr=0.1)
     assert at(0) == pytest.approx(0.1) and at(9) == pytest.approx(1.0) and at(10) == pytest.approx(1.0)
     assert at(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
     assert at(110) == pytest.approx(0.1) and at(200) == pytest.approx(0.1)
     # one step after warm-up: its single cosine step ends at min_lr (no division by a floor of 2)
-    assert lr_at(1, 1, 1.0, 0, 0.1) == pytest.approx(0.1)
+    assert Schedule(lr=1.0, max_steps=1, warmup_steps=0, min_lr=0.1)(1) == pytest.approx(0.1)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -47,8 +49,8 @@ def spy_step(monkeypatch, norm=None):
 
     def step(params, grads, state, lr, weight_decay, update):
         seen.update(lr=lr, weight_decay=weight_decay, update=update)
-    monkeypatch.setattr(train, "clip_grad_norm", clip)
-    monkeypatch.setattr(train, "adamw_step", step)
+    monkeypatch.setattr(optim, "clip_grad_norm", clip)
+    monkeypatch.setattr(optim, "adamw_step", step)
     return seen
 
 
@@ -57,11 +59,11 @@ def test_train_step_defaults_pass_on_clip_decay_mask_and_the_models_update(monke
     the loss mask reaches the loss; AdamW runs the model's own per-tensor update."""
     model, idx, targets = tiny_model(), np.array([[1, 2, 3]]), np.array([[2, 3, 4]])
     seen = spy_step(monkeypatch)
-    train_step(model, adamw_init(model.params), idx, targets, 0.5)
+    train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(0.5))
     assert seen == {"grad_clip": 1.0, "lr": 0.5, "weight_decay": 0.1, "update": model.layers.adamw_update}
     mask = np.array([[1.0, 0.0, 0.0]])
-    loss, _ = train_step(model, adamw_init(model.params), idx, targets, 0.5, grad_clip=0.25, loss_mask=mask,
-                         weight_decay=0.0)
+    loss = train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(0.5), grad_clip=0.25,
+                      loss_mask=mask, weight_decay=0.0).loss
     assert seen["grad_clip"] == 0.25 and seen["weight_decay"] == 0.0
     assert loss == pytest.approx(model.loss(idx, targets, mask), rel=1e-12)
 
@@ -71,7 +73,8 @@ def test_train_step_leaves_the_weights_when_the_norm_is_not_finite(monkeypatch, 
     """A finite loss with an infinite or NaN gradient norm must not step either."""
     model = tiny_model()
     seen = spy_step(monkeypatch, norm=norm)
-    loss, got = train_step(model, adamw_init(model.params), np.array([[1, 2]]), np.array([[2, 3]]), 0.5)
+    loss = train_step(model, adamw_init(model.params), np.array([[1, 2]]), np.array([[2, 3]]),
+                      Schedule.constant(0.5)).loss
     assert math.isfinite(loss) and "lr" not in seen
 
 

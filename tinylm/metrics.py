@@ -1,5 +1,9 @@
-"""Numbers read off a loss. A leaf module: it imports nothing from tinylm, so anything may use it."""
+"""Numbers read off a loss, and the loss a model reaches on held-out windows (the evaluation of
+every pretraining run and of the scaling sweep). A leaf module: it imports nothing from tinylm, so
+anything may use it."""
 import math
+
+import numpy as np
 
 
 def perplexity(loss):
@@ -15,3 +19,14 @@ def perplexity(loss):
 def loss_text(loss):
     """A loss as the CLI prints it, with its perplexity beside it: "3.1967 (perplexity 24.45)"."""
     return f"{loss:.4f} (perplexity {perplexity(loss):.2f})"
+
+
+def estimate_loss(model, dataset, split, batch_size, n_batches, seed=1234):
+    """Mean loss over n_batches fixed windows (the same ones at every evaluation, so the curve
+    is comparable from one evaluation to the next, and training's data order is untouched)."""
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(n_batches):
+        idx, targets = dataset.get_batch(split, batch_size, rng)
+        losses.append(model.loss(model.xp.asarray(idx), model.xp.asarray(targets)))
+    return float(np.mean(losses))

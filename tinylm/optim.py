@@ -1,8 +1,14 @@
-"""AdamW and global-norm gradient clipping, as plain functions over {name: array} dicts.
+"""AdamW and global-norm gradient clipping, as plain functions over {name: array} dicts, and the one
+optimizer step every training loop takes (pretraining, the scaling sweep, the reward model, RLHF, DPO):
+
+    loss, grads = <the loop's own loss>_and_grads(batch)
+    optimizer_step(model, grads, state, schedule, grad_clip, weight_decay, loss)
 
 The optimizer state is a dict of arrays plus a step count, so it saves next to the weights.
 """
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,3 +78,55 @@ def clip_grad_norm(grads, max_norm):
         for g in grads.values():
             g *= scale
     return norm
+
+
+# ----------------------------------------------------------------------------- the one step
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each optimizer step: linear warm-up from lr/warmup_steps to lr over
+    warmup_steps steps, then cosine decay from lr to min_lr at max_steps (flat at min_lr after).
+    Schedule.constant(lr) is lr at every step (no warm-up, min_lr = lr).
+
+    Warm-up: Adam's second-moment estimates are noise for the first steps, so full-size updates
+    then can throw the model far off. Cosine: large steps early, fine ones at the end.
+    """
+    lr: float
+    max_steps: int
+    warmup_steps: int
+    min_lr: float
+
+    @classmethod
+    def constant(cls, lr):
+        return cls(lr, max_steps=1, warmup_steps=0, min_lr=lr)
+
+    def __call__(self, step):
+        """lr for optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class Step(NamedTuple):
+    """What one optimizer step did: the loss it was given, the gradient norm before clipping (worth
+    logging: spikes show instability), the learning rate, and whether the weights moved."""
+    loss: float
+    grad_norm: float
+    lr: float
+    stepped: bool
+
+
+def optimizer_step(model, grads, state, schedule, grad_clip=1.0, weight_decay=0.1, loss=0.0):
+    """clip the global gradient norm to grad_clip (None: no clipping) -> AdamW at schedule(state's
+    step) over model.params, through the model's layer set (model.layers.adamw_update: the CUDA
+    kernel on the kernel path) -> Step.
+
+    If the loss or the gradient norm is not finite the parameters and optimizer state are left
+    untouched (one bad batch must not poison every weight); the caller sees Step.stepped and decides.
+    model: anything with .params and .layers (a GPT, a RewardModel)."""
+    lr = schedule(state["step"])
+    norm = clip_grad_norm(grads, grad_clip)
+    stepped = math.isfinite(loss) and math.isfinite(norm)
+    if stepped:
+        adamw_step(model.params, grads, state, lr, weight_decay=weight_decay, update=model.layers.adamw_update)
+    return Step(loss, norm, lr, stepped)

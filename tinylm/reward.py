@@ -18,6 +18,7 @@ Bradley–Terry: P(y_w preferred to y_l) = σ(r_w − r_l), so the loss over N p
     ∂L/∂r_w = −σ(−(r_w − r_l)) / N,     ∂L/∂r_l = +σ(−(r_w − r_l)) / N
 """
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,15 +29,33 @@ from .model import GPT
 HEAD_FILE = "reward_head.safetensors"
 
 
+class Sequences(NamedTuple):
+    """Right-padded token sequences: idx (N, T), lengths (N,) real tokens per row."""
+    idx: np.ndarray
+    lengths: np.ndarray
+
+
+class SampleBatch(NamedTuple):
+    """Prompt + response sequences, right-padded: idx (N, T), lengths (N,) real tokens per row,
+    starts (N,) the index of each response's first token."""
+    idx: np.ndarray
+    lengths: np.ndarray
+    starts: np.ndarray
+
+    @property
+    def sequences(self):
+        return Sequences(self.idx, self.lengths)
+
+
 def pack(prompts, responses, pad_id=0):
-    """Concatenate each prompt (1-D ids) with its response (1-D ids) and right-pad to one length.
-    -> idx (N, T), lengths (N,), response_start (N,) (index of each response's first token)."""
+    """Concatenate each prompt (1-D ids) with its response (1-D ids) and right-pad to one length
+    -> SampleBatch."""
     seqs = [np.concatenate([p, r]).astype(np.int64) for p, r in zip(prompts, responses)]
     lengths = np.array([len(s) for s in seqs])
     idx = np.full((len(seqs), lengths.max()), pad_id, dtype=np.int64)
     for i, s in enumerate(seqs):
         idx[i, :len(s)] = s
-    return idx, lengths, np.array([len(p) for p in prompts])
+    return SampleBatch(idx, lengths, np.array([len(p) for p in prompts]))
 
 
 def stack_padded(idx_a, idx_b, pad_id=0):
@@ -46,6 +65,11 @@ def stack_padded(idx_a, idx_b, pad_id=0):
     return idx
 
 
+class RewardCache(NamedTuple):
+    trunk: object                   # GPT.hidden's cache
+    head: object                    # reward_head_forward's cache
+
+
 class RewardModel:
     """A GPT trunk (idx -> z) plus a scalar head. `params` holds the trunk's arrays (shared with
     `trunk.params`, so an optimizer step on one updates the other) and the two head parameters."""
@@ -53,6 +77,7 @@ class RewardModel:
     def __init__(self, trunk, reward_vector, reward_bias):
         self.trunk = trunk
         self.config = trunk.config
+        self.layers = trunk.layers              # the trunk's layer set: its AdamW steps the head too
         xp, dtype = trunk.xp, trunk.config.dtype
         self.params = dict(trunk.params)
         self.params["reward_vector"] = xp.asarray(reward_vector, dtype=dtype)
@@ -79,13 +104,12 @@ class RewardModel:
         z, c_trunk = self.trunk.hidden(idx)
         r, c_head = reward_head_forward(z, self.trunk.xp.asarray(lengths - 1), self.params["reward_vector"],
                                         self.params["reward_bias"])
-        return r, (c_trunk, c_head)
+        return r, RewardCache(c_trunk, c_head)
 
     def backward(self, dr, cache):
         """Gradients of Σ dr · r for every parameter: the head's, then the trunk's (core backward)."""
-        c_trunk, c_head = cache
-        dz, dvector, dbias = reward_head_backward(dr, c_head)
-        grads = self.trunk.hidden_backward(dz, c_trunk)
+        dz, dvector, dbias = reward_head_backward(dr, cache.head)
+        grads = self.trunk.hidden_backward(dz, cache.trunk)
         grads["reward_vector"], grads["reward_bias"] = dvector, dbias
         return grads
 
@@ -145,13 +169,21 @@ def pairwise_accuracy(r_w, r_l):
     return float(np.mean(np.asarray(r_w) > np.asarray(r_l)))
 
 
+class PairLoss(NamedTuple):
+    """bradley_terry_loss_and_grads' result: the loss, its gradients, and each pair's two rewards."""
+    loss: float
+    grads: dict
+    r_chosen: np.ndarray
+    r_rejected: np.ndarray
+
+
 def bradley_terry_loss_and_grads(rm, chosen, rejected):
-    """Loss and gradients for a batch of pairs; chosen / rejected are (idx, lengths) of packed
-    sequences. Both halves run through the trunk as one batch of 2N rows."""
-    (idx_w, len_w), (idx_l, len_l) = chosen, rejected
-    r, cache = rm.forward(stack_padded(idx_w, idx_l), np.concatenate([len_w, len_l]))
+    """Loss and gradients for a batch of pairs; chosen / rejected are the packed sequences (idx and
+    lengths, e.g. rlhf.PairBatch's halves). Both halves run through the trunk as one batch of 2N rows."""
+    n = len(chosen.idx)
+    r, cache = rm.forward(stack_padded(chosen.idx, rejected.idx), np.concatenate([chosen.lengths, rejected.lengths]))
     r = to_numpy(r)
-    loss, margin = bradley_terry_forward(r[:len(idx_w)], r[len(idx_w):])
+    loss, margin = bradley_terry_forward(r[:n], r[n:])
     dr_w, dr_l = bradley_terry_backward(margin)
     dr = rm.trunk.xp.asarray(np.concatenate([dr_w, dr_l]), dtype=rm.config.dtype)
-    return loss, rm.backward(dr, cache), r[:len(idx_w)], r[len(idx_w):]
+    return PairLoss(loss, rm.backward(dr, cache), r[:n], r[n:])

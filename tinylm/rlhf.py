@@ -38,16 +38,23 @@ DPO. With the implicit reward β·(log π(y) − log π_ref(y)), the Bradley–T
 """
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from .backend import to_numpy
-from .optim import adamw_init, adamw_step, clip_grad_norm
-from .reward import (bradley_terry_backward, bradley_terry_forward, bradley_terry_loss_and_grads, pack,
+from .optim import Schedule, adamw_init, optimizer_step
+from .reward import (Sequences, bradley_terry_backward, bradley_terry_forward, bradley_terry_loss_and_grads, pack,
                      pairwise_accuracy, stack_padded)
 
 # ----------------------------------------------------------------------------- preference pairs
+class PairBatch(NamedTuple):
+    """A minibatch of preference pairs, packed: the chosen and the rejected sequences (prompt +
+    response each, as reward.Sequences) and starts (N,), where each response begins (one prompt per pair)."""
+    chosen: Sequences
+    rejected: Sequences
+    starts: np.ndarray
 
 
 @dataclass
@@ -78,12 +85,16 @@ class Preferences:
         return Preferences(*([field[i] for i in index] for field in
                              (self.prompts, self.chosen, self.rejected, self.instructions)))
 
+    def merged(self, other):
+        """These pairs followed by other's."""
+        return Preferences(self.prompts + other.prompts, self.chosen + other.chosen, self.rejected + other.rejected,
+                           self.instructions + other.instructions)
+
     def packed(self, index=None):
-        """(idx, lengths) of chosen sequences, of rejected ones, and the prompt lengths."""
+        """The pairs (all, or those at index) as one PairBatch."""
         pairs = self if index is None else self.subset(index)
-        idx_w, len_w, starts = pack(pairs.prompts, pairs.chosen)
-        idx_l, len_l, _ = pack(pairs.prompts, pairs.rejected)
-        return (idx_w, len_w), (idx_l, len_l), starts
+        chosen, rejected = pack(pairs.prompts, pairs.chosen), pack(pairs.prompts, pairs.rejected)
+        return PairBatch(chosen.sequences, rejected.sequences, chosen.starts)
 
     def save(self, path):
         rows = [{"prompt": p.tolist(), "chosen": w.tolist(), "rejected": l.tolist(), "instruction": list(ins)}
@@ -198,6 +209,8 @@ class PolicyConfig:
     steps: int = 150
     rm_rounds: int = 0              # reward-model retraining rounds on the policy's own samples
     max_new_tokens: int = 7
+    rm_round_instructions: int = 600    # fresh pairs labelled for each round ...
+    rm_round_epochs: int = 2            # ... and the epochs the reward model trains on old + fresh pairs
 
     def __post_init__(self):
         if not (np.isfinite(self.beta) and self.beta >= 0):
@@ -216,9 +229,33 @@ class PolicyConfig:
             raise ValueError(f"rm_rounds must be >= 0, got {self.rm_rounds}")
 
 
+@dataclass(frozen=True)
+class RewardConfig:
+    """Training a reward model on preference pairs (Bradley–Terry, AdamW without decay)."""
+    epochs: int = 4
+    validation: float = 0.1         # share of the pairs held back to pick the best epoch (early stopping)
+    batch: int = 32
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    epochs: int = 1
+    batch: int = 32
+    lr: float = 5e-4
+    beta: float = 0.1               # the implicit reward's scale β·(log π − log π_ref)
+
+
+class PolicyLoss(NamedTuple):
+    loss: float                     # the surrogate Σ w·(−log π) / N
+    grads: dict
+    kl: np.ndarray                  # per-sample KL estimate Σ_t ℓ_t
+    advantages: np.ndarray          # per-sample r − b
+
+
 def policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta, baseline="loo"):
-    """The REINFORCE + KL surrogate for one batch of k samples per prompt (rows grouped by prompt).
-    -> (surrogate loss, grads, per-sample KL estimate Σ_t ℓ_t, per-sample advantage r − b)."""
+    """The REINFORCE + KL surrogate for one batch of k samples per prompt (rows grouped by prompt)
+    -> PolicyLoss."""
     check_rewards(rewards)
     mask = (targets >= 0).astype(np.float64)
     nll, cache = policy.token_nll(inputs, targets)
@@ -226,35 +263,81 @@ def policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta, 
     advantages = rewards - reward_baseline(rewards, k, baseline)
     weights = policy_token_weights(advantages, logratio, mask, beta) / len(rewards)
     grads = policy.nll_backward(policy.xp.asarray(weights, dtype=policy.config.dtype), cache)
-    return float((weights * to_numpy(nll)).sum()), grads, (logratio * mask).sum(1), advantages
+    return PolicyLoss(float((weights * to_numpy(nll)).sum()), grads, (logratio * mask).sum(1), advantages)
 
 
 def policy_step(policy, reference, rm, opt_state, prompts, cfg, rng, eot_id, grad_clip=1.0):
-    """Sample k responses per prompt, score them with the reward model, take one AdamW step.
+    """Sample k responses per prompt, score them with the reward model, take one optimizer step
+    (optim.optimizer_step: clipped, AdamW at cfg.lr without decay, skipped if not finite).
     -> dict with the mean reward, KL estimate, the samples (for logging and RM retraining) and
     each sample's advantage r − b (its sign: pushed up or down by the reward term)."""
     rm.check_vocab(policy.config)
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     responses = sample_responses(policy, repeated, cfg.max_new_tokens, cfg.temperature, rng, eot_id)
-    idx, lengths, starts = pack(repeated, responses)
-    rewards = rm.rewards(idx, lengths).astype(np.float64)
-    inputs, targets = response_targets(idx, lengths, starts)
-    loss, grads, kl, advantages = policy_loss_and_grads(policy, reference, inputs, targets, rewards,
-                                                        cfg.samples_per_prompt, cfg.beta, cfg.baseline)
-    clip_grad_norm(grads, grad_clip)
-    adamw_step(policy.params, grads, opt_state, cfg.lr, weight_decay=0.0)
-    return {"reward": float(rewards.mean()), "kl": float(kl.mean()), "responses": responses,
-            "advantages": advantages}
+    batch = pack(repeated, responses)
+    rewards = rm.rewards(batch.idx, batch.lengths).astype(np.float64)
+    inputs, targets = response_targets(batch.idx, batch.lengths, batch.starts)
+    out = policy_loss_and_grads(policy, reference, inputs, targets, rewards, cfg.samples_per_prompt, cfg.beta,
+                                cfg.baseline)
+    optimizer_step(policy, out.grads, opt_state, Schedule.constant(cfg.lr), grad_clip, weight_decay=0.0, loss=out.loss)
+    return {"reward": float(rewards.mean()), "kl": float(out.kl.mean()), "responses": responses,
+            "advantages": out.advantages}
+
+
+class PolicyRun(NamedTuple):
+    """train_policy's result: the policy, the reward model it ended against (retrained if
+    rm_rounds), and one history entry per step."""
+    policy: object
+    rm: object
+    history: list
+
+    def correct_pushed_down(self):
+        """The mean over steps of the share of labeller-correct samples pushed down (None if none was correct)."""
+        pushed = [h["correct_pushed_down"] for h in self.history if h["correct_pushed_down"] is not None]
+        return float(np.mean(pushed)) if pushed else None
+
+
+def train_policy(base, rm, env, cfg, pairs, rng, reward=RewardConfig(), progress=True, desc="rlhf"):
+    """REINFORCE + KL leash from `base` (also the frozen reference) against `rm`, on env's
+    instructions. With cfg.rm_rounds > 0 the reward model is retrained that many times, evenly
+    spaced, on fresh pairs that set the current policy's sample against the reference's (so ties
+    with itself do not starve the round), added to the old pairs, for cfg.rm_round_epochs epochs.
+
+    env (environment.WorldTasks): env.prompts(n, rng) -> (instructions, prompt ids); env.pairs(model,
+    n, max_new_tokens, rng, against) -> fresh labelled Preferences; env.success(instructions,
+    responses) -> the labeller's verdict per response; env.eot_id.
+    -> PolicyRun; history: per step the mean reward, KL, labeller success of the samples, their
+    number, and the share of labeller-correct samples whose advantage r − b was negative (pushed down)."""
+    policy, opt = base.copy(), adamw_init(base.params)
+    retrain_at = {int(cfg.steps * (i + 1) / (cfg.rm_rounds + 1)) for i in range(cfg.rm_rounds)}
+    history = []
+    for step in tqdm(range(cfg.steps), desc=desc, disable=None if progress else True, leave=False):
+        if step in retrain_at:
+            pairs = pairs.merged(env.pairs(policy, cfg.rm_round_instructions, cfg.max_new_tokens, rng, against=base))
+            train_reward_model(rm, pairs, cfg.rm_round_epochs, reward.batch, reward.lr, rng)
+        instructions, prompts = env.prompts(cfg.prompts_per_step, rng)
+        out = policy_step(policy, base, rm, opt, prompts, cfg, rng, env.eot_id)
+        correct = env.success([ins for ins in instructions for _ in range(cfg.samples_per_prompt)], out["responses"])
+        history.append({"step": step, "reward": out["reward"], "kl": out["kl"], "success": float(correct.mean()),
+                        "samples": len(correct),
+                        "correct_pushed_down": float((out["advantages"][correct] < 0).mean()) if correct.any() else None})
+    return PolicyRun(policy, rm, history)
 
 
 # ----------------------------------------------------------------------------- DPO
-def dpo_loss_and_grads(policy, pairs_batch, ref_logratio_terms, beta):
-    """DPO on a batch of pairs. pairs_batch: (chosen, rejected, starts) from Preferences.packed;
-    ref_logratio_terms: (log π_ref(y_w), log π_ref(y_l)) per pair. -> loss, grads, chosen log-ratios."""
-    (idx_w, len_w), (idx_l, len_l), starts = pairs_batch
-    n = len(len_w)
-    inputs, targets = response_targets(stack_padded(idx_w, idx_l), np.concatenate([len_w, len_l]),
-                                       np.concatenate([starts, starts]))
+class DPOLoss(NamedTuple):
+    loss: float
+    grads: dict
+    chosen_logratio: np.ndarray     # log π(y_w) − log π_ref(y_w) per pair
+
+
+def dpo_loss_and_grads(policy, batch, ref_logratio_terms, beta):
+    """DPO on a PairBatch; ref_logratio_terms: (log π_ref(y_w), log π_ref(y_l)) per pair. -> DPOLoss."""
+    chosen, rejected = batch.chosen, batch.rejected
+    n = len(chosen.lengths)
+    inputs, targets = response_targets(stack_padded(chosen.idx, rejected.idx),
+                                       np.concatenate([chosen.lengths, rejected.lengths]),
+                                       np.concatenate([batch.starts, batch.starts]))
     nll, cache = policy.token_nll(inputs, targets)
     logp = -to_numpy(nll).astype(np.float64).sum(1)
     ref_w, ref_l = ref_logratio_terms
@@ -264,29 +347,27 @@ def dpo_loss_and_grads(policy, pairs_batch, ref_logratio_terms, beta):
     dlogp = beta * np.concatenate([dr_w, dr_l])                 # ∂loss/∂log π(y) per sequence
     weights = -dlogp[:, None] * (targets >= 0)                   # ∂loss/∂(−log π(y_t)) per token
     grads = policy.nll_backward(policy.xp.asarray(weights, dtype=policy.config.dtype), cache)
-    return loss, grads, logp[:n] - ref_w
+    return DPOLoss(loss, grads, logp[:n] - ref_w)
 
 
-def sequence_logprobs(model, pairs_batch):
-    """log π(y_w | x) and log π(y_l | x) summed over response tokens, per pair."""
-    (idx_w, len_w), (idx_l, len_l), starts = pairs_batch
-    return tuple(to_numpy(model.token_logprobs(*response_targets(idx, lengths, starts))).astype(np.float64).sum(1)
-                 for idx, lengths in ((idx_w, len_w), (idx_l, len_l)))
+def sequence_logprobs(model, batch):
+    """log π(y_w | x) and log π(y_l | x) summed over response tokens, per pair of a PairBatch."""
+    return tuple(to_numpy(model.token_logprobs(*response_targets(half.idx, half.lengths, batch.starts)))
+                 .astype(np.float64).sum(1) for half in (batch.chosen, batch.rejected))
 
 
 # ----------------------------------------------------------------------------- training loops
-def optimise_on_pairs(params, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
-    """AdamW (no weight decay, gradients clipped to norm 1) over shuffled minibatches of pairs;
-    loss_and_grads(packed batch) -> (loss, grads); after_epoch(epoch), if given, runs after each
-    epoch (validation, snapshots). -> list of per-step losses."""
+def optimise_on_pairs(model, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
+    """optim.optimizer_step (no weight decay, gradients clipped to norm 1, constant lr) on model
+    over shuffled minibatches of pairs; loss_and_grads(PairBatch) -> (loss, grads); after_epoch(epoch),
+    if given, runs after each epoch (validation, snapshots). -> list of per-step losses."""
     pairs.validate()
-    opt = adamw_init(params)
+    opt, schedule = adamw_init(model.params), Schedule.constant(lr)
     losses = []
     for epoch in tqdm(range(epochs), desc=desc, disable=None, leave=False):
         for index in np.array_split(rng.permutation(len(pairs)), max(1, -(-len(pairs) // batch_size))):
             loss, grads = loss_and_grads(pairs.packed(index))
-            clip_grad_norm(grads, 1.0)
-            adamw_step(params, grads, opt, lr, weight_decay=0.0)
+            optimizer_step(model, grads, opt, schedule, 1.0, weight_decay=0.0, loss=loss)
             losses.append(loss)
         if after_epoch is not None:
             after_epoch(epoch)
@@ -296,9 +377,9 @@ def optimise_on_pairs(params, pairs, epochs, batch_size, lr, rng, loss_and_grads
 def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch=None):
     """Bradley–Terry training of `rm` on `pairs`; -> list of per-step losses."""
     def loss_and_grads(batch):
-        chosen, rejected, _ = batch
-        return bradley_terry_loss_and_grads(rm, chosen, rejected)[:2]
-    return optimise_on_pairs(rm.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model",
+        out = bradley_terry_loss_and_grads(rm, batch.chosen, batch.rejected)
+        return out.loss, out.grads
+    return optimise_on_pairs(rm, pairs, epochs, batch_size, lr, rng, loss_and_grads, "reward model",
                              after_epoch)
 
 
@@ -323,9 +404,9 @@ def reward_model_accuracy(rm, pairs, batch_size=256):
     pairs.validate()
     r_w, r_l = [], []
     for i in range(0, len(pairs), batch_size):
-        (idx_w, len_w), (idx_l, len_l), _ = pairs.packed(range(i, min(i + batch_size, len(pairs))))
-        r_w.append(rm.rewards(idx_w, len_w))
-        r_l.append(rm.rewards(idx_l, len_l))
+        batch = pairs.packed(range(i, min(i + batch_size, len(pairs))))
+        r_w.append(rm.rewards(batch.chosen.idx, batch.chosen.lengths))
+        r_l.append(rm.rewards(batch.rejected.idx, batch.rejected.lengths))
     return pairwise_accuracy(np.concatenate(r_w), np.concatenate(r_l))
 
 
@@ -335,5 +416,6 @@ def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng):
         raise ValueError(f"policy vocab_size={policy.config.vocab_size} differs from the reference's "
                          f"{reference.config.vocab_size}")
     def loss_and_grads(batch):
-        return dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)[:2]
-    return optimise_on_pairs(policy.params, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")
+        out = dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)
+        return out.loss, out.grads
+    return optimise_on_pairs(policy, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")

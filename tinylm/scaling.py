@@ -32,11 +32,11 @@ import numpy as np
 
 from .counting import count_params, flops_per_token
 from .data import Dataset, load_text
-from .metrics import perplexity
+from .metrics import estimate_loss, perplexity
 from .model import GPT, MIXERS, GPTConfig
-from .optim import adamw_init
+from .optim import Schedule, adamw_init
 from .tokenizer import ByteTokenizer
-from .train import estimate_loss, lr_at, train_step
+from .train import train_step
 
 CSV_NAME = "runs.csv"
 FIELDS = ["run", "mixer", "n_layer", "d_model", "n_head", "params", "tokens", "lr", "flops", "val_loss",
@@ -147,9 +147,9 @@ def train_run(config, dataset, settings, tokens, lr):
     """Train one model on `tokens` tokens at peak learning rate lr -> (final validation loss,
     curve: [[tokens, flops, loss, perplexity]]).
 
-    Warm-up then cosine decay to lr/10 (train.lr_at), AdamW with clipping (train.train_step). The
-    validation windows (train.estimate_loss) are the same for every eval and every model: curves
-    compare like with like.
+    Warm-up over a tenth of the steps then cosine decay to lr/10 (optim.Schedule), AdamW with
+    clipping (train.train_step). The validation windows (metrics.estimate_loss) are the same for
+    every eval and every model: curves compare like with like.
     """
     model = GPT(config, seed=settings.seed)
     opt = adamw_init(model.params)
@@ -157,9 +157,10 @@ def train_run(config, dataset, settings, tokens, lr):
     flops_per_train_token = flops_per_token(config)["exact_forward_backward"]
     steps, tokens_per_step = settings.steps(tokens), settings.batch_size * settings.n_ctx
     checkpoints, curve = eval_steps(steps, settings), []
+    schedule = Schedule(lr, steps, max(1, steps // 10), lr / 10)
     for step in range(steps):
         idx, targets = dataset.get_batch("train", settings.batch_size, rng)
-        train_step(model, opt, idx, targets, lr_at(step, steps, lr, max(1, steps // 10), lr / 10))
+        train_step(model, opt, idx, targets, schedule)
         if step + 1 in checkpoints:
             loss = estimate_loss(model, dataset, "val", settings.batch_size, settings.eval_batches, settings.seed + 1)
             if not math.isfinite(loss):

@@ -1,135 +1,37 @@
 """Pretraining: next-token prediction with AdamW, warm-up + cosine learning rate and clipping.
 
-lr_at and train_step are the pieces; `pretrain` is the loop built from them (see below).
+train_step is the step; `pretrain` is the loop built from it (see below). Beside it: its settings
+(train_config.py), its evaluation (metrics.estimate_loss), its record (run_log.py: metrics.jsonl
+and the plot) and its checkpoints (checkpoint.py).
 """
 import hashlib
-import json
-import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import (LOCK, POINTER, STATE, TMP, RunLock, clean_stale, latest_checkpoint,
-                         load_training_checkpoint, no_symlink, read_trainer_state, remove, save_checkpoint)
-from .config import GPTConfig, check_int, config_from_dict
+from .checkpoint import (LOCK, POINTER, STATE, RunLock, clean_stale, latest_checkpoint, load_training_checkpoint,
+                         no_symlink, read_trainer_state, save_checkpoint)
 from .data import Dataset, load_text
-from .metrics import perplexity
+from .metrics import estimate_loss, perplexity
 from .model import GPT
-from .optim import adamw_init, adamw_step, clip_grad_norm
+from .optim import adamw_init, optimizer_step
+from .run_log import METRICS, PLOT, MetricsLog, plot_metrics
 from .tokenizer import ByteTokenizer
+from .train_config import TrainConfig, resumed_config, with_settings
 
 
-def lr_at(step, max_steps, lr, warmup_steps, min_lr):
-    """Learning rate for optimizer step `step` (0-based): linear warm-up from lr/warmup_steps to lr
-    over warmup_steps steps, then cosine decay from lr to min_lr at max_steps.
-
-    Warm-up: Adam's second-moment estimates are noise for the first steps, so full-size updates
-    then can throw the model far off. Cosine: large steps early, fine ones at the end.
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def train_step(model, opt_state, idx, targets, lr, grad_clip=1.0, loss_mask=None, weight_decay=0.1):
-    """One optimizer step on a batch -> (loss, grad_norm before clipping).
-
-    loss_and_grads -> clip the global gradient norm to grad_clip (None: no clipping) -> AdamW.
-    If the loss or the gradient norm is not finite the parameters and optimizer state are left
-    untouched (one bad batch must not poison every weight); the caller sees the value and decides.
-    """
+def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mask=None, weight_decay=0.1):
+    """One next-token step on a batch: loss_and_grads -> optimizer_step (clip, AdamW at the
+    schedule's rate; nothing moves if the loss or gradient norm is not finite) -> optim.Step."""
     loss, grads = model.loss_and_grads(idx, targets, loss_mask)
-    norm = clip_grad_norm(grads, grad_clip)
-    if math.isfinite(loss) and math.isfinite(norm):
-        adamw_step(model.params, grads, opt_state, lr, weight_decay=weight_decay, update=model.layers.adamw_update)
-    return loss, norm
+    return optimizer_step(model, grads, opt_state, schedule, grad_clip, weight_decay, loss)
 
 
 # ----------------------------------------------------------------------------- the pretraining loop
-def default_model():
-    """The built-in run's model: 4 layers, 128 wide, byte-level, 128 positions."""
-    return GPTConfig(vocab_size=ByteTokenizer.vocab_size, n_ctx=128, n_layer=4, n_head=4, d_model=128)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a run's numbers. Saved in each checkpoint; --resume reuses it.
-
-    The defaults are the built-in run: a 4-layer, 128-wide byte-level model on the standard
-    library's source, sized to give recognisable Python within 10 minutes on 2 CPU cores."""
-    data: str = None                 # UTF-8 text file; None = the built-in corpus (data.py)
-    model: GPTConfig = field(default_factory=default_model)
-    batch_size: int = 8
-    max_steps: int = 1500
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    val_fraction: float = 0.1
-    eval_every: int = 250
-    eval_batches: int = 8
-    checkpoint_every: int = 250
-    seed: int = 0
-
-    def __post_init__(self):
-        if not isinstance(self.model, GPTConfig):
-            raise ValueError(f"model must be a GPTConfig, got {self.model!r}")
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "checkpoint_every"):
-            check_int(name, getattr(self, name))
-        check_int("warmup_steps", self.warmup_steps, minimum=0)
-        check_int("seed", self.seed, minimum=0)
-        for name, low in (("lr", None), ("min_lr", 0), ("weight_decay", 0), ("grad_clip", None)):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
-                raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {value!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be between 0 and 1 (both excluded), got {self.val_fraction!r}")
-
-    @classmethod
-    def from_dict(cls, obj, where="train_config"):
-        return config_from_dict(cls, obj, where)
-
-    def warnings(self):
-        """Settings that are legal but almost surely not meant (they train silently otherwise)."""
-        notes = []
-        if self.warmup_steps > self.max_steps:
-            notes.append(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}: the learning "
-                         "rate never reaches its peak")
-        if self.min_lr > self.lr:
-            notes.append(f"min_lr={self.min_lr} exceeds lr={self.lr}: the cosine schedule rises instead of decaying")
-        return notes
-
-
-MODEL_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
-
-
-def with_settings(cfg, settings):
-    """cfg with flat settings applied: GPTConfig's names (n_layer, mixer, ...) go to cfg.model,
-    the others to cfg itself; an unknown name is a ValueError."""
-    model = {k: v for k, v in settings.items() if k in MODEL_SETTINGS}
-    own = {k: v for k, v in settings.items() if k not in model}
-    unknown = sorted(set(own) - ({f.name for f in fields(TrainConfig)} - {"model"}))
-    if unknown:
-        raise ValueError(f"unknown setting {unknown[0]!r}")
-    return replace(cfg, model=replace(cfg.model, **model), **own)
-
-
-METRICS = "metrics.jsonl"
-PLOT = "loss.png"
-
-# Settings --resume may change: they don't alter the numbers of the steps already planned
-# (max_steps does change the cosine schedule from the resume point on; that is the point of it).
-# lr and min_lr may change too: lowering them is how a run that diverged goes on from its last
-# good checkpoint.
-RESUMABLE_CHANGES = ("max_steps", "eval_every", "checkpoint_every", "lr", "min_lr")
-
-
 class StopFlag:
     """Ctrl-C during training sets a flag instead of raising, so the step in progress (which
     updates the weights in place) finishes, a checkpoint is saved, and the run exits cleanly.
@@ -150,80 +52,8 @@ class StopFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def estimate_loss(model, dataset, split, batch_size, n_batches, seed=1234):
-    """Mean loss over n_batches fixed windows (the same ones at every evaluation, so the curve
-    is comparable from one evaluation to the next, and training's data order is untouched)."""
-    rng = np.random.default_rng(seed)
-    losses = []
-    for _ in range(n_batches):
-        idx, targets = dataset.get_batch(split, batch_size, rng)
-        losses.append(model.loss(model.xp.asarray(idx), model.xp.asarray(targets)))
-    return float(np.mean(losses))
-
-
 def data_fingerprint(ids):
     return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as it happens (tail -f it). On resume,
-    lines past the checkpoint's step (written after the last save, then lost) are dropped first."""
-
-    def __init__(self, path, resume_step=None):
-        self.path = path
-        if resume_step is None or not os.path.isfile(path):
-            remove(path)
-        else:
-            kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= resume_step]
-            tmp = f"{path}{TMP}{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
-        # O_NOFOLLOW: a link planted at the log's name is refused, never written through
-        self.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a")
-
-    def write(self, **record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-def read_metrics(path):
-    """The records of metrics.jsonl; a line torn by a kill mid-write is skipped."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
-
-
-def plot_metrics(metrics_path, png_path):
-    """Train and validation loss against step, as a PNG (matplotlib's file-only Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train (per batch)")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{png_path}{TMP}{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)                  # replaces a planted link, never writes through it
 
 
 @dataclass
@@ -340,7 +170,7 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
     cfg, model = run.cfg, run.model
     ckpt_dir = latest_checkpoint(out_dir)
     log = MetricsLog(os.path.join(out_dir, METRICS), run.step if resume else None)
-    tokens_per_step = cfg.batch_size * cfg.model.n_ctx
+    tokens_per_step, schedule = cfg.batch_size * cfg.model.n_ctx, cfg.schedule()
     status = "done"
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="pretrain", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -349,20 +179,20 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
             while run.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 idx, targets = dataset.get_batch("train", cfg.batch_size, run.rng)
-                lr = lr_at(run.step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
-                loss, norm = train_step(model, run.opt_state, model.xp.asarray(idx), model.xp.asarray(targets), lr,
-                                        cfg.grad_clip, weight_decay=cfg.weight_decay)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    raise ValueError(nan_stop_message(loss, norm, run.step + 1, ckpt_dir, out_dir, cfg.lr))
+                result = train_step(model, run.opt_state, model.xp.asarray(idx), model.xp.asarray(targets), schedule,
+                                    cfg.grad_clip, weight_decay=cfg.weight_decay)
+                if not result.stepped:                  # nothing moved: stop, keeping the last good checkpoint
+                    raise ValueError(nan_stop_message(result.loss, result.grad_norm, run.step + 1, ckpt_dir, out_dir,
+                                                      cfg.lr))
                 dt = time.perf_counter() - t0
-                run.step, run.loss, run.elapsed_s = run.step + 1, loss, run.elapsed_s + dt
-                log.write(step=run.step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_step / dt,
-                          elapsed_s=round(run.elapsed_s, 3))
+                run.step, run.loss, run.elapsed_s = run.step + 1, result.loss, run.elapsed_s + dt
+                log.write(step=run.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                          tokens_per_s=tokens_per_step / dt, elapsed_s=round(run.elapsed_s, 3))
                 if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
                     run.val_loss = estimate_loss(model, dataset, "val", cfg.batch_size, cfg.eval_batches)
                     log.write(step=run.step, val_loss=run.val_loss, val_perplexity=perplexity(run.val_loss))
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", val=f"{run.val_loss:.3f}" if run.val_loss else "-",
+                bar.set_postfix(loss=f"{result.loss:.3f}", val=f"{run.val_loss:.3f}" if run.val_loss else "-",
                                 tok_s=f"{tokens_per_step / dt:,.0f}")
                 if flag.stop or run.step == stop_at:
                     status = "interrupted" if flag.stop else "stopped"
@@ -388,19 +218,3 @@ def nan_stop_message(loss, norm, step, ckpt_dir, out_dir, lr):
             f"`tinylm pretrain --resume --out {out_dir} --lr {lr / 2:g}`")
 
 
-def resumed_config(saved, given, out_dir):
-    """The saved TrainConfig, with the few settings --resume may change taken from `given` (only
-    the fields the user set explicitly are passed in; others would change the run's numbers)."""
-    changed = with_settings(saved, given)
-    before, after = flat_settings(saved), flat_settings(changed)
-    refused = sorted(k for k in before if before[k] != after[k] and k not in RESUMABLE_CHANGES)
-    if refused:
-        k = refused[0]
-        raise ValueError(f"--resume continues the run saved in {out_dir!r}, which has {k}={before[k]!r}; "
-                         f"{k}={after[k]!r} would change it (only {', '.join(RESUMABLE_CHANGES)} may change)")
-    return changed
-
-
-def flat_settings(cfg):
-    """A TrainConfig as one flat dict, its model's fields beside its own (as the flags see it)."""
-    return {**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "model"}, **asdict(cfg.model)}

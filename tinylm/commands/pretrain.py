@@ -38,7 +38,7 @@ CHOICES = {"mixer": MIXERS, "dtype": DTYPES}
 
 
 def add_parser(sub):
-    from tinylm.train import TrainConfig, flat_settings
+    from tinylm.train_config import TrainConfig, flat_settings
     p = sub.add_parser("pretrain", help="train a model on text (default: built-in corpus), with checkpoints",
                        description=__doc__)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default: {DEFAULT_OUT})")
@@ -62,7 +62,8 @@ def add_parser(sub):
 
 def run(args):
     from tinylm.metrics import loss_text
-    from tinylm.train import TrainConfig, pretrain, with_settings
+    from tinylm.train import pretrain
+    from tinylm.train_config import TrainConfig, with_settings
     settings = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     if not args.resume:
         for warning in with_settings(TrainConfig(), settings).warnings():

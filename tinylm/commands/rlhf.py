@@ -57,7 +57,27 @@ def add_parser(sub):
     s.add_argument("--out", required=True, help="pairs file (.json) to write with the judge's labels (must not exist)")
     s.add_argument("--steps", type=positive(int), default=600, help="pretraining steps of the judge")
 
-    s = step("policy", "REINFORCE with a KL penalty to the starting LM", run_policy)
+    add_policy_flags(step("policy", "REINFORCE with a KL penalty to the starting LM", run_policy))
+
+    s = step("dpo", "direct preference optimisation on pairs", run_dpo)
+    s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
+    s.add_argument("--pairs", required=True, help="training pairs file (from `rlhf pairs`)")
+    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
+    s.add_argument("--beta", type=positive(float), default=0.1, help="DPO's β: scale of the implicit reward")
+    s.add_argument("--epochs", type=positive(int), default=1, help="passes over the pairs")
+    s.add_argument("--lr", type=positive(float), default=5e-4, help="AdamW learning rate")
+
+    s = step("eval", "success, RM score and KL of a policy on held-out instructions", run_eval)
+    s.add_argument("--model", required=True, help="the LM to measure")
+    s.add_argument("--reference", required=True, help="the LM the KL is measured against")
+    s.add_argument("--reward", required=True, help="reward model directory (the proxy score)")
+    s.add_argument("--instructions", type=positive(int), default=300, help="held-out instructions (2 samples each)")
+    for s in steps.choices.values():
+        s.add_argument("--seed", type=at_least(0), default=0, help="random seed (sampling, shuffling, labeller noise)")
+
+
+def add_policy_flags(s):
+    """`rlhf policy`'s flags: PolicyConfig's settings, the reward model, its centring and rounds."""
     s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
     s.add_argument("--reward", required=True, help="reward model directory")
     s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
@@ -75,22 +95,6 @@ def add_parser(sub):
     s.add_argument("--rm-rounds", type=at_least(0), default=0,
                    help="reward-model retraining rounds on the policy's own samples (needs --pairs)")
     s.add_argument("--pairs", help="the reward model's training pairs (kept when it is retrained)")
-
-    s = step("dpo", "direct preference optimisation on pairs", run_dpo)
-    s.add_argument("--model", required=True, help="the starting LM, also the frozen reference")
-    s.add_argument("--pairs", required=True, help="training pairs file (from `rlhf pairs`)")
-    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
-    s.add_argument("--beta", type=positive(float), default=0.1, help="DPO's β: scale of the implicit reward")
-    s.add_argument("--epochs", type=positive(int), default=1, help="passes over the pairs")
-    s.add_argument("--lr", type=positive(float), default=5e-4, help="AdamW learning rate")
-
-    s = step("eval", "success, RM score and KL of a policy on held-out instructions", run_eval)
-    s.add_argument("--model", required=True, help="the LM to measure")
-    s.add_argument("--reference", required=True, help="the LM the KL is measured against")
-    s.add_argument("--reward", required=True, help="reward model directory (the proxy score)")
-    s.add_argument("--instructions", type=positive(int), default=300, help="held-out instructions (2 samples each)")
-    for s in steps.choices.values():
-        s.add_argument("--seed", type=at_least(0), default=0, help="random seed (sampling, shuffling, labeller noise)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -127,17 +131,16 @@ def load_lm(path):
 
 # ----------------------------------------------------------------------------- steps
 def run_base(args):
-    from dataclasses import replace
-
-    from tinylm.pipeline import DemoConfig, pretrain_base
+    from tinylm.environment import PretrainConfig, pretrain_base
+    from tinylm.pipeline import DemoConfig
     fresh(args.out)
     world, rng = world_and_rng(args)
-    model = pretrain_base(world, replace(DemoConfig(), pretrain_steps=args.steps, seed=args.seed), rng)
+    model = pretrain_base(world, DemoConfig().model, PretrainConfig(steps=args.steps), args.seed, rng)
     save_atomically(args.out, model.save_pretrained)
 
 
 def run_pairs(args):
-    from tinylm.pipeline import make_pairs
+    from tinylm.environment import make_pairs
     from tinylm.world import Labeller
     fresh(args.out)
     world, rng = world_and_rng(args)
@@ -167,12 +170,13 @@ def run_reward(args):
 def run_judge(args):
     from dataclasses import replace
 
+    from tinylm.environment import PretrainConfig
     from tinylm.pipeline import DemoConfig, relabel, train_judge
     from tinylm.rlhf import Preferences
     fresh(args.out)
     pairs = Preferences.load(args.pairs)
     world, rng = world_and_rng(args)
-    judge = train_judge(world, replace(DemoConfig(), pretrain_steps=args.steps, seed=args.seed), rng)
+    judge = train_judge(world, replace(DemoConfig(), pretrain=PretrainConfig(steps=args.steps), seed=args.seed), rng)
     judged, agreement = relabel(judge, pairs)
     same = float(np.mean([np.array_equal(a, b) for a, b in zip(judged.chosen, pairs.chosen)]))
     save_atomically(args.out, judged.save,
@@ -181,11 +185,9 @@ def run_judge(args):
 
 
 def run_policy(args):
-    from dataclasses import replace
-
-    from tinylm.pipeline import DemoConfig, reference_responses, train_policy
+    from tinylm.environment import WorldTasks, reference_responses
     from tinylm.reward import RewardModel
-    from tinylm.rlhf import PolicyConfig, Preferences
+    from tinylm.rlhf import PolicyConfig, Preferences, train_policy
     from tinylm.world import Labeller
     fresh(args.out)
     pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt, baseline=args.baseline,
@@ -200,12 +202,11 @@ def run_policy(args):
     if args.centre:
         shift = rm.centre(*reference_responses(base, world, 500, pcfg.max_new_tokens, rng))
         print(f"centred the reward model: reward_bias moved by {shift:+.3f}")
-    policy, _, history = train_policy(base, rm, world, Labeller(seed=args.seed), pcfg,
-                                      replace(DemoConfig(), seed=args.seed), pairs, rng)
-    last = history[-10:]
+    run = train_policy(base, rm, WorldTasks(world, Labeller(seed=args.seed)), pcfg, pairs, rng)
+    last = run.history[-10:]
     print(f"last {len(last)} steps: reward {np.mean([h['reward'] for h in last]):.3f}, "
           f"KL {np.mean([h['kl'] for h in last]):.3f}, sample success {np.mean([h['success'] for h in last]):.3f}")
-    save_atomically(args.out, policy.save_pretrained)
+    save_atomically(args.out, run.policy.save_pretrained)
 
 
 def run_dpo(args):
@@ -221,7 +222,7 @@ def run_dpo(args):
 
 
 def run_eval(args):
-    from tinylm.pipeline import evaluate
+    from tinylm.environment import evaluate
     from tinylm.reward import RewardModel
     world, rng = world_and_rng(args)
     model, reference, rm = load_lm(args.model), load_lm(args.reference), RewardModel.load(args.reward)
