@@ -22,7 +22,7 @@ from tinylm import GPT, GPTConfig
 from tinylm.generate import generate
 from tinylm.hf import hf_config
 from tinylm.optim import adamw_init, adamw_step, clip_grad_norm, decays
-from tinylm.reward import RewardModel, bradley_terry_loss_and_grads
+from tinylm.reward import RewardModel, Sequences, bradley_terry_loss_and_grads
 from tinylm.rlhf import Preferences, dpo_loss_and_grads, policy_loss_and_grads, response_targets, sequence_logprobs
 
 
@@ -188,7 +188,7 @@ def ragged(rng, batch, T):
     lengths[0] = T
     idx = tokens(rng, batch, T)
     idx[np.arange(T)[None, :] >= lengths[:, None]] = 0                  # right padding, as tinylm packs
-    return idx, lengths
+    return Sequences(idx, lengths)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -207,8 +207,8 @@ def test_bradley_terry_loss_and_gradients_equal_torch():
     chosen, rejected = ragged(rng, 4, 10), ragged(rng, 4, 8)
     loss, grads, _, _ = bradley_terry_loss_and_grads(rm, chosen, rejected)
     idx = np.zeros((8, 10), dtype=np.int64)
-    idx[:4], idx[4:, :8] = chosen[0], rejected[0]
-    r, vector, bias = torch_reward(hf, rm, idx, np.concatenate([chosen[1], rejected[1]]), "right")
+    idx[:4], idx[4:, :8] = chosen.idx, rejected.idx
+    r, vector, bias = torch_reward(hf, rm, idx, np.concatenate([chosen.lengths, rejected.lengths]), "right")
     torch_loss = -F.logsigmoid(r[:4] - r[4:]).mean()
     torch_loss.backward()
     assert_close(loss, torch_loss.item(), RTOL_VALUES, "Bradley–Terry loss")
@@ -237,13 +237,11 @@ def test_dpo_loss_and_gradients_equal_torch():
     hf, hf_ref = hf_model(policy), hf_model(reference)
     batch = preferences(np.random.default_rng(4), 5).packed()
     loss, grads, _ = dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)
-    (idx_w, len_w), (idx_l, len_l), starts = batch
-
-    def logp(model, idx, lengths):
-        return torch_token_logprobs(model, *response_targets(idx, lengths, starts)).sum(1)
+    def logp(model, sequences):
+        return torch_token_logprobs(model, *response_targets(*sequences, batch.starts)).sum(1)
     with torch.no_grad():
-        ref_w, ref_l = logp(hf_ref, idx_w, len_w), logp(hf_ref, idx_l, len_l)
-    torch_loss = -F.logsigmoid(beta * ((logp(hf, idx_w, len_w) - ref_w) - (logp(hf, idx_l, len_l) - ref_l))).mean()
+        ref_w, ref_l = logp(hf_ref, batch.chosen), logp(hf_ref, batch.rejected)
+    torch_loss = -F.logsigmoid(beta * ((logp(hf, batch.chosen) - ref_w) - (logp(hf, batch.rejected) - ref_l))).mean()
     torch_loss.backward()
     assert_close(loss, torch_loss.item(), RTOL_VALUES, "DPO loss")
     assert_grads_close(grads, torch_grads(hf))
