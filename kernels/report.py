@@ -189,8 +189,7 @@ def main(argv=None):
     from .ptx_check import kernels_and_signatures
     threads = launch_threads()
     rows = []
-    print(f"{'kernel':<22}{'regs':>5}{'spill':>6}{'stack':>6}{'shared':>7}{'thr':>5}{'blk/SM':>7}{'f64':>4}"
-          f"  main loop:{'FFMA%':>6}{'FFMA':>6}{'LDS':>5}{'LDS128':>7}{'LDG':>5}{'BAR':>4}{'INT':>5}{'all':>6}")
+    print(HEADER)
     for name, kernel, signature in kernels_and_signatures():
         r, ptx = row(name, kernel, signature, threads.get(name), getattr(kernel, "max_registers", None))
         rows.append(r)
@@ -207,6 +206,10 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 1 if misses and args.check else 0
+
+
+HEADER = (f"{'kernel':<22}{'regs':>5}{'spill':>6}{'stack':>6}{'shared':>7}{'thr':>5}{'blk/SM':>7}{'f64':>4}"
+          f"  main loop:{'FFMA%':>6}{'FFMA':>6}{'LDS':>5}{'LDS128':>7}{'LDG':>5}{'BAR':>4}{'INT':>5}{'all':>6}")
 
 
 def table_line(r):
