@@ -41,7 +41,7 @@ from collections import namedtuple
 
 from numba import cuda, float32, int64, uint32
 
-from .launch import check_float32, empty, n_blocks
+from .launch import C3, C4, check_float32, empty, n_blocks
 
 # rows: rows a block owns; cols: rows streamed per step; a thread grid of thread_rows × thread_cols.
 Tiles = namedtuple("Tiles", "rows cols thread_rows thread_cols")
@@ -413,7 +413,7 @@ def kernels_and_signatures():
     """(name, Python function, signature) for every kernel specialisation the entry points launch:
     the forward, dk_dv and dq kernels at each head_dim's DEFAULT_TILES, and row_dot.
     For kernels.ptx_check and kernels.report (compile for sm_90 without a GPU)."""
-    A3, A4 = "float32[:, :, :]", "float32[:, :, :, :]"
+    A3, A4 = C3, C4
     attention_args = "int64, int64, int64, float32, boolean"
     for HD in HEAD_DIMS:
         _, _, (forward, dk_dv, dq) = kernels_for(HD, None)

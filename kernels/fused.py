@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from .launch import check_float32, empty, n_blocks, zeros
+from .launch import C1, C2, check_float32, empty, n_blocks, zeros
 
 THREADS = 128                        # per row block (a power of two, for the tree reduction)
 ELEMENTWISE_THREADS = 256
@@ -227,11 +227,11 @@ def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay
 
 def kernels_and_signatures():
     """For kernels.ptx_check: every kernel here with the argument types the entry points pass."""
-    A1, A2, f = "float32[:]", "float32[:, :]", "float32"
+    A1, A2, f = C1, C2, "float32"
     layernorm_forward_kernel, layernorm_backward_kernel, softmax_cross_entropy_kernel = row_kernels(THREADS)
     yield "layernorm fwd", layernorm_forward_kernel, f"void({A2}, {A1}, {A1}, {A2}, {A1}, {A1}, {f})"
     yield "layernorm bwd", layernorm_backward_kernel, f"void({A2}, {A2}, {A1}, {A1}, {A1}, {A2}, {A1}, {A1})"
     yield "gelu fwd", gelu_forward_kernel, f"void({A1}, {A1})"
     yield "gelu bwd", gelu_backward_kernel, f"void({A1}, {A1}, {A1})"
-    yield "cross-entropy", softmax_cross_entropy_kernel, f"void({A2}, int64[:], {A1}, {A1}, {A2})"
+    yield "cross-entropy", softmax_cross_entropy_kernel, f"void({A2}, int64[::1], {A1}, {A1}, {A2})"
     yield "adamw", adamw_kernel, f"void({A1}, {A1}, {A1}, {A1}, {', '.join([f] * 7)})"

@@ -5,9 +5,17 @@ pointer, shape, strides; no host copy); under the CUDA simulator (NUMBA_ENABLE_C
 same call gets NumPy arrays. Outputs are allocated with the inputs' own module, so a CuPy caller
 gets CuPy arrays back and a NumPy caller NumPy arrays.
 """
+import contextlib
 import sys
+from typing import NamedTuple
 
 import numpy as np
+
+
+# The layouts the kernels are launched with: every array they receive is C-contiguous (the entry
+# points make it so), and Numba compiles a different binary per layout (float32[:, :] 'A' reads
+# through strides, float32[:, ::1] 'C' does not), so these are the signatures kernels.report builds.
+C1, C2, C3, C4 = "float32[::1]", "float32[:, ::1]", "float32[:, :, ::1]", "float32[:, :, :, ::1]"
 
 
 def array_module(x):
@@ -35,3 +43,37 @@ def zeros(shape, like):
 def n_blocks(n, per_block):
     """Blocks needed to cover n items, per_block to a block (the last one partly idle)."""
     return (n + per_block - 1) // per_block
+
+
+class Launch(NamedTuple):
+    kernel: str                     # the kernel's Python function name
+    argument_types: tuple           # Numba's types of the arguments, as the dispatcher types them
+
+
+def kernel_name(kernel):
+    """The Python function's name of a compiled kernel (a GPU dispatcher or the simulator's)."""
+    return getattr(kernel, "py_func", None).__name__ if hasattr(kernel, "py_func") else kernel.__name__
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Under the CUDA simulator: yield a list that receives a Launch per kernel launch made inside
+    the block. What it records is what a GPU's dispatcher would specialise on (numba.typeof of
+    each argument: C-contiguous float32[:, ::1] for a fresh array, int64 for a Python int)."""
+    import numba
+    from numba import config
+    if not config.ENABLE_CUDASIM:
+        raise RuntimeError("recording_launches() needs NUMBA_ENABLE_CUDASIM=1")
+    from numba.cuda.simulator import kernel as simulator
+    launches, call = [], simulator.FakeCUDAKernel.__call__
+
+    def recorded(self, *args):
+        if not (self._device or simulator._kernel_context):          # a launch, not a device call
+            launches.append(Launch(self.fn.__name__, tuple(numba.typeof(a) for a in args)))
+        return call(self, *args)
+
+    simulator.FakeCUDAKernel.__call__ = recorded
+    try:
+        yield launches
+    finally:
+        simulator.FakeCUDAKernel.__call__ = call

@@ -14,8 +14,6 @@ from numba import cuda
 from . import flash_attention, fused, selective_scan
 from .matmul import kernels_and_signatures as matmul_kernels_and_signatures
 
-A2 = "float32[:, :]"
-
 
 def kernels_and_signatures():
     """(name, Python function, signature) for every kernel at its default sizes."""

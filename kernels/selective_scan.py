@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from .launch import array_module
+from .launch import C1, C2, C3, C4, array_module
 
 MAX_STATE = 64            # h lives in a per-thread local array, whose size must be a constant
 THREADS = 128
@@ -144,7 +144,7 @@ def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None, threads
 
 def kernels_and_signatures():
     """(name, Python function, signature) of each kernel, for kernels/ptx_check.py."""
-    A2, A3, A4, A1 = "float32[:, :]", "float32[:, :, :]", "float32[:, :, :, :]", "float32[:]"
+    A1, A2, A3, A4 = C1, C2, C3, C4
     inputs = f"{A3}, {A3}, {A2}, {A3}, {A3}, {A1}, {A3}"          # u, delta, A, Bm, Cm, D, h0
     yield "scan forward", scan_forward_kernel, f"void({inputs}, {A3}, {A4})"
     yield "scan backward", scan_backward_kernel, f"void({inputs}, {A4}, {A3}, {A3}, {A3}, {A3}, {A3}, {A3}, {A2})"

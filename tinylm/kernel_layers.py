@@ -28,7 +28,7 @@ from .layers import Layers, merge_heads, merge_qkv_grads, split_heads
 # Launch sizes: the kernels' own defaults on a GPU. The simulator costs ~35 µs per thread-op and
 # more per block, so there the same kernels run with small blocks: a tiny model's step takes seconds.
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
-MATMUL_LAUNCH = {"tile": (16, 64, 16, 4, 16)} if SIMULATOR else {}
+MATMUL_LAUNCH = {"tile": (16, 32, 16, 16, 32, 1, 1)} if SIMULATOR else {}   # one warp
 FLASH_LAUNCH = {"blocks": flash.Tiles(8, 4, 4, 2)} if SIMULATOR else {}   # 8 threads
 ROW_LAUNCH = {"threads": 2} if SIMULATOR else {}
 ELEMENTWISE_LAUNCH = {"threads": 32} if SIMULATOR else {}
