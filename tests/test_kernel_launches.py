@@ -17,7 +17,7 @@ from numba import config
 
 from tinylm import GPT, GPTConfig
 from tinylm.kernels.launch import recording_launches
-from tinylm.optim import adamw_init
+from tinylm.optim import Schedule, adamw_init
 from tinylm.train import train_step
 
 pytestmark = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="counts launches under the CUDA simulator")
@@ -36,7 +36,7 @@ def test_launches_per_training_step(n_layer):
                 kernels=True, seed=1)
     idx, targets = np.random.default_rng(0).integers(0, 11, size=(2, 2, 3))
     with recording_launches() as launches:
-        train_step(model, adamw_init(model.params), idx, targets, lr=1e-3)
+        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
     assert Counter(launch.kernel for launch in launches) == expected(n_layer)
     assert len(launches) == 34 * n_layer + 10
     assert sum(expected(4).values()) == 146                  # the core config's step

@@ -19,7 +19,7 @@ from numba.core import sigutils
 from tinylm import GPT, GPTConfig
 from tinylm.kernels import ptx_check, report
 from tinylm.kernels.launch import kernel_name, recording_launches
-from tinylm.optim import adamw_init
+from tinylm.optim import Schedule, adamw_init
 from tinylm.train import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def dispatched_builds(mixer):
     rng = np.random.default_rng(0)
     idx, targets = rng.integers(0, TINY["vocab_size"], size=(2, 2, 3))
     with recording_launches() as launches:
-        train_step(model, adamw_init(model.params), idx, targets, lr=1e-3)
+        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
     return {(launch.kernel, tuple(str(t) for t in launch.argument_types)) for launch in launches}
 
 
