@@ -50,10 +50,15 @@ def tinylm_model(seed=0, scale=0.3):
     return model
 
 
+def gpt2_config(config, **overrides):
+    """transformers' GPT2Config for a tinylm config: what tinylm writes as config.json."""
+    settings = {k: v for k, v in hf_config(config).items() if k not in ("architectures", "torch_dtype")}
+    return transformers.GPT2Config(**dict(settings, **overrides))
+
+
 def hf_model(model):
     """transformers' GPT-2 holding exactly `model`'s weights (eager attention, float64, eval mode)."""
-    settings = {k: v for k, v in hf_config(model.config).items() if k not in ("architectures", "torch_dtype")}
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings, attn_implementation="eager"))
+    hf = transformers.GPT2LMHeadModel(gpt2_config(model.config, attn_implementation="eager"))
     hf = hf.to(torch.float64).eval()
     state = {"transformer." + k: torch.from_numpy(v.copy()) for k, v in model.numpy_params().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -297,9 +302,8 @@ def test_transformers_loads_what_tinylm_saves_and_decodes_the_same_greedy_tokens
 
 
 def test_tinylm_loads_what_transformers_saves(tmp_path):
-    settings = {k: v for k, v in hf_config(CONFIG).items() if k not in ("architectures", "torch_dtype")}
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**dict(settings, initializer_range=0.3)))
+    hf = transformers.GPT2LMHeadModel(gpt2_config(CONFIG, initializer_range=0.3))
     hf = hf.double().eval()
     hf.save_pretrained(tmp_path)
     model = GPT.from_pretrained(tmp_path, dtype="float64")
