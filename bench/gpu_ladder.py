@@ -147,6 +147,12 @@ def vectorised(**tile):
 
 RUNGS = {"1 naive": naive, "2 shared": shared, "3 1d-tile": tile_1d, "4 2d-tile": tile_2d,
          "5 vectorised": vectorised}
+RUNGS_IN_ORDER = [*RUNGS, "6 warp-tiled"]
+# Tiles small enough for the CUDA simulator (one Python thread per CUDA thread), for
+# tests/test_kernel_ladder.py and gpu_check --smoke; on a GPU each rung runs its default tile.
+SIMULATOR_TILES = {"1 naive": {}, "2 shared": dict(T=4), "3 1d-tile": dict(BM=8, BN=8, BK=4, TM=4),
+                   "4 2d-tile": dict(BM=8, BN=8, BK=4, TM=4, TN=4), "5 vectorised": dict(BM=8, BN=8, BK=4, TM=4, TN=4),
+                   "6 warp-tiled": dict(tile=(16, 32, 16, 16, 32, 1, 1))}
 
 
 def multiply(rung, a, b, **tile):

@@ -15,6 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu_env  # noqa: E402
+import gpu_ladder  # noqa: E402
 import kernels_gpu  # noqa: E402
 
 SECTION_ORDER = [name for name, *_ in kernels_gpu.PLAN]
@@ -75,8 +77,10 @@ def test_smoke_run_reports_a_planted_wrong_kernel_result_as_wrong(tmp_path):
     assert all(r["fb_ms"] > 0 for r in attention if r["method"] != "numba flash")   # --smoke times no simulated kernel
     assert {r["model"] for r in rows["train"]} == {"core bench step", "gpt2-small"}
     kernel_path = [r for r in rows["train"] if r["kernels"] is True and r["model"] == "core bench step"]
-    assert kernel_path[0]["verdict"] in ("ok", "not available")      # "not available": GPT without kernels=
-    assert kernel_path[0]["verdict"] == "not available" or kernel_path[0]["rel_err"] < 2e-3
+    assert kernel_path[0]["verdict"] == "ok" and kernel_path[0]["rel_err"] < 2e-3
+    ladder = rows["ladder"]                      # every rung checked against float64; "matmul:numba" is not planted here
+    assert [r["rung"] for r in ladder] == gpu_ladder.RUNGS_IN_ORDER
+    assert all(r["verdict"] == "ok" and r["rel_err"] < 1e-5 for r in ladder), ladder
     assert rows["tests"][0]["verdict"] == "ok"
 
     summary = open(out / "summary.txt").read()
@@ -107,7 +111,7 @@ def test_numba_sections_are_skipped_and_baselines_still_run_when_numba_cannot_co
     assert ran == [("env", True), ("baselines", False), ("train", False), ("long", False)]
     results = json.load(open(tmp_path / "results.json"))
     skipped = {s["name"]: s["reason"] for s in results["sections"] if s["status"] == "skipped"}
-    assert set(skipped) == {"matmul", "flash", "tests"} and all(reason in r for r in skipped.values())
+    assert set(skipped) == {"matmul", "ladder", "flash", "tests"} and all(reason in r for r in skipped.values())
     assert results["failed"] == ["env"]
 
 
@@ -130,3 +134,18 @@ def test_section_limits_fit_the_budget(budget, tmp_path, monkeypatch):
     assert len(limits) == len(SECTION_ORDER) - 1 and all(lim >= f for lim, f in zip(limits, floors))
     assert sum(limits) <= budget + 1e-6
     assert json.load(open(tmp_path / "results.json"))["sections"][-1]["status"] == "skipped"
+
+
+def test_fp32_peak_is_sms_times_lanes_times_two_times_the_clock():
+    """REFERENCE.md: an H100 SXM (132 SMs at 1.98 GHz boost) does 66.9 TFLOP/s FP32; an A100 (108 SMs,
+    64 FP32 lanes each, 1.41 GHz) 19.5. A compute capability not in the table gives None, not a guess."""
+    class Runtime:                                   # CUDA 13 drops clockRate from the properties
+        @staticmethod
+        def deviceGetAttribute(attribute, device):
+            assert (attribute, device) == (13, 0)
+            return 1_980_000
+    h100 = {"major": 9, "minor": 0, "multiProcessorCount": 132}
+    assert abs(gpu_env.fp32_peak_tflops(Runtime, h100) - 66.9) < 0.05
+    a100 = {"major": 8, "minor": 0, "multiProcessorCount": 108, "clockRate": 1_410_000}
+    assert abs(gpu_env.fp32_peak_tflops(Runtime, a100) - 19.5) < 0.05
+    assert gpu_env.fp32_peak_tflops(Runtime, dict(h100, major=6)) is None

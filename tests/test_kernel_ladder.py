@@ -12,9 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import gpu_ladder  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="runs the rungs on NumPy arrays under the simulator")
-SMALL = {"1 naive": {}, "2 shared": dict(T=4), "3 1d-tile": dict(BM=8, BN=8, BK=4, TM=4),
-         "4 2d-tile": dict(BM=8, BN=8, BK=4, TM=4, TN=4), "5 vectorised": dict(BM=8, BN=8, BK=4, TM=4, TN=4),
-         "6 warp-tiled": dict(tile=(16, 32, 16, 16, 32, 1, 1))}
+SMALL = gpu_ladder.SIMULATOR_TILES
 RAGGED = {"1 naive", "6 warp-tiled"}
 
 
@@ -28,4 +26,4 @@ def test_rung_matches_numpy(rung):
 
 
 def test_the_ladder_lists_six_rungs_ending_at_kernels_matmul():
-    assert list(SMALL) == [*gpu_ladder.RUNGS, "6 warp-tiled"]
+    assert list(SMALL) == gpu_ladder.RUNGS_IN_ORDER == [*gpu_ladder.RUNGS, "6 warp-tiled"]
