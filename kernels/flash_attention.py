@@ -32,6 +32,10 @@ The softmax's row max is combined across the thread_cols threads of a row throug
 array (the simulator has no warp shuffles; it costs TM·thread_cols shared reads per tile, against
 TM·TN·HD FFMAs); the row sum l stays a per-thread partial sum, combined once at the end.
 
+Tiles come from global memory 128 bits at a time (LDG.128 → STS.128, kernels/vector.py) when the
+head_dim is a bucket's own (32, 64, 128); a smaller head_dim gets the padded build, whose loads zero
+the columns past it one element at a time. Each build holds one of the two loops.
+
 Shared arrays are row-major with padded rows (see HDP, COLSP), so one warp's reads and writes of
 a tile, along a row or down a column, fall in distinct banks (or broadcast). The simulator runs
 the same kernels on NumPy arrays; keep its shapes tiny (one Python thread per CUDA thread).
@@ -39,9 +43,10 @@ the same kernels on NumPy arrays; keep its shapes tiny (one Python thread per CU
 import math
 from collections import namedtuple
 
-from numba import cuda, float32, int64, uint32
+from numba import cuda, float32, int32, int64, uint32
 
 from .launch import C3, C4, check_float32, empty, n_blocks
+from .vector import load4_global, store4_shared
 
 # rows: rows a block owns; cols: rows streamed per step; a thread grid of thread_rows × thread_cols.
 Tiles = namedtuple("Tiles", "rows cols thread_rows thread_cols")
@@ -69,17 +74,40 @@ def padded_strides(HD, COLS, CX):
     return HD + 4, COLS + CX
 
 
-def make_kernels(HD, tiles):
-    """forward, dk_dv and dq kernels for head_dim ≤ HD (zero-padded to HD) with these tiles."""
+def make_kernels(HD, tiles, padded):
+    """forward, dk_dv and dq kernels for head_dim HD (padded=False) or head_dim < HD (padded=True:
+    rows zero-padded to HD as they are loaded) with these tiles."""
     ROWS, COLS, RY, CX = tiles
     THREADS = RY * CX
     TM, TN, TD = ROWS // RY, COLS // CX, HD // CX      # per-thread rows, streamed columns, head columns
     HDP, COLSP = padded_strides(HD, COLS, CX)
+    QUADS = HD // 4                                     # 16-byte words in a row of a (rows, HD) tile
+    STEP = THREADS // QUADS                             # rows one pass of the block loads
+    VECTOR_LOADS = not padded and THREADS % QUADS == 0  # every default tile; tiny test tiles may not
 
     @cuda.jit(device=True)
     def load_rows(dst, src, b, h, start, n_rows, T, hd, scale):
         """dst[r, :HD] = src[b, h, start + r, :]·scale for r < n_rows, zero past T and past hd: the
-        whole block copies, consecutive threads taking consecutive elements (coalesced reads)."""
+        whole block copies, consecutive threads taking consecutive elements (coalesced reads).
+
+        Unpadded (hd == HD, the head dims GPT-2 uses): every row is a whole number of 16-byte words,
+        so each thread moves four floats at a time (LDG.128 → STS.128), down a fixed column, one
+        64-bit offset added to per pass. Padded (hd < HD): one element at a time, the zero fill
+        checked per element. The choice is made when the kernel is built (VECTOR_LOADS), so the
+        binary that runs holds only one of the two loops."""
+        if VECTOR_LOADS:
+            # A thread keeps one 4-wide column d; QUADS threads cover a row, STEP rows per pass.
+            r, d = uint32(cuda.threadIdx.x) // uint32(QUADS), uint32(cuda.threadIdx.x) % uint32(QUADS) * uint32(4)
+            offset = ((int64(b) * int64(src.shape[1]) + int64(h)) * int64(T) + int64(start) + int64(r)) * int64(HD) + int64(d)
+            rows_left = T - start
+            while r < uint32(n_rows):
+                x0 = x1 = x2 = x3 = float32(0.0)
+                if int64(r) < rows_left:
+                    x0, x1, x2, x3 = load4_global(src, offset)
+                store4_shared(dst, r * uint32(HDP) + d, x0 * scale, x1 * scale, x2 * scale, x3 * scale)
+                r += uint32(STEP)
+                offset += int64(STEP * HD)
+            return
         e = uint32(cuda.threadIdx.x)
         while e < uint32(n_rows * HD):          # unsigned: no negative-index fix-ups, shifts for // and %
             r, d = e // uint32(HD), e % uint32(HD)
@@ -352,16 +380,18 @@ def check_tiles(tiles, HD):
 
 
 def kernels_for(hd, blocks):
-    """(HD, forward tiles, backward tiles, (forward, dk_dv, dq) kernels) for this head_dim.
-    blocks: None for DEFAULT_TILES, or one Tiles 4-tuple used by the forward and the backward."""
+    """(forward tiles, backward tiles, (forward, dk_dv, dq) kernels) for this head_dim: the build for
+    HD = hd exactly, or the padded build of the next bucket. blocks: None for DEFAULT_TILES, or one
+    Tiles 4-tuple used by the forward and the backward."""
     HD = head_dim_bucket(hd)
+    padded = hd != HD
     forward_tiles, backward_tiles = DEFAULT_TILES[HD] if blocks is None else (blocks, blocks)
     forward_tiles, backward_tiles = check_tiles(forward_tiles, HD), check_tiles(backward_tiles, HD)
     for tiles in {forward_tiles, backward_tiles}:
-        if (HD, tiles) not in _kernels:
-            _kernels[HD, tiles] = make_kernels(HD, tiles)
-    forward = _kernels[HD, forward_tiles][0]
-    _, dk_dv, dq = _kernels[HD, backward_tiles]
+        if (HD, tiles, padded) not in _kernels:
+            _kernels[HD, tiles, padded] = make_kernels(HD, tiles, padded)
+    forward = _kernels[HD, forward_tiles, padded][0]
+    _, dk_dv, dq = _kernels[HD, backward_tiles, padded]
     return forward_tiles, backward_tiles, (forward, dk_dv, dq)
 
 

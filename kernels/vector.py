@@ -7,7 +7,7 @@
     store_shared(array, offset, x)                     one word, at a flat offset like the others
     load_global(array, offset) -> x                    one word
 
-`offset` counts float32 elements from the array's first one (row-major), an integer, and must
+`offset` counts float32 elements from the array's first one (row-major, any rank), an integer, and must
 be a multiple of 4 from a 16-byte-aligned start (CuPy allocations are 256-byte aligned; a shared row
 of a multiple of 4 words keeps every row aligned). Each helper is a Numba intrinsic that writes the
 LLVM IR directly: the address is the array's data pointer cast to the global (1) or shared (3) address space (so NVVM
@@ -19,8 +19,12 @@ from numba import config
 
 
 def _element(array, offset, e):
-    """(row, column) of element offset+e of a 2-D row-major array (the simulator's twin)."""
-    return divmod(int(offset) + e, array.shape[1])
+    """The index of element offset+e of a row-major array of any rank (the simulator's twin)."""
+    index, flat = [], int(offset) + e
+    for size in reversed(array.shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
 
 
 if config.ENABLE_CUDASIM:

@@ -46,7 +46,9 @@ def assert_close(got, want):
     (1, 1, 1, 32, True, SMALL),                 # T = 1: one row, one key
     (1, 1, 9, 64, True, Tiles(4, 8, 2, 2)),     # COLS > ROWS; the 64 bucket
     (1, 1, 5, 128, True, Tiles(4, 4, 2, 2)),    # the largest head_dim
-    (1, 2, 11, 32, True, Tiles(8, 8, 2, 8)),    # thread_cols 8 like DEFAULT_TILES (TD = HD/8)
+    (1, 2, 11, 32, True, Tiles(8, 8, 2, 8)),    # thread_cols 8 like DEFAULT_TILES (TD = HD/8); 128-bit
+                                                # loads (16 threads, 8 words a row: 2 rows a pass)
+    (2, 1, 7, 64, False, Tiles(8, 4, 4, 4)),    # 128-bit loads at the 64 bucket, one row a pass
 ])
 def test_flash_kernels_match_numpy(B, H, T, hd, causal, tiles):
     rng = np.random.default_rng(T + hd)
