@@ -46,7 +46,7 @@ from collections import namedtuple
 from numba import cuda, float32, int32, int64, uint32
 
 from .launch import C3, C4, check_float32, empty, n_blocks
-from .vector import load4_global, store4_shared
+from .vector import load4_global, load_global, store4_shared
 
 # rows: rows a block owns; cols: rows streamed per step; a thread grid of thread_rows × thread_cols.
 Tiles = namedtuple("Tiles", "rows cols thread_rows thread_cols")
@@ -117,8 +117,15 @@ def make_kernels(HD, tiles, padded):
 
     @cuda.jit(device=True)
     def load_vector(dst, src, b, h, start, n, T):
-        for r in range(cuda.threadIdx.x, n, THREADS):
-            dst[r] = src[b, h, start + r] if start + r < T else float32(0.0)
+        """dst[r] = src[b, h, start + r] for r < n, zero past T: one flat 64-bit offset stepped per
+        pass (Numba's signed range loop and 3-D index cost ~30 integer instructions a word)."""
+        r = uint32(cuda.threadIdx.x)
+        offset = (int64(b) * int64(src.shape[1]) + int64(h)) * int64(T) + int64(start) + int64(r)
+        rows_left = T - start
+        while r < uint32(n):
+            dst[r] = load_global(src, offset) if int64(r) < rows_left else float32(0.0)
+            r += uint32(THREADS)
+            offset += int64(THREADS)
 
     def make_tile_product(M, N, K, b_k_major):
         """acc[a, n] += Σ_{k<K} A_s[ty + RY·a, k] · B(tx + CX·n, k) for this thread's M × N micro-tile,
