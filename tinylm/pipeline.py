@@ -101,10 +101,23 @@ def rl_result(run, pcfg, rm_name, base, rm, eval_set, cfg, rng, **extra):
             "rm_rounds": pcfg.rm_rounds, "history": run.history}
 
 
-def run_demo(cfg, progress=True):
-    """Every stage from scratch for one seed; -> results dict (the JSON schema of `tinylm demo --json`)."""
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
+class Prepared(NamedTuple):
+    """What every RL run of one seed starts from: the world, its labeller, the base LM, the labelled
+    pairs (and the comparisons they cost), the reward model trained on them (centred, and a raw copy)."""
+    world: World
+    labeller: Labeller
+    base: object
+    pairs: object
+    pair_comparisons: int
+    heldout_pairs: object
+    trained: RewardModelRun
+    rm: RewardModel
+    raw_rm: RewardModel
+    shift: float
+
+
+def prepare(cfg, rng, progress=True):
+    """The demo's first stages for cfg.seed: pretrain, label pairs, train and centre a reward model."""
     world, labeller = World(seed=cfg.seed, p_follow=cfg.p_follow), Labeller(cfg.label_noise, seed=cfg.seed)
     max_new = cfg.policy.max_new_tokens
     base = pretrain_base(world, cfg.model, cfg.pretrain, cfg.seed, rng, progress)
@@ -115,6 +128,15 @@ def run_demo(cfg, progress=True):
     trained = train_demo_rm(base, pairs, heldout_pairs, cfg, rng)
     rm, raw_rm = trained.rm, copy_rm(trained.rm)
     shift = rm.centre(*reference_responses(base, world, cfg.centre_instructions, max_new, rng)) if cfg.centre_rm else 0.0
+    return Prepared(world, labeller, base, pairs, pair_comparisons, heldout_pairs, trained, rm, raw_rm, shift)
+
+
+def run_demo(cfg, progress=True):
+    """Every stage from scratch for one seed; -> results dict (the JSON schema of `tinylm demo --json`)."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    world, labeller, base, pairs, pair_comparisons, heldout_pairs, trained, rm, raw_rm, shift = prepare(cfg, rng, progress)
+    max_new = cfg.policy.max_new_tokens
     before = labeller.comparisons
     rlhf = train_policy(base, copy_rm(rm), WorldTasks(world, labeller), cfg.policy, pairs, rng, cfg.reward, progress)
     dpo = base.copy()

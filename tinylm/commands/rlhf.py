@@ -7,6 +7,7 @@ built-in instruction world:
     policy  REINFORCE / PPO-clip / GRPO + KL leash against an RM   -> LM checkpoint + metrics.jsonl
     dpo     DPO on pairs                                           -> LM checkpoint + metrics.jsonl
     eval    labeller success, mean RM score and KL of a policy on held-out instructions
+    compare REINFORCE-LOO, PPO-clip, GRPO, adaptive KL and best-of-n from scratch, over seeds
 
 LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); --model also takes a
 `tinylm pretrain` run directory (its latest checkpoint). A reward model is an LM directory plus
@@ -82,8 +83,22 @@ def add_parser(sub):
     s.add_argument("--reference", required=True, help="the LM the KL is measured against")
     s.add_argument("--reward", required=True, help="reward model directory (the proxy score)")
     s.add_argument("--instructions", type=positive(int), default=300, help="held-out instructions (2 samples each)")
+    s = step("compare", "REINFORCE-LOO vs PPO-clip vs GRPO vs adaptive KL vs best-of-n, from scratch, over seeds",
+             run_compare)
+    add_experiment_flags(s, "0-4")
     for s in steps.choices.values():
+        if s.get_default("func") in EXPERIMENT_STEPS:
+            continue
         s.add_argument("--seed", type=at_least(0), default=0, help="random seed (sampling, shuffling, labeller noise)")
+
+
+def add_experiment_flags(s, seeds):
+    """The experiments' flags: seeds, the one-minute variant, JSON and PNG outputs."""
+    from tinylm.commands.demo import seed_list
+    s.add_argument("--seeds", type=seed_list, default=seed_list(seeds), help="seeds, e.g. 3, 0-4 or 0,2,5")
+    s.add_argument("--quick", action="store_true", help="a reduced run (under a minute on 2 cores): the tour's and CI's")
+    s.add_argument("--json", help="write every number as JSON to this path (must not exist)")
+    s.add_argument("--plot", help="write the plot as a PNG to this path (must not exist)")
 
 
 def add_policy_flags(s):
@@ -255,6 +270,27 @@ def run_dpo(args):
           f"reward margin {np.mean([r['reward_margin'] for r in last]):.3f}, implicit-reward accuracy "
           f"{np.mean([r['reward_accuracy'] for r in last]):.3f}")
     save_with_metrics(args.out, policy.save_pretrained, records, DPO_PANELS, args.plot)
+
+
+def run_compare(args):
+    import json
+
+    from tinylm.experiments import QUICK_COMPARE, CompareConfig, compare_table, plot_compare
+    from tinylm.experiments import run_compare as compare
+    for path in filter(None, (args.json, args.plot)):
+        fresh(path)
+    results = compare(QUICK_COMPARE if args.quick else CompareConfig(), args.seeds)
+    print(compare_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_compare(results, args.plot)
+        print(f"wrote {args.plot}")
+
+
+EXPERIMENT_STEPS = (run_compare,)
 
 
 def run_eval(args):
