@@ -8,7 +8,8 @@ Conventions the pages follow (docs/index.md says them too):
   output. The pages are run in order in one temporary directory (a later page may use what an earlier
   one made, as a reader following the tour would), `tinylm` meaning this checkout's `python -m tinylm`
   and `python bench/x.py` this checkout's bench script. Each
-  shown output line must appear in the real output, in order, with every number free to differ
+  shown output line must appear in the real output, in order, with every number (and the width of
+  every run of spaces) free to differ
   (results move with BLAS threads and machines; the *shape* of the output may not), unless the line
   ends with `  # exact`. A line `...` stands for any number of lines.
 
@@ -69,7 +70,9 @@ def pattern(shown):
         return re.compile(re.escape(shown[: -len("  # exact")].rstrip()))
     parts = NUMBER.split(shown)
     numbers = len(parts) - 1
-    body = "".join(re.escape(p) + (NUMBER.pattern if i < numbers else "") for i, p in enumerate(parts))
+    # a run of spaces matches any run (numbers padded to a width, e.g. f"{x:8.1f}", change it)
+    body = "".join(re.sub(r"(?:\\ )+", " +", re.escape(p)) + (NUMBER.pattern if i < numbers else "")
+                   for i, p in enumerate(parts))
     return re.compile(body)
 
 
