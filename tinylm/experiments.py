@@ -8,11 +8,13 @@ Measured on held-out instructions: the labeller's success, the mean RM score, KL
 """
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
-from .environment import TOKENIZER, PretrainConfig, WorldTasks, encode_prompts, evaluate, successes
-from .pipeline import DemoConfig, mean_and_sd, prepare
+from .environment import (TOKENIZER, PretrainConfig, WorldTasks, encode_prompts, evaluate, reference_responses,
+                          successes)
+from .pipeline import DemoConfig, mean_and_sd, prepare, train_demo_rm
 from .reward import pack
 from .rlhf import PolicyConfig, RewardConfig, best_of_n, train_policy
 
@@ -21,6 +23,7 @@ COMPARE_RUNS = {
     "ppo_clip": {"algorithm": "ppo"},
     "grpo": {"algorithm": "grpo"},
     "ppo_adaptive_kl": {"algorithm": "ppo", "kl_target": 1.0},
+    "grpo_adaptive_kl": {"algorithm": "grpo", "kl_target": 1.0},
 }
 
 
@@ -28,8 +31,8 @@ COMPARE_RUNS = {
 class CompareConfig:
     """The demo's world and stages, smaller so that five seeds of five methods fit in ten minutes."""
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(
-        pretrain=PretrainConfig(steps=1500), pair_instructions=4000, heldout_pair_instructions=500,
-        reward=RewardConfig(epochs=3), policy=PolicyConfig(steps=60, prompts_per_step=16), eval_instructions=300))
+        pretrain=PretrainConfig(steps=1200), pair_instructions=3000, heldout_pair_instructions=500,
+        reward=RewardConfig(epochs=3), policy=PolicyConfig(steps=40, prompts_per_step=16), eval_instructions=300))
     runs: tuple = tuple(COMPARE_RUNS)
     best_of: tuple = (4, 16)
 
@@ -77,13 +80,17 @@ def run_compare_seed(cfg, seed, progress=True):
 
 
 def run_compare(cfg, seeds, progress=True):
-    """run_compare_seed per seed -> {"methods": mean ± sd per method, "seeds": per seed, "config"}."""
-    per_seed = {s: run_compare_seed(cfg, s, progress) for s in seeds}
-    methods = {name: mean_and_sd({s: r["methods"][name] for s, r in per_seed.items()})
-               for name in per_seed[seeds[0]]["methods"]}
-    return {"methods": methods, "seeds": {str(s): r for s, r in per_seed.items()},
+    """run_compare_seed per seed -> summarise_compare."""
+    return summarise_compare({str(s): run_compare_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+
+
+def summarise_compare(per_seed, config):
+    """{seed: run_compare_seed's result} -> {"methods": mean ± sd per method, "seeds", "config"}."""
+    first = next(iter(per_seed.values()))
+    methods = {name: mean_and_sd({s: r["methods"][name] for s, r in per_seed.items()}) for name in first["methods"]}
+    return {"methods": methods, "seeds": per_seed,
             "rm_heldout_accuracy": mean_and_sd({s: {"v": r["rm_heldout_accuracy"]} for s, r in per_seed.items()}),
-            "config": {**asdict(cfg), "seeds": list(seeds)},
+            "config": {**config, "seeds": [int(s) for s in per_seed]},
             "seconds": float(sum(r["seconds"] for r in per_seed.values()))}
 
 
@@ -122,3 +129,132 @@ def plot_compare(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- over-optimisation
+@dataclass
+class GoodhartConfig:
+    """The policy pushed against reward models trained on more or fewer pairs, with no KL leash."""
+    demo: DemoConfig = field(default_factory=lambda: DemoConfig(
+        pretrain=PretrainConfig(steps=1500), pair_instructions=4000, heldout_pair_instructions=500,
+        reward=RewardConfig(epochs=3), policy=PolicyConfig(beta=0.0, steps=200, prompts_per_step=16, lr=5e-4)))
+    train_pairs: tuple = (100, 400, None)        # None: every pair
+    window: int = 10                             # steps per logged point (means over the window)
+
+
+QUICK_GOODHART = GoodhartConfig(demo=replace(QUICK_COMPARE.demo, policy=PolicyConfig(beta=0.0, steps=20,
+                                                                                     prompts_per_step=8, lr=5e-4)),
+                                train_pairs=(50, None), window=5)
+
+
+def windowed(history, window):
+    """Every `window` steps: the mean proxy score, gold success and KL of the samples, and √KL."""
+    points = []
+    for i in range(0, len(history) - window + 1, window):
+        h = history[i:i + window]
+        kl = float(np.mean([x["kl"] for x in h]))
+        points.append({"step": h[-1]["step"], "proxy": float(np.mean([x["reward"] for x in h])),
+                       "gold": float(np.mean([x["success"] for x in h])), "kl": kl, "sqrt_kl": float(np.sqrt(max(kl, 0)))})
+    return points
+
+
+def peak_and_fall(points):
+    """The gold peak (its value, step and √KL) and how far gold fell from it by the last point."""
+    best = max(points, key=lambda p: p["gold"])
+    return {"gold_peak": best["gold"], "peak_sqrt_kl": best["sqrt_kl"], "peak_step": best["step"],
+            "gold_last": points[-1]["gold"], "gold_fall": best["gold"] - points[-1]["gold"],
+            "proxy_last": points[-1]["proxy"], "proxy_rise_after_peak": points[-1]["proxy"] - best["proxy"],
+            "sqrt_kl_last": points[-1]["sqrt_kl"]}
+
+
+def run_goodhart_seed(cfg, seed, progress=True):
+    """One seed: prepare, then per training-set size a reward model on that many of the pairs
+    (centred on the base) and a β = 0 policy against it; -> per size the RM's held-out accuracy,
+    the logged curve and its peak and fall."""
+    t0 = time.perf_counter()
+    demo = replace(cfg.demo, seed=seed)
+    rng = np.random.default_rng(seed)
+    prep = prepare(demo, rng, progress)
+    tasks, out = WorldTasks(prep.world, prep.labeller), {}
+    for n in cfg.train_pairs:
+        pairs = prep.pairs if n is None else prep.pairs.subset(range(min(n, len(prep.pairs))))
+        trained = train_demo_rm(prep.base, pairs, prep.heldout_pairs, demo, rng)
+        trained.rm.centre(*reference_responses(prep.base, prep.world, demo.centre_instructions,
+                                               demo.policy.max_new_tokens, rng))
+        run = train_policy(prep.base, trained.rm, tasks, demo.policy, pairs, rng, demo.reward, progress, f"rm {len(pairs)}")
+        points = windowed(run.history, cfg.window)
+        out[str(len(pairs) if n is not None else "all")] = {
+            "train_pairs": len(pairs), "rm_heldout_accuracy": trained.heldout_accuracy, "curve": points,
+            **peak_and_fall(points)}
+    return {"reward_models": out, "seconds": time.perf_counter() - t0}
+
+
+def run_goodhart(cfg, seeds, progress=True):
+    """run_goodhart_seed per seed -> summarise_goodhart."""
+    return summarise_goodhart({str(s): run_goodhart_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+
+
+def summarise_goodhart(per_seed, config):
+    """{seed: run_goodhart_seed's result} -> per RM the mean ± sd of the peak and fall numbers, and every curve."""
+    names = list(next(iter(per_seed.values()))["reward_models"])
+    summary = {name: mean_and_sd({s: {k: v for k, v in r["reward_models"][name].items() if np.isscalar(v)}
+                                  for s, r in per_seed.items()}) for name in names}
+    return {"reward_models": summary, "seeds": per_seed, "config": {**config, "seeds": [int(s) for s in per_seed]},
+            "seconds": float(sum(r["seconds"] for r in per_seed.values()))}
+
+
+def goodhart_table(results):
+    def cell(m, key):
+        sd = m.get(f"{key}_sd")
+        return f"{m[key]:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+    rows = ["| RM training pairs | RM held-out acc | gold peak | √KL at peak | gold last | gold fall | proxy rise after peak | √KL last |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, m in results["reward_models"].items():
+        rows.append(f"| {name} ({m['train_pairs']:.0f}) | " + " | ".join(cell(m, k) for k in (
+            "rm_heldout_accuracy", "gold_peak", "peak_sqrt_kl", "gold_last", "gold_fall", "proxy_rise_after_peak",
+            "sqrt_kl_last")) + " |")
+    rows.append(f"seeds {','.join(map(str, results['config']['seeds']))}; β = 0; gold = labeller success of the "
+                f"policy's samples, proxy = their mean RM score, KL = their Σ_t log π/π_start (nats), each a mean over "
+                f"{results['config']['window']} steps; {results['seconds']:.0f} s")
+    return "\n".join(rows)
+
+
+def plot_goodhart(results, path):
+    """Proxy (dashed) and gold (solid) against √KL, one colour per reward model, every seed's curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(10, 4))
+    for colour, name in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], results["reward_models"]):
+        for i, r in enumerate(results["seeds"].values()):
+            curve = r["reward_models"][name]["curve"]
+            x = [p["sqrt_kl"] for p in curve]
+            label = f"RM on {r['reward_models'][name]['train_pairs']} pairs" if i == 0 else None
+            ax_gold.plot(x, [p["gold"] for p in curve], "-", color=colour, alpha=0.7, label=label)
+            ax_proxy.plot(x, [p["proxy"] for p in curve], "--", color=colour, alpha=0.7, label=label)
+    for ax, title in ((ax_gold, "gold: labeller success"), (ax_proxy, "proxy: reward-model score")):
+        ax.set_xlabel("√KL(policy ‖ start), √nats")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class Experiment(NamedTuple):
+    """What `tinylm rlhf NAME` runs: the default config (a class), the --quick one, the runner over
+    seeds, the summary of per-seed results (bench/experiment_table.py merges runs with it), the
+    table it prints and the plot it writes."""
+    config: type
+    quick: object
+    run: object
+    summarise: object
+    table: object
+    plot: object
+
+
+EXPERIMENTS = {"compare": Experiment(CompareConfig, QUICK_COMPARE, run_compare, summarise_compare, compare_table,
+                                     plot_compare),
+               "goodhart": Experiment(GoodhartConfig, QUICK_GOODHART, run_goodhart, summarise_goodhart, goodhart_table,
+                                      plot_goodhart)}

@@ -8,6 +8,7 @@ built-in instruction world:
     dpo     DPO on pairs                                           -> LM checkpoint + metrics.jsonl
     eval    labeller success, mean RM score and KL of a policy on held-out instructions
     compare REINFORCE-LOO, PPO-clip, GRPO, adaptive KL and best-of-n from scratch, over seeds
+    goodhart  the over-optimisation curve: proxy RM score and gold success against √KL, β = 0
 
 LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); --model also takes a
 `tinylm pretrain` run directory (its latest checkpoint). A reward model is an LM directory plus
@@ -85,6 +86,9 @@ def add_parser(sub):
     s.add_argument("--instructions", type=positive(int), default=300, help="held-out instructions (2 samples each)")
     s = step("compare", "REINFORCE-LOO vs PPO-clip vs GRPO vs adaptive KL vs best-of-n, from scratch, over seeds",
              run_compare)
+    add_experiment_flags(s, "0-4")
+    s = step("goodhart", "over-optimisation: β = 0 policies against reward models on fewer or more pairs; proxy "
+             "and gold vs √KL", run_goodhart)
     add_experiment_flags(s, "0-4")
     for s in steps.choices.values():
         if s.get_default("func") in EXPERIMENT_STEPS:
@@ -272,25 +276,35 @@ def run_dpo(args):
     save_with_metrics(args.out, policy.save_pretrained, records, DPO_PANELS, args.plot)
 
 
-def run_compare(args):
+def run_experiment(args, name):
+    """One experiment of tinylm.experiments (its default or --quick config, over --seeds): print its
+    table, write its JSON and its plot."""
     import json
 
-    from tinylm.experiments import QUICK_COMPARE, CompareConfig, compare_table, plot_compare
-    from tinylm.experiments import run_compare as compare
+    from tinylm.experiments import EXPERIMENTS
     for path in filter(None, (args.json, args.plot)):
         fresh(path)
-    results = compare(QUICK_COMPARE if args.quick else CompareConfig(), args.seeds)
-    print(compare_table(results))
+    experiment = EXPERIMENTS[name]
+    results = experiment.run(experiment.quick if args.quick else experiment.config(), args.seeds)
+    print(experiment.table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_compare(results, args.plot)
+        experiment.plot(results, args.plot)
         print(f"wrote {args.plot}")
 
 
-EXPERIMENT_STEPS = (run_compare,)
+def run_compare(args):
+    run_experiment(args, "compare")
+
+
+def run_goodhart(args):
+    run_experiment(args, "goodhart")
+
+
+EXPERIMENT_STEPS = (run_compare, run_goodhart)
 
 
 def run_eval(args):
