@@ -64,6 +64,15 @@ def test_policy_and_dpo_write_their_diagnostics_and_plot_them(algorithm, steps, 
     assert records[-1]["reward_margin"] > 0 and records[-1]["reward_accuracy"] > 0.5
 
 
+def test_sft_writes_a_checkpoint_that_answers_better(steps, tmp_path, capsys):
+    out = str(tmp_path / "sft")
+    assert main(["rlhf", "sft", "--model", steps["base"], "--out", out, "--instructions", "320", "--epochs", "2"]) == 0
+    assert "SFT cross-entropy" in capsys.readouterr().out
+    assert main(["rlhf", "eval", "--model", out, "--reference", steps["base"], "--reward", steps["rm"],
+                 "--instructions", "40"]) == 0
+    assert "KL to reference" in capsys.readouterr().out
+
+
 def test_policy_with_the_raw_rule_and_a_centred_reward_model(steps, tmp_path, capsys):
     """The lecture's rule from the CLI: no baseline, one sample per instruction, the reward model
     first centred on the starting LM's responses."""

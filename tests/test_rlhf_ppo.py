@@ -129,3 +129,32 @@ def test_best_of_n_keeps_the_highest_scored_sample_of_each_prompt():
     samples = sample_responses(model, [p for p in prompts for _ in range(8)], 3, 1.0, again, V)
     for i, response in enumerate(best):
         assert response[-1] == max(s[-1] for s in samples[8 * i:8 * i + 8])
+
+
+# ----------------------------------------------------------------------------- SFT
+def test_sft_is_cross_entropy_on_the_response_tokens_only_and_lowers_it():
+    """The first step's loss is the mean −log p over the demonstrations' tokens (the prompts carry
+    none of it); training lowers it; a demonstration count that does not match is refused."""
+    from tinylm.reward import pack
+    from tinylm.rlhf import response_targets, train_sft
+    model = tiny(3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, V, size=2) for _ in range(6)]
+    demos = [rng.integers(0, V, size=3) for _ in range(6)]
+    batch = pack(prompts, demos)
+    inputs, targets = response_targets(batch.idx, batch.lengths, batch.starts)
+    by_hand = float(model.token_nll(inputs, targets)[0].sum() / (targets >= 0).sum())
+    assert (targets >= 0).sum() == 6 * 3
+    losses = train_sft(model, prompts, demos, 20, 6, 1e-2, rng)
+    assert losses[0] == pytest.approx(by_hand, rel=1e-10) and losses[-1] < 0.7 * losses[0]
+    with pytest.raises(ValueError, match="one demonstration per prompt"):
+        train_sft(model, prompts, demos[:3], 1, 6, 1e-2, rng)
+
+
+def test_demonstrations_are_the_right_answers_ending_in_end_of_text():
+    from tinylm.environment import TOKENIZER, demonstrations, successes
+    instructions = [("rev", "cab"), ("len", "ab"), ("upp", "de")]
+    prompts, responses = demonstrations(instructions)
+    assert [TOKENIZER.decode(r) for r in responses] == ["bac", "2", "DE"]
+    assert all(r[-1] == TOKENIZER.eot_id for r in responses) and successes(instructions, responses).all()
+    assert TOKENIZER.decode(prompts[0]) == "rev cab:"

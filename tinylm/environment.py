@@ -14,7 +14,7 @@ from .reward import pack
 from .rlhf import Preferences, response_targets, sample_responses
 from .tokenizer import ByteTokenizer
 from .train import train_step
-from .world import Labeller, instruction, score
+from .world import Labeller, answer, instruction, score
 
 TOKENIZER = ByteTokenizer()
 
@@ -71,6 +71,14 @@ def label_pairs(labeller, instructions, prompts, first, second):
             pairs.rejected.append(b if choice == 0 else a)
             pairs.instructions.append((task, letters))
     return pairs
+
+
+def demonstrations(instructions):
+    """What the world can write for supervised fine-tuning: each instruction's right answer ending in
+    end-of-text — the completion the labeller prefers to every other (it alone scores 1).
+    -> (prompt ids, response ids), one each per instruction."""
+    return encode_prompts(instructions), [np.append(TOKENIZER.encode(answer(t, s)), TOKENIZER.eot_id)
+                                          for t, s in instructions]
 
 
 def true_order(pairs):

@@ -15,13 +15,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .environment import (TOKENIZER, PretrainConfig, WorldTasks, evaluate, examples, label_pairs, make_pairs,
-                          pretrain_base, reference_responses, true_order)
+from .environment import (TOKENIZER, PretrainConfig, WorldTasks, demonstrations, evaluate, examples, label_pairs,
+                          make_pairs, pretrain_base, reference_responses, true_order)
 from .judge import JudgedExamples, LMJudge
 from .model import GPTConfig
 from .reward import RewardModel
-from .rlhf import (DPOConfig, PolicyConfig, RewardConfig, reward_model_accuracy, train_dpo, train_policy,
-                   train_reward_model_early_stopping)
+from .rlhf import (DPOConfig, PolicyConfig, RewardConfig, SFTConfig, reward_model_accuracy, train_dpo, train_policy,
+                   train_reward_model_early_stopping, train_sft)
 from .world import Labeller, World
 
 
@@ -51,7 +51,9 @@ class DemoConfig:
     eval_samples: int = 2
     centre_rm: bool = True           # shift reward_bias so the base's responses score mean 0
     centre_instructions: int = 500
-    experiments: tuple = ()          # names from EXPERIMENTS: "sign", "shift", and "judge"
+    experiments: tuple = ()          # names from EXPERIMENTS: "sign", "shift", and "judge", "sft"
+    sft: SFTConfig = field(default_factory=SFTConfig)       # the "sft" experiment: fine-tuning on ...
+    sft_instructions: int = 2000                            # ... this many demonstrations
     judge_steps: int = 600           # pretraining steps of the LM judge ("judge" experiment)
     ablation_steps: int = 300        # RL steps of the "shift" runs (2× the RLHF stage)
     ablation_rm_rounds: int = 3
@@ -162,7 +164,9 @@ def run_demo(cfg, progress=True):
         if "judge" in cfg.experiments:
             results["experiments"]["judge"] = run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress)
             labels["judge_rlhf"] = results["experiments"]["judge"].pop("labels")
-        results["history"].update({k: v.pop("history") for k, v in results["experiments"].items()})
+        if "sft" in cfg.experiments:
+            results["experiments"].update(run_sft(base, rm, world, labeller, cfg, pairs, eval_set, rng, progress))
+        results["history"].update({k: v.pop("history") for k, v in results["experiments"].items() if "history" in v})
     results["config"] = asdict(cfg)
     results["seconds"] = time.perf_counter() - t0
     return results
@@ -188,7 +192,7 @@ def run_experiments(base, rms, world, labeller, cfg, pairs, eval_set, rng, progr
     the named reward model, measured against the centred original (the proxy it optimised, or
     started from) and the labeller (the truth)."""
     out = {}
-    for experiment in (e for e in cfg.experiments if e != "judge"):
+    for experiment in (e for e in cfg.experiments if e in EXPERIMENTS):
         for name, (rm_name, changes) in EXPERIMENTS[experiment](cfg).items():
             pcfg = replace(cfg.policy, **changes)
             run = train_policy(base, copy_rm(rms[rm_name]), WorldTasks(world, labeller), pcfg, pairs, rng, cfg.reward,
@@ -196,6 +200,23 @@ def run_experiments(base, rms, world, labeller, cfg, pairs, eval_set, rng, progr
             out[name] = rl_result(run, pcfg, rm_name, base, rms["centred"], eval_set, cfg, rng,
                                   correct_pushed_down=run.correct_pushed_down())
     return out
+
+
+def run_sft(base, rm, world, labeller, cfg, pairs, eval_set, rng, progress):
+    """SFT before RL: fine-tune a copy of `base` on cfg.sft_instructions demonstrations (the right
+    answers), then the demo's RLHF stage (against the same reward model, KL leash to the SFT model)
+    and its DPO stage (the same pairs, the SFT model as reference) from it. -> {sft, sft_rlhf, sft_dpo},
+    each measured as the stages are (KL to the base)."""
+    sft = base.copy()
+    train_sft(sft, *demonstrations(world.instructions(cfg.sft_instructions, rng)), cfg.sft.epochs, cfg.sft.batch,
+              cfg.sft.lr, rng)
+    run = train_policy(sft, copy_rm(rm), WorldTasks(world, labeller), cfg.policy, pairs, rng, cfg.reward, progress,
+                       "sft rlhf")
+    dpo = sft.copy()
+    train_dpo(dpo, sft, pairs, cfg.dpo.epochs, cfg.dpo.batch, cfg.dpo.lr, cfg.dpo.beta, rng)
+    return {"sft": measured(sft, base, rm, eval_set, cfg, rng, cfg.policy.max_new_tokens),
+            "sft_rlhf": rl_result(run, cfg.policy, "centred", base, rm, eval_set, cfg, rng, demonstrations=cfg.sft_instructions),
+            "sft_dpo": measured(dpo, base, rm, eval_set, cfg, rng, cfg.policy.max_new_tokens)}
 
 
 def train_judge(world, cfg, rng, progress=True):

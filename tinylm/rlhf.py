@@ -252,6 +252,14 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations (train_sft)."""
+    epochs: int = 1
+    batch: int = 32
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
 class DPOConfig:
     epochs: int = 1
     batch: int = 32
@@ -491,20 +499,42 @@ def sequence_logprobs(model, batch):
 
 # ----------------------------------------------------------------------------- training loops
 def optimise_on_pairs(model, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
-    """optim.optimizer_step (no weight decay, gradients clipped to norm 1, constant lr) on model
-    over shuffled minibatches of pairs; loss_and_grads(PairBatch) -> (loss, grads); after_epoch(epoch),
-    if given, runs after each epoch (validation, snapshots). -> list of per-step losses."""
+    """optimise over shuffled minibatches of preference pairs: loss_and_grads(PairBatch) -> (loss, grads)."""
     pairs.validate()
+    return optimise(model, len(pairs), epochs, batch_size, lr, rng, lambda index: loss_and_grads(pairs.packed(index)),
+                    desc, after_epoch)
+
+
+def optimise(model, n, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
+    """optim.optimizer_step (no weight decay, gradients clipped to norm 1, constant lr) on model
+    over shuffled minibatches of n items; loss_and_grads(index) -> (loss, grads) for the items at
+    index; after_epoch(epoch), if given, runs after each epoch (validation, snapshots).
+    -> list of per-step losses."""
     opt, schedule = adamw_init(model.params), Schedule.constant(lr)
     losses = []
     for epoch in tqdm(range(epochs), desc=desc, disable=None, leave=False):
-        for index in np.array_split(rng.permutation(len(pairs)), max(1, -(-len(pairs) // batch_size))):
-            loss, grads = loss_and_grads(pairs.packed(index))
+        for index in np.array_split(rng.permutation(n), max(1, -(-n // batch_size))):
+            loss, grads = loss_and_grads(index)
             optimizer_step(model, grads, opt, schedule, 1.0, weight_decay=0.0, loss=loss)
             losses.append(loss)
         if after_epoch is not None:
             after_epoch(epoch)
     return losses
+
+
+def train_sft(model, prompts, demonstrations, epochs, batch_size, lr, rng):
+    """Supervised fine-tuning: the core's next-token cross-entropy (GPT.loss_and_grads, a mean over
+    the valid targets) on demonstration responses only — the prompt tokens get target −1, so the
+    model learns to answer, not to write instructions. prompts, demonstrations: lists of 1-D ids.
+    -> list of per-step losses."""
+    if not prompts or len(prompts) != len(demonstrations):
+        raise ValueError(f"SFT needs one demonstration per prompt and at least one: got {len(prompts)} prompts "
+                         f"and {len(demonstrations)} demonstrations")
+
+    def loss_and_grads(index):
+        batch = pack([prompts[i] for i in index], [demonstrations[i] for i in index])
+        return model.loss_and_grads(*response_targets(batch.idx, batch.lengths, batch.starts))
+    return optimise(model, len(prompts), epochs, batch_size, lr, rng, loss_and_grads, "sft")
 
 
 def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch=None):

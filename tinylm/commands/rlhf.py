@@ -5,6 +5,7 @@ built-in instruction world:
     pairs   sample two responses per instruction, the labeller picks -> pairs .json
     reward  train a reward model on pairs (Bradley–Terry)          -> RM checkpoint
     policy  REINFORCE / PPO-clip / GRPO + KL leash against an RM   -> LM checkpoint + metrics.jsonl
+    sft     supervised fine-tuning on demonstrations (right answers) -> LM checkpoint
     dpo     DPO on pairs                                           -> LM checkpoint + metrics.jsonl
     eval    labeller success, mean RM score and KL of a policy on held-out instructions
     compare REINFORCE-LOO, PPO-clip, GRPO, adaptive KL and best-of-n from scratch, over seeds
@@ -67,6 +68,13 @@ def add_parser(sub):
     s.add_argument("--pairs", required=True, help="pairs file (from `rlhf pairs`) whose responses the judge labels")
     s.add_argument("--out", required=True, help="pairs file (.json) to write with the judge's labels (must not exist)")
     s.add_argument("--steps", type=positive(int), default=600, help="pretraining steps of the judge")
+
+    s = step("sft", "supervised fine-tuning on demonstrations (the world's right answers)", run_sft)
+    s.add_argument("--model", required=True, help="the LM to fine-tune")
+    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
+    s.add_argument("--instructions", type=positive(int), default=2000, help="demonstrations (one per instruction)")
+    s.add_argument("--epochs", type=positive(int), default=1, help="passes over the demonstrations")
+    s.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
 
     add_policy_flags(step("policy", "REINFORCE with a KL penalty to the starting LM", run_policy))
 
@@ -257,6 +265,18 @@ def run_policy(args):
     print(f"last {len(last)} steps: reward {np.mean([h['reward'] for h in last]):.3f}, "
           f"KL {np.mean([h['kl'] for h in last]):.3f}, sample success {np.mean([h['success'] for h in last]):.3f}")
     save_with_metrics(args.out, run.policy.save_pretrained, run.history, POLICY_PANELS, args.plot)
+
+
+def run_sft(args):
+    from tinylm.environment import demonstrations
+    from tinylm.rlhf import train_sft
+    fresh(args.out)
+    world, rng = world_and_rng(args)
+    model = load_lm(args.model)
+    losses = train_sft(model, *demonstrations(world.instructions(args.instructions, rng)), args.epochs, 32, args.lr, rng)
+    print(f"SFT cross-entropy {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} nats per response token on "
+          f"{args.instructions} demonstrations")
+    save_atomically(args.out, model.save_pretrained)
 
 
 def run_dpo(args):
