@@ -56,3 +56,22 @@ def test_experiment_commands_refuse_existing_outputs_before_any_work(tmp_path, c
     for name in ("compare", "goodhart"):
         assert main(["rlhf", name, "--quick", "--json", str(existing)]) == 2
         assert "already exists" in capsys.readouterr().err
+
+
+def test_the_labeller_as_reward_scores_each_sequence_and_counts_its_queries():
+    from tinylm.environment import TOKENIZER, LabellerReward, encode_prompts
+    from tinylm.reward import pack
+    instructions = [("rev", "cab"), ("rev", "cab"), ("srt", "ca"), ("len", "abc")]
+    responses = [TOKENIZER.encode(r) for r in ("bac", "abc", "ac:", "4")]
+    batch = pack(encode_prompts(instructions), responses)
+    reward = LabellerReward()
+    assert reward.rewards(batch.idx, batch.lengths).tolist() == [1.0, 0.5, 0.5, 0.0]   # "ac:" is one edit away
+    assert reward.queries == 4
+
+
+def test_label_budgets_buy_pairs_for_the_rm_and_dpo_and_queries_for_the_direct_run():
+    from tinylm.experiments import LabelsConfig, run_labels
+    results = run_labels(LabelsConfig(demo=MICRO, budgets=(64,), direct_prompts_per_step=2), [0], progress=False)
+    b = results["seeds"]["0"]["budgets"]["64"]
+    assert b["direct_queries"] == 64 and b["direct_steps"] == 8 and 0 < b["pairs"] <= 64
+    assert set(results["budgets"]["64"]) >= {"rm_pg_success", "dpo_success", "direct_pg_success", "pairs"}

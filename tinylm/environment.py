@@ -114,6 +114,28 @@ class WorldTasks:
         return successes(instructions, responses)
 
 
+class LabellerReward:
+    """The labeller queried directly as the reward: score(task, letters, response) of every sequence
+    (1 exact, 0.5 near miss, 0 unrelated), read back from the token ids — the "human in the loop at
+    every step". Has RewardModel's rewards() and check_vocab(), so train_policy takes it in an RM's
+    place; `queries` counts the responses it scored."""
+
+    def __init__(self):
+        self.queries = 0
+
+    def check_vocab(self, policy_config):
+        if policy_config.vocab_size != TOKENIZER.vocab_size:
+            raise ValueError(f"the labeller reads byte-tokenized text (vocab_size {TOKENIZER.vocab_size}), "
+                             f"not vocab_size={policy_config.vocab_size}")
+
+    def rewards(self, idx, lengths):
+        self.queries += len(idx)
+        texts = [TOKENIZER.decode(row[:n]) for row, n in zip(idx, lengths)]
+        # "task letters:response": the instruction ends at its first ':' (letters never contain one)
+        parts = [(text.split(":", 1)[0].split(" "), text.split(":", 1)[1]) for text in texts]
+        return np.array([score(task, letters, response) for (task, letters), response in parts])
+
+
 # ----------------------------------------------------------------------------- measurement
 def evaluate(policy, reference, rm, instructions, samples, max_new_tokens, rng):
     """Sample `samples` responses per instruction at temperature 1 and measure: the labeller's

@@ -12,11 +12,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .environment import (TOKENIZER, PretrainConfig, WorldTasks, encode_prompts, evaluate, reference_responses,
-                          successes)
+from .environment import (TOKENIZER, LabellerReward, PretrainConfig, WorldTasks, encode_prompts, evaluate, make_pairs,
+                          pretrain_base, reference_responses, successes)
 from .pipeline import DemoConfig, mean_and_sd, prepare, train_demo_rm
 from .reward import pack
-from .rlhf import PolicyConfig, RewardConfig, best_of_n, train_policy
+from .rlhf import PolicyConfig, RewardConfig, best_of_n, train_dpo, train_policy
+from .world import Labeller, World
 
 COMPARE_RUNS = {
     "reinforce_loo": {},
@@ -242,6 +243,107 @@ def plot_goodhart(results, path):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- label efficiency
+@dataclass
+class LabelsConfig:
+    """Equal budgets of labeller comparisons for three uses of the labeller: pairs -> reward model ->
+    policy gradient; the same pairs -> DPO; and the labeller's score as the policy's reward, queried
+    once per sample (as many samples as the budget buys)."""
+    demo: DemoConfig = field(default_factory=lambda: DemoConfig(
+        pretrain=PretrainConfig(steps=1200), heldout_pair_instructions=300, reward=RewardConfig(epochs=4),
+        policy=PolicyConfig(steps=40, prompts_per_step=16), eval_instructions=300))
+    budgets: tuple = (50, 100, 200, 400, 800)
+    direct_prompts_per_step: int = 4             # the direct labeller run: 4 × k samples per step, steps = budget / that
+
+
+QUICK_LABELS = LabelsConfig(demo=replace(QUICK_COMPARE.demo, heldout_pair_instructions=100), budgets=(50, 200))
+
+
+def run_labels_seed(cfg, seed, progress=True):
+    """One seed: one base; per budget B, B labeller comparisons (ties give no pair) train a reward
+    model for a policy gradient run and DPO, and a policy-gradient run whose reward is the labeller
+    itself takes B / (prompts × k) steps. -> per budget and method: held-out success, queries."""
+    t0 = time.perf_counter()
+    demo = replace(cfg.demo, seed=seed)
+    rng = np.random.default_rng(seed)
+    world, labeller = World(seed=seed, p_follow=demo.p_follow), Labeller(demo.label_noise, seed=seed)
+    max_new = demo.policy.max_new_tokens
+    base = pretrain_base(world, demo.model, demo.pretrain, seed, rng, progress)
+    heldout = make_pairs(base, world.instructions(demo.heldout_pair_instructions, rng, heldout=True), labeller, max_new, rng)
+    eval_set = world.instructions(demo.eval_instructions, rng, heldout=True)
+    tasks, out = WorldTasks(world, labeller), {}
+    for budget in cfg.budgets:
+        pairs = make_pairs(base, world.instructions(budget, rng), labeller, max_new, rng)
+        trained = train_demo_rm(base, pairs, heldout, demo, rng)
+        trained.rm.centre(*reference_responses(base, world, demo.centre_instructions, max_new, rng))
+        rm_run = train_policy(base, trained.rm, tasks, demo.policy, pairs, rng, demo.reward, progress, f"rm {budget}")
+        dpo = base.copy()
+        train_dpo(dpo, base, pairs, demo.dpo.epochs, demo.dpo.batch, demo.dpo.lr, demo.dpo.beta, rng)
+        direct = LabellerReward()
+        per_step = cfg.direct_prompts_per_step * demo.policy.samples_per_prompt
+        direct_cfg = replace(demo.policy, prompts_per_step=cfg.direct_prompts_per_step, steps=max(1, budget // per_step))
+        direct_run = train_policy(base, direct, tasks, direct_cfg, pairs, rng, demo.reward, progress, f"labeller {budget}")
+        out[str(budget)] = {"pairs": len(pairs), "rm_heldout_accuracy": trained.heldout_accuracy,
+                            "direct_queries": direct.queries, "direct_steps": direct_cfg.steps,
+                            **{f"{name}_success": evaluate(model, base, trained.rm, eval_set, demo.eval_samples, max_new,
+                                                           rng)["success"]
+                               for name, model in (("rm_pg", rm_run.policy), ("dpo", dpo), ("direct_pg", direct_run.policy))}}
+    out["base_success"] = evaluate(base, base, trained.rm, eval_set, demo.eval_samples, max_new, rng)["success"]
+    return {"budgets": out, "seconds": time.perf_counter() - t0}
+
+
+def run_labels(cfg, seeds, progress=True):
+    """run_labels_seed per seed -> summarise_labels."""
+    return summarise_labels({str(s): run_labels_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+
+
+def summarise_labels(per_seed, config):
+    """{seed: run_labels_seed's result} -> per budget the mean ± sd of every number."""
+    keys = [k for k in next(iter(per_seed.values()))["budgets"] if k != "base_success"]
+    summary = {k: mean_and_sd({s: r["budgets"][k] for s, r in per_seed.items()}) for k in keys}
+    return {"budgets": summary, "base_success": mean_and_sd({s: {"v": r["budgets"]["base_success"]}
+                                                             for s, r in per_seed.items()}),
+            "seeds": per_seed, "config": {**config, "seeds": [int(s) for s in per_seed]},
+            "seconds": float(sum(r["seconds"] for r in per_seed.values()))}
+
+
+def labels_table(results):
+    def cell(m, key):
+        sd = m.get(f"{key}_sd")
+        return f"{m[key]:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+    rows = ["| labeller comparisons | pairs (no ties) | RM held-out acc | RM + policy gradient | DPO | policy gradient on "
+            "the labeller | its labeller queries |", "|---|---|---|---|---|---|---|"]
+    for budget, m in results["budgets"].items():
+        rows.append(f"| {budget} | {m['pairs']:.0f} | {cell(m, 'rm_heldout_accuracy')} | {cell(m, 'rm_pg_success')} | "
+                    f"{cell(m, 'dpo_success')} | {cell(m, 'direct_pg_success')} | {m['direct_queries']:.0f} |")
+    rows.append(f"labeller success on held-out instructions; base {cell(results['base_success'], 'v')}; seeds "
+                f"{','.join(map(str, results['config']['seeds']))}; {results['seconds']:.0f} s")
+    return "\n".join(rows)
+
+
+def plot_labels(results, path):
+    """Held-out success against labeller comparisons (log scale), mean ± sd over seeds, per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    budgets = [int(b) for b in results["budgets"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("rm_pg", "reward model + policy gradient"), ("dpo", "DPO on the same pairs"),
+                       ("direct_pg", "policy gradient on the labeller (budget = queries)")):
+        m = [results["budgets"][str(b)] for b in budgets]
+        ax.errorbar(budgets, [x[f"{key}_success"] for x in m], yerr=[x[f"{key}_success_sd"] or 0 for x in m],
+                    marker="o", capsize=3, label=label)
+    ax.axhline(results["base_success"]["v"], color="grey", ls=":", label="base")
+    ax.set_xscale("log")
+    ax.set_xlabel("labeller comparisons (queries)")
+    ax.set_ylabel("labeller success (held-out)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 class Experiment(NamedTuple):
     """What `tinylm rlhf NAME` runs: the default config (a class), the --quick one, the runner over
     seeds, the summary of per-seed results (bench/experiment_table.py merges runs with it), the
@@ -257,4 +359,5 @@ class Experiment(NamedTuple):
 EXPERIMENTS = {"compare": Experiment(CompareConfig, QUICK_COMPARE, run_compare, summarise_compare, compare_table,
                                      plot_compare),
                "goodhart": Experiment(GoodhartConfig, QUICK_GOODHART, run_goodhart, summarise_goodhart, goodhart_table,
-                                      plot_goodhart)}
+                                      plot_goodhart),
+               "labels": Experiment(LabelsConfig, QUICK_LABELS, run_labels, summarise_labels, labels_table, plot_labels)}

@@ -10,6 +10,7 @@ built-in instruction world:
     eval    labeller success, mean RM score and KL of a policy on held-out instructions
     compare REINFORCE-LOO, PPO-clip, GRPO, adaptive KL and best-of-n from scratch, over seeds
     goodhart  the over-optimisation curve: proxy RM score and gold success against √KL, β = 0
+    labels  label efficiency at equal labeller comparisons: RM + policy gradient, DPO, the labeller as reward
 
 LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); --model also takes a
 `tinylm pretrain` run directory (its latest checkpoint). A reward model is an LM directory plus
@@ -97,6 +98,9 @@ def add_parser(sub):
     add_experiment_flags(s, "0-4")
     s = step("goodhart", "over-optimisation: β = 0 policies against reward models on fewer or more pairs; proxy "
              "and gold vs √KL", run_goodhart)
+    add_experiment_flags(s, "0-4")
+    s = step("labels", "label efficiency: RM + policy gradient vs DPO vs policy gradient on the labeller itself, "
+             "at equal labeller comparisons", run_labels)
     add_experiment_flags(s, "0-4")
     for s in steps.choices.values():
         if s.get_default("func") in EXPERIMENT_STEPS:
@@ -324,7 +328,11 @@ def run_goodhart(args):
     run_experiment(args, "goodhart")
 
 
-EXPERIMENT_STEPS = (run_compare, run_goodhart)
+def run_labels(args):
+    run_experiment(args, "labels")
+
+
+EXPERIMENT_STEPS = (run_compare, run_goodhart, run_labels)
 
 
 def run_eval(args):
