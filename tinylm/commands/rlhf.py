@@ -70,13 +70,7 @@ def add_parser(sub):
     s.add_argument("--out", required=True, help="pairs file (.json) to write with the judge's labels (must not exist)")
     s.add_argument("--steps", type=positive(int), default=600, help="pretraining steps of the judge")
 
-    s = step("sft", "supervised fine-tuning on demonstrations (the world's right answers)", run_sft)
-    s.add_argument("--model", required=True, help="the LM to fine-tune")
-    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
-    s.add_argument("--instructions", type=positive(int), default=2000, help="demonstrations (one per instruction)")
-    s.add_argument("--epochs", type=positive(int), default=1, help="passes over the demonstrations")
-    s.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
-
+    add_sft_flags(step("sft", "supervised fine-tuning on demonstrations (the world's right answers)", run_sft))
     add_policy_flags(step("policy", "REINFORCE with a KL penalty to the starting LM", run_policy))
 
     s = step("dpo", "direct preference optimisation on pairs", run_dpo)
@@ -93,19 +87,31 @@ def add_parser(sub):
     s.add_argument("--reference", required=True, help="the LM the KL is measured against")
     s.add_argument("--reward", required=True, help="reward model directory (the proxy score)")
     s.add_argument("--instructions", type=positive(int), default=300, help="held-out instructions (2 samples each)")
-    s = step("compare", "REINFORCE-LOO vs PPO-clip vs GRPO vs adaptive KL vs best-of-n, from scratch, over seeds",
-             run_compare)
-    add_experiment_flags(s, "0-4")
-    s = step("goodhart", "over-optimisation: β = 0 policies against reward models on fewer or more pairs; proxy "
-             "and gold vs √KL", run_goodhart)
-    add_experiment_flags(s, "0-4")
-    s = step("labels", "label efficiency: RM + policy gradient vs DPO vs policy gradient on the labeller itself, "
-             "at equal labeller comparisons", run_labels)
-    add_experiment_flags(s, "0-4")
+    add_experiment_steps(step)
     for s in steps.choices.values():
         if s.get_default("func") in EXPERIMENT_STEPS:
             continue
         s.add_argument("--seed", type=at_least(0), default=0, help="random seed (sampling, shuffling, labeller noise)")
+
+
+def add_sft_flags(s):
+    s.add_argument("--model", required=True, help="the LM to fine-tune")
+    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
+    s.add_argument("--instructions", type=positive(int), default=2000, help="demonstrations (one per instruction)")
+    s.add_argument("--epochs", type=positive(int), default=1, help="passes over the demonstrations")
+    s.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
+
+
+def add_experiment_steps(step):
+    """The experiments: each one command, from scratch over seeds, with --quick, --json and --plot."""
+    for name, help, func in (
+            ("compare", "REINFORCE-LOO vs PPO-clip vs GRPO vs adaptive KL vs best-of-n, from scratch, over seeds",
+             run_compare),
+            ("goodhart", "over-optimisation: β = 0 policies against reward models on fewer or more pairs; proxy "
+             "and gold vs √KL", run_goodhart),
+            ("labels", "label efficiency: RM + policy gradient vs DPO vs policy gradient on the labeller itself, "
+             "at equal labeller comparisons", run_labels)):
+        add_experiment_flags(step(name, help, func), "0-4")
 
 
 def add_experiment_flags(s, seeds):
