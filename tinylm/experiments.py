@@ -137,8 +137,8 @@ def plot_compare(results, path):
 class GoodhartConfig:
     """The policy pushed against reward models trained on more or fewer pairs, with no KL leash."""
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(
-        pretrain=PretrainConfig(steps=1500), pair_instructions=4000, heldout_pair_instructions=500,
-        reward=RewardConfig(epochs=3), policy=PolicyConfig(beta=0.0, steps=200, prompts_per_step=16, lr=5e-4)))
+        pretrain=PretrainConfig(steps=1200), pair_instructions=3000, heldout_pair_instructions=500,
+        reward=RewardConfig(epochs=3), policy=PolicyConfig(beta=0.0, steps=150, prompts_per_step=16, lr=5e-4)))
     train_pairs: tuple = (100, 400, None)        # None: every pair
     window: int = 10                             # steps per logged point (means over the window)
 
