@@ -137,8 +137,8 @@ def plot_compare(results, path):
 class GoodhartConfig:
     """The policy pushed against reward models trained on more or fewer pairs, with no KL leash."""
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(
-        pretrain=PretrainConfig(steps=1200), pair_instructions=3000, heldout_pair_instructions=500,
-        reward=RewardConfig(epochs=3), policy=PolicyConfig(beta=0.0, steps=150, prompts_per_step=16, lr=5e-4)))
+        pair_instructions=3000, heldout_pair_instructions=500,
+        policy=PolicyConfig(beta=0.0, steps=150, prompts_per_step=16, lr=5e-4)))
     train_pairs: tuple = (100, 400, None)        # None: every pair
     window: int = 10                             # steps per logged point (means over the window)
 
@@ -250,8 +250,7 @@ class LabelsConfig:
     policy gradient; the same pairs -> DPO; and the labeller's score as the policy's reward, queried
     once per sample (as many samples as the budget buys)."""
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(
-        pretrain=PretrainConfig(steps=1200), heldout_pair_instructions=300, reward=RewardConfig(epochs=4),
-        policy=PolicyConfig(steps=40, prompts_per_step=16), eval_instructions=300))
+        heldout_pair_instructions=500, policy=PolicyConfig(steps=60, prompts_per_step=32)))
     budgets: tuple = (50, 100, 200, 400, 800)
     direct_prompts_per_step: int = 4             # the direct labeller run: 4 × k samples per step, steps = budget / that
 
