@@ -137,7 +137,9 @@ def run_demo(cfg, progress=True):
     """Every stage from scratch for one seed; -> results dict (the JSON schema of `tinylm demo --json`)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
-    world, labeller, base, pairs, pair_comparisons, heldout_pairs, trained, rm, raw_rm, shift = prepare(cfg, rng, progress)
+    prep = prepare(cfg, rng, progress)
+    world, labeller, base, pairs, rm, trained = prep.world, prep.labeller, prep.base, prep.pairs, prep.rm, prep.trained
+    pair_comparisons, heldout_pairs, shift = prep.pair_comparisons, prep.heldout_pairs, prep.shift
     max_new = cfg.policy.max_new_tokens
     before = labeller.comparisons
     rlhf = train_policy(base, copy_rm(rm), WorldTasks(world, labeller), cfg.policy, pairs, rng, cfg.reward, progress)
@@ -159,7 +161,7 @@ def run_demo(cfg, progress=True):
                                 "best_epoch": 1 + int(np.argmax(trained.validation_accuracy))},
                "labels": labels, "history": {"rlhf": rlhf.history}}
     if cfg.experiments:
-        results["experiments"] = run_experiments(base, {"raw": raw_rm, "centred": rm}, world, labeller, cfg, pairs,
+        results["experiments"] = run_experiments(base, {"raw": prep.raw_rm, "centred": rm}, world, labeller, cfg, pairs,
                                                  eval_set, rng, progress)
         if "judge" in cfg.experiments:
             results["experiments"]["judge"] = run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress)
