@@ -49,8 +49,9 @@ def main(paths):
     for name in names:
         have = [s for s in seeds if name in runs[s].get("experiments", {})]
         e = [runs[s]["experiments"][name] for s in have]
-        print(f"| {name} | {','.join(map(str, have))} | " + " | ".join(
-            mean_sd([x[k] for x in e]) for k in ("success", "reward", "kl", "correct_pushed_down")) + " |")
+        print(f"| {name} | {','.join(map(str, have))} | " + " | ".join(   # SFT and DPO rows push nothing down
+            mean_sd([x[k] for x in e]) if all(x.get(k) is not None for x in e) else "—"
+            for k in ("success", "reward", "kl", "correct_pushed_down")) + " |")
         per_seed = " / ".join(f"{x['success']:.3f}" for x in e)
         print(f"|   per seed success | | {per_seed} | | | |")
 

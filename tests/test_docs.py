@@ -6,8 +6,10 @@ Conventions the pages follow (docs/index.md says them too):
   [`GPT.loss_and_grads`](../tinylm/model.py#L351) — line nn must define that symbol (`def`/`class`);
 - a command block is a ```console fence: lines starting with `$ ` are commands, the other lines are
   output. The pages are run in order in one temporary directory (a later page may use what an earlier
-  one made, as a reader following the tour would), `tinylm` meaning this checkout's `python -m tinylm`. Each
-  shown output line must appear in the real output, in order, with every number free to differ
+  one made, as a reader following the tour would), `tinylm` meaning this checkout's `python -m tinylm`
+  and `python bench/x.py` this checkout's bench script. Each
+  shown output line must appear in the real output, in order, with every number (and the width of
+  every run of spaces) free to differ
   (results move with BLAS threads and machines; the *shape* of the output may not), unless the line
   ends with `  # exact`. A line `...` stands for any number of lines.
 
@@ -68,7 +70,9 @@ def pattern(shown):
         return re.compile(re.escape(shown[: -len("  # exact")].rstrip()))
     parts = NUMBER.split(shown)
     numbers = len(parts) - 1
-    body = "".join(re.escape(p) + (NUMBER.pattern if i < numbers else "") for i, p in enumerate(parts))
+    # a run of spaces matches any run (numbers padded to a width, e.g. f"{x:8.1f}", change it)
+    body = "".join(re.sub(r"(?:\\ )+", " +", re.escape(p)) + (NUMBER.pattern if i < numbers else "")
+                   for i, p in enumerate(parts))
     return re.compile(body)
 
 
@@ -136,7 +140,10 @@ def tour_dir(tmp_path_factory):
 def test_every_documented_command_prints_what_the_page_shows(page, command, shown, tour_dir):
     argv = shlex.split(command)
     assert argv[0] in ("tinylm", "python"), f"{page.name}: unexpected command {command!r}"
-    argv = [sys.executable, "-m", "tinylm", *argv[1:]] if argv[0] == "tinylm" else [sys.executable, *argv[1:]]
+    if argv[0] == "tinylm":
+        argv = [sys.executable, "-m", "tinylm", *argv[1:]]
+    else:                                # a bench script of this checkout, run from the tour directory
+        argv = [sys.executable, *(str(ROOT / a) if a.startswith("bench/") else a for a in argv[1:])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
     done = subprocess.run(argv, cwd=tour_dir, env=env, capture_output=True, text=True, timeout=1200)
     output = (done.stdout + done.stderr).splitlines()

@@ -241,7 +241,7 @@ def test_dpo_loss_and_gradients_equal_torch():
     policy, reference = tinylm_model(0), tinylm_model(1)
     hf, hf_ref = hf_model(policy), hf_model(reference)
     batch = preferences(np.random.default_rng(4), 5).packed()
-    loss, grads, _ = dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)
+    loss, grads = dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)[:2]
     def logp(model, sequences):
         return torch_token_logprobs(model, *response_targets(*sequences, batch.starts)).sum(1)
     with torch.no_grad():

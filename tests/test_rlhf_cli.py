@@ -39,6 +39,40 @@ def test_steps_chain_on_checkpoints(steps, tmp_path, capsys):
     assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_policy_and_dpo_write_their_diagnostics_and_plot_them(algorithm, steps, tmp_path, capsys):
+    """metrics.jsonl per step (TRL's diagnostics): the policy's reward, KL, β (adaptive here: it
+    moves) and clip fraction; DPO's chosen/rejected log-probs, implicit rewards, margin and accuracy,
+    starting at ln 2 with margin 0."""
+    from tinylm.run_log import read_metrics
+    out = tmp_path / "policy"
+    assert main(["rlhf", "policy", "--model", steps["base"], "--reward", steps["rm"], "--out", str(out), "--steps", "3",
+                 "--prompts-per-step", "4", "--algorithm", algorithm, "--ppo-epochs", "2", "--kl-target", "0.5",
+                 "--plot"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2] and (out / "metrics.png").is_file()
+    assert all(0 <= r["clip_fraction"] <= 1 and math.isfinite(r["kl"] + r["reward"]) for r in records)
+    assert records[0]["beta"] == 0.1 and records[1]["beta"] != 0.1
+    out = tmp_path / "dpo"
+    assert main(["rlhf", "dpo", "--model", steps["base"], "--pairs", steps["pairs.json"], "--out", str(out),
+                 "--epochs", "4", "--plot"]) == 0
+    assert "implicit-reward accuracy" in capsys.readouterr().out and (out / "metrics.png").is_file()
+    records = read_metrics(out / "metrics.jsonl")       # each step's record is taken before its update
+    first = records[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-5) and first["logp_chosen"] < 0
+    assert records[-1]["reward_margin"] > 0 and records[-1]["reward_accuracy"] > 0.5
+
+
+def test_sft_writes_a_checkpoint_that_answers_better(steps, tmp_path, capsys):
+    out = str(tmp_path / "sft")
+    assert main(["rlhf", "sft", "--model", steps["base"], "--out", out, "--instructions", "320", "--epochs", "2"]) == 0
+    assert "SFT cross-entropy" in capsys.readouterr().out
+    assert main(["rlhf", "eval", "--model", out, "--reference", steps["base"], "--reward", steps["rm"],
+                 "--instructions", "40"]) == 0
+    assert "KL to reference" in capsys.readouterr().out
+
+
 def test_policy_with_the_raw_rule_and_a_centred_reward_model(steps, tmp_path, capsys):
     """The lecture's rule from the CLI: no baseline, one sample per instruction, the reward model
     first centred on the starting LM's responses."""

@@ -225,7 +225,7 @@ def test_dpo_returns_the_chosen_log_ratio_and_float32_gradients():
     policy = tiny_lm()
     batch = pairs_of(3).packed()
     ref_terms = rlhf.sequence_logprobs(policy, batch)
-    loss, grads, ratio = rlhf.dpo_loss_and_grads(policy, batch, ref_terms, 0.1)
+    loss, grads, ratio = rlhf.dpo_loss_and_grads(policy, batch, ref_terms, 0.1)[:3]
     np.testing.assert_allclose(ratio, 0.0, atol=1e-5)
     assert {g.dtype for g in grads.values()} == {np.dtype("float32")}
     shifted = (ref_terms[0] - 1.5, ref_terms[1])

@@ -14,7 +14,7 @@ from .reward import pack
 from .rlhf import Preferences, response_targets, sample_responses
 from .tokenizer import ByteTokenizer
 from .train import train_step
-from .world import Labeller, instruction, score
+from .world import Labeller, answer, instruction, score
 
 TOKENIZER = ByteTokenizer()
 
@@ -73,6 +73,14 @@ def label_pairs(labeller, instructions, prompts, first, second):
     return pairs
 
 
+def demonstrations(instructions):
+    """What the world can write for supervised fine-tuning: each instruction's right answer ending in
+    end-of-text — the completion the labeller prefers to every other (it alone scores 1).
+    -> (prompt ids, response ids), one each per instruction."""
+    return encode_prompts(instructions), [np.append(TOKENIZER.encode(answer(t, s)), TOKENIZER.eot_id)
+                                          for t, s in instructions]
+
+
 def true_order(pairs):
     """The same pairs with the label noise removed: chosen is the response with the higher score."""
     flipped = [score(t, s, TOKENIZER.decode(w)) < score(t, s, TOKENIZER.decode(l))
@@ -104,6 +112,28 @@ class WorldTasks:
 
     def success(self, instructions, responses):
         return successes(instructions, responses)
+
+
+class LabellerReward:
+    """The labeller queried directly as the reward: score(task, letters, response) of every sequence
+    (1 exact, 0.5 near miss, 0 unrelated), read back from the token ids — the "human in the loop at
+    every step". Has RewardModel's rewards() and check_vocab(), so train_policy takes it in an RM's
+    place; `queries` counts the responses it scored."""
+
+    def __init__(self):
+        self.queries = 0
+
+    def check_vocab(self, policy_config):
+        if policy_config.vocab_size != TOKENIZER.vocab_size:
+            raise ValueError(f"the labeller reads byte-tokenized text (vocab_size {TOKENIZER.vocab_size}), "
+                             f"not vocab_size={policy_config.vocab_size}")
+
+    def rewards(self, idx, lengths):
+        self.queries += len(idx)
+        texts = [TOKENIZER.decode(row[:n]) for row, n in zip(idx, lengths)]
+        # "task letters:response": the instruction ends at its first ':' (letters never contain one)
+        parts = [(text.split(":", 1)[0].split(" "), text.split(":", 1)[1]) for text in texts]
+        return np.array([score(task, letters, response) for (task, letters), response in parts])
 
 
 # ----------------------------------------------------------------------------- measurement

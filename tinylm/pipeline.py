@@ -15,13 +15,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .environment import (TOKENIZER, PretrainConfig, WorldTasks, evaluate, examples, label_pairs, make_pairs,
-                          pretrain_base, reference_responses, true_order)
+from .environment import (TOKENIZER, PretrainConfig, WorldTasks, demonstrations, evaluate, examples, label_pairs,
+                          make_pairs, pretrain_base, reference_responses, true_order)
 from .judge import JudgedExamples, LMJudge
 from .model import GPTConfig
 from .reward import RewardModel
-from .rlhf import (DPOConfig, PolicyConfig, RewardConfig, reward_model_accuracy, train_dpo, train_policy,
-                   train_reward_model_early_stopping)
+from .rlhf import (DPOConfig, PolicyConfig, RewardConfig, SFTConfig, reward_model_accuracy, train_dpo, train_policy,
+                   train_reward_model_early_stopping, train_sft)
 from .world import Labeller, World
 
 
@@ -51,7 +51,9 @@ class DemoConfig:
     eval_samples: int = 2
     centre_rm: bool = True           # shift reward_bias so the base's responses score mean 0
     centre_instructions: int = 500
-    experiments: tuple = ()          # names from EXPERIMENTS: "sign", "shift", and "judge"
+    experiments: tuple = ()          # names from EXPERIMENTS: "sign", "shift", and "judge", "sft"
+    sft: SFTConfig = field(default_factory=SFTConfig)       # the "sft" experiment: fine-tuning on ...
+    sft_instructions: int = 2000                            # ... this many demonstrations
     judge_steps: int = 600           # pretraining steps of the LM judge ("judge" experiment)
     ablation_steps: int = 300        # RL steps of the "shift" runs (2× the RLHF stage)
     ablation_rm_rounds: int = 3
@@ -101,10 +103,23 @@ def rl_result(run, pcfg, rm_name, base, rm, eval_set, cfg, rng, **extra):
             "rm_rounds": pcfg.rm_rounds, "history": run.history}
 
 
-def run_demo(cfg, progress=True):
-    """Every stage from scratch for one seed; -> results dict (the JSON schema of `tinylm demo --json`)."""
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
+class Prepared(NamedTuple):
+    """What every RL run of one seed starts from: the world, its labeller, the base LM, the labelled
+    pairs (and the comparisons they cost), the reward model trained on them (centred, and a raw copy)."""
+    world: World
+    labeller: Labeller
+    base: object
+    pairs: object
+    pair_comparisons: int
+    heldout_pairs: object
+    trained: RewardModelRun
+    rm: RewardModel
+    raw_rm: RewardModel
+    shift: float
+
+
+def prepare(cfg, rng, progress=True):
+    """The demo's first stages for cfg.seed: pretrain, label pairs, train and centre a reward model."""
     world, labeller = World(seed=cfg.seed, p_follow=cfg.p_follow), Labeller(cfg.label_noise, seed=cfg.seed)
     max_new = cfg.policy.max_new_tokens
     base = pretrain_base(world, cfg.model, cfg.pretrain, cfg.seed, rng, progress)
@@ -115,6 +130,17 @@ def run_demo(cfg, progress=True):
     trained = train_demo_rm(base, pairs, heldout_pairs, cfg, rng)
     rm, raw_rm = trained.rm, copy_rm(trained.rm)
     shift = rm.centre(*reference_responses(base, world, cfg.centre_instructions, max_new, rng)) if cfg.centre_rm else 0.0
+    return Prepared(world, labeller, base, pairs, pair_comparisons, heldout_pairs, trained, rm, raw_rm, shift)
+
+
+def run_demo(cfg, progress=True):
+    """Every stage from scratch for one seed; -> results dict (the JSON schema of `tinylm demo --json`)."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    prep = prepare(cfg, rng, progress)
+    world, labeller, base, pairs, rm, trained = prep.world, prep.labeller, prep.base, prep.pairs, prep.rm, prep.trained
+    pair_comparisons, heldout_pairs, shift = prep.pair_comparisons, prep.heldout_pairs, prep.shift
+    max_new = cfg.policy.max_new_tokens
     before = labeller.comparisons
     rlhf = train_policy(base, copy_rm(rm), WorldTasks(world, labeller), cfg.policy, pairs, rng, cfg.reward, progress)
     dpo = base.copy()
@@ -135,12 +161,14 @@ def run_demo(cfg, progress=True):
                                 "best_epoch": 1 + int(np.argmax(trained.validation_accuracy))},
                "labels": labels, "history": {"rlhf": rlhf.history}}
     if cfg.experiments:
-        results["experiments"] = run_experiments(base, {"raw": raw_rm, "centred": rm}, world, labeller, cfg, pairs,
+        results["experiments"] = run_experiments(base, {"raw": prep.raw_rm, "centred": rm}, world, labeller, cfg, pairs,
                                                  eval_set, rng, progress)
         if "judge" in cfg.experiments:
             results["experiments"]["judge"] = run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress)
             labels["judge_rlhf"] = results["experiments"]["judge"].pop("labels")
-        results["history"].update({k: v.pop("history") for k, v in results["experiments"].items()})
+        if "sft" in cfg.experiments:
+            results["experiments"].update(run_sft(base, rm, world, labeller, cfg, pairs, eval_set, rng, progress))
+        results["history"].update({k: v.pop("history") for k, v in results["experiments"].items() if "history" in v})
     results["config"] = asdict(cfg)
     results["seconds"] = time.perf_counter() - t0
     return results
@@ -166,7 +194,7 @@ def run_experiments(base, rms, world, labeller, cfg, pairs, eval_set, rng, progr
     the named reward model, measured against the centred original (the proxy it optimised, or
     started from) and the labeller (the truth)."""
     out = {}
-    for experiment in (e for e in cfg.experiments if e != "judge"):
+    for experiment in (e for e in cfg.experiments if e in EXPERIMENTS):
         for name, (rm_name, changes) in EXPERIMENTS[experiment](cfg).items():
             pcfg = replace(cfg.policy, **changes)
             run = train_policy(base, copy_rm(rms[rm_name]), WorldTasks(world, labeller), pcfg, pairs, rng, cfg.reward,
@@ -174,6 +202,23 @@ def run_experiments(base, rms, world, labeller, cfg, pairs, eval_set, rng, progr
             out[name] = rl_result(run, pcfg, rm_name, base, rms["centred"], eval_set, cfg, rng,
                                   correct_pushed_down=run.correct_pushed_down())
     return out
+
+
+def run_sft(base, rm, world, labeller, cfg, pairs, eval_set, rng, progress):
+    """SFT before RL: fine-tune a copy of `base` on cfg.sft_instructions demonstrations (the right
+    answers), then the demo's RLHF stage (against the same reward model, KL leash to the SFT model)
+    and its DPO stage (the same pairs, the SFT model as reference) from it. -> {sft, sft_rlhf, sft_dpo},
+    each measured as the stages are (KL to the base)."""
+    sft = base.copy()
+    train_sft(sft, *demonstrations(world.instructions(cfg.sft_instructions, rng)), cfg.sft.epochs, cfg.sft.batch,
+              cfg.sft.lr, rng)
+    run = train_policy(sft, copy_rm(rm), WorldTasks(world, labeller), cfg.policy, pairs, rng, cfg.reward, progress,
+                       "sft rlhf")
+    dpo = sft.copy()
+    train_dpo(dpo, sft, pairs, cfg.dpo.epochs, cfg.dpo.batch, cfg.dpo.lr, cfg.dpo.beta, rng)
+    return {"sft": measured(sft, base, rm, eval_set, cfg, rng, cfg.policy.max_new_tokens),
+            "sft_rlhf": rl_result(run, cfg.policy, "centred", base, rm, eval_set, cfg, rng, demonstrations=cfg.sft_instructions),
+            "sft_dpo": measured(dpo, base, rm, eval_set, cfg, rng, cfg.policy.max_new_tokens)}
 
 
 def train_judge(world, cfg, rng, progress=True):

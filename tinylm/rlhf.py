@@ -196,6 +196,7 @@ def check_rewards(rewards):
 
 
 BASELINES = ("none", "mean", "loo")
+ALGORITHMS = ("reinforce", "ppo", "grpo")
 
 
 @dataclass
@@ -211,6 +212,11 @@ class PolicyConfig:
     max_new_tokens: int = 7
     rm_round_instructions: int = 600    # fresh pairs labelled for each round ...
     rm_round_epochs: int = 2            # ... and the epochs the reward model trains on old + fresh pairs
+    algorithm: str = "reinforce"    # "reinforce" (one step per batch), "ppo" or "grpo" (clipped, ppo_epochs steps)
+    ppo_epochs: int = 4             # optimizer steps on each batch of samples (ppo, grpo)
+    clip_eps: float = 0.2           # ε of the clipped ratio (ppo, grpo)
+    kl_target: float = None         # adaptive β toward this KL per response (nats; Ziegler et al. 2019), or fixed β
+    kl_gain: float = 0.1            # the controller's K_β
 
     def __post_init__(self):
         if not (np.isfinite(self.beta) and self.beta >= 0):
@@ -227,6 +233,13 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rm_rounds < 0:
             raise ValueError(f"rm_rounds must be >= 0, got {self.rm_rounds}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.ppo_epochs < 1 or not 0 < self.clip_eps < 1:
+            raise ValueError(f"need ppo_epochs >= 1 and 0 < clip_eps < 1, got {self.ppo_epochs} and {self.clip_eps}")
+        if self.kl_target is not None and not (self.kl_target > 0 and self.beta > 0):
+            raise ValueError(f"an adaptive KL needs kl_target > 0 and a starting beta > 0, got {self.kl_target} "
+                             f"and {self.beta}")
 
 
 @dataclass(frozen=True)
@@ -234,6 +247,14 @@ class RewardConfig:
     """Training a reward model on preference pairs (Bradley–Terry, AdamW without decay)."""
     epochs: int = 4
     validation: float = 0.1         # share of the pairs held back to pick the best epoch (early stopping)
+    batch: int = 32
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations (train_sft)."""
+    epochs: int = 1
     batch: int = 32
     lr: float = 1e-3
 
@@ -266,22 +287,125 @@ def policy_loss_and_grads(policy, reference, inputs, targets, rewards, k, beta, 
     return PolicyLoss(float((weights * to_numpy(nll)).sum()), grads, (logratio * mask).sum(1), advantages)
 
 
-def policy_step(policy, reference, rm, opt_state, prompts, cfg, rng, eot_id, grad_clip=1.0):
-    """Sample k responses per prompt, score them with the reward model, take one optimizer step
-    (optim.optimizer_step: clipped, AdamW at cfg.lr without decay, skipped if not finite).
+# ----------------------------------------------------------------------------- PPO-clip and GRPO
+def group_normalised_advantages(rewards, k):
+    """GRPO's value-free advantage (Shao et al. 2024): each reward standardised within its group of k
+    samples of one instruction, A_i = (r_i − mean_group) / (sd_group + 1e-8); 0 for a group of equal
+    rewards (nothing to learn from it).   rewards (N,) -> (N,)"""
+    groups = rewards.reshape(-1, k)
+    return ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-8)).reshape(-1)
+
+
+class SurrogateCache(NamedTuple):
+    ratio: np.ndarray               # ρ = π / π_old per token (N, T)
+    advantages: np.ndarray          # A per token (N, T), 0 off the response
+    unclipped: np.ndarray           # 1 where the min takes ρ·A (the branch with a gradient)
+    n: int                          # samples: the loss is a mean over them
+
+
+def clipped_surrogate_forward(logp, logp_old, advantages, eps):
+    """PPO's clipped objective as a loss (Schulman et al. 2017), summed over a sample's tokens:
+
+        ρ_t = exp(log π(y_t) − log π_old(y_t)),   loss = −(1/N) Σ_{i,t} min(ρ_t·A_t, clip(ρ_t, 1−ε, 1+ε)·A_t)
+
+    logp, logp_old, advantages (N, T), advantages 0 off the response -> loss, SurrogateCache."""
+    ratio = np.exp(logp - logp_old)
+    unclipped, clipped = ratio * advantages, np.clip(ratio, 1 - eps, 1 + eps) * advantages
+    # The min picks the clipped branch (gradient 0) only where clipping lowers the objective: A > 0
+    # with ρ > 1 + ε (already raised enough) or A < 0 with ρ < 1 − ε (already lowered enough). On the
+    # other side (A > 0, ρ < 1 − ε) the unclipped branch is the smaller: the pessimistic bound keeps pushing.
+    return (-float(np.minimum(unclipped, clipped).sum()) / len(logp),
+            SurrogateCache(ratio, advantages, (unclipped <= clipped).astype(np.float64), len(logp)))
+
+
+def clipped_surrogate_backward(cache):
+    """-> ∂loss/∂log π (N, T) = −ρ·A·[unclipped]/N   (∂ρ/∂log π = ρ)."""
+    return -cache.ratio * cache.advantages * cache.unclipped / cache.n
+
+
+class ClippedLoss(NamedTuple):
+    loss: float
+    grads: dict
+    clip_fraction: float            # share of response tokens whose clipped branch was taken
+
+
+def clipped_loss_and_grads(policy, inputs, targets, token_advantages, logp_old, eps):
+    """The clipped surrogate on one batch of the policy's samples; token_advantages and logp_old
+    (N, T) were frozen when the samples were drawn. -> ClippedLoss."""
+    mask = targets >= 0
+    nll, cache = policy.token_nll(inputs, targets)
+    logp = -to_numpy(nll).astype(np.float64)
+    loss, c = clipped_surrogate_forward(logp, logp_old, token_advantages, eps)
+    dnll = -clipped_surrogate_backward(c) * mask                 # ∂loss/∂(−log π) per token
+    grads = policy.nll_backward(policy.xp.asarray(dnll, dtype=policy.config.dtype), cache)
+    return ClippedLoss(loss, grads, float(1 - c.unclipped[mask].mean()))
+
+
+def adaptive_kl_beta(beta, kl, target, gain=0.1):
+    """Ziegler et al. 2019's proportional controller: e = clip(KL/target − 1, −0.2, 0.2),
+    β ← β·(1 + gain·e): a KL above the target tightens the leash, one below loosens it."""
+    return beta * (1 + gain * float(np.clip(kl / target - 1, -0.2, 0.2)))
+
+
+def best_of_n(policy, rm, prompts, n, max_new_tokens, temperature, rng, eot_id):
+    """The no-training baseline: n samples per prompt, keep the one the reward model scores highest.
+    -> one response per prompt (n·len(prompts) reward-model scores)."""
+    repeated = [p for p in prompts for _ in range(n)]
+    responses = sample_responses(policy, repeated, max_new_tokens, temperature, rng, eot_id)
+    batch = pack(repeated, responses)
+    best = rm.rewards(batch.idx, batch.lengths).reshape(-1, n).argmax(1)
+    return [responses[i * n + j] for i, j in enumerate(best)]
+
+
+def policy_step(policy, reference, rm, opt_state, prompts, cfg, rng, eot_id, grad_clip=1.0, beta=None):
+    """Sample k responses per prompt, score them with the reward model, then update the policy
+    (optim.optimizer_step: clipped, AdamW at cfg.lr without decay, skipped if not finite): one step
+    of REINFORCE, or cfg.ppo_epochs steps of the clipped surrogate (clipped_update). beta: the KL
+    weight (default cfg.beta; the adaptive controller passes its own).
     -> dict with the mean reward, KL estimate, the samples (for logging and RM retraining) and
     each sample's advantage r − b (its sign: pushed up or down by the reward term)."""
     rm.check_vocab(policy.config)
+    beta = cfg.beta if beta is None else beta
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     responses = sample_responses(policy, repeated, cfg.max_new_tokens, cfg.temperature, rng, eot_id)
     batch = pack(repeated, responses)
     rewards = rm.rewards(batch.idx, batch.lengths).astype(np.float64)
     inputs, targets = response_targets(batch.idx, batch.lengths, batch.starts)
-    out = policy_loss_and_grads(policy, reference, inputs, targets, rewards, cfg.samples_per_prompt, cfg.beta,
-                                cfg.baseline)
-    optimizer_step(policy, out.grads, opt_state, Schedule.constant(cfg.lr), grad_clip, weight_decay=0.0, loss=out.loss)
+    if cfg.algorithm == "reinforce":
+        out = policy_loss_and_grads(policy, reference, inputs, targets, rewards, cfg.samples_per_prompt, beta,
+                                    cfg.baseline)
+        optimizer_step(policy, out.grads, opt_state, Schedule.constant(cfg.lr), grad_clip, weight_decay=0.0,
+                       loss=out.loss)
+        clip_fraction = None
+    else:
+        out, clip_fraction = clipped_update(policy, reference, opt_state, inputs, targets, rewards, cfg, beta,
+                                            grad_clip)
     return {"reward": float(rewards.mean()), "kl": float(out.kl.mean()), "responses": responses,
-            "advantages": out.advantages}
+            "advantages": out.advantages, "clip_fraction": clip_fraction}
+
+
+def clipped_update(policy, reference, opt_state, inputs, targets, rewards, cfg, beta, grad_clip):
+    """PPO-clip or GRPO on one batch of samples: the sampling policy's log-probabilities and the
+    per-token advantages are frozen first, then cfg.ppo_epochs optimizer steps on the clipped
+    surrogate reuse the same samples. Advantages: ppo, r − b (cfg.baseline; no value head); grpo,
+    group_normalised_advantages; both minus the KL-to-go β·G_t of the sampling-time log-ratios, as
+    REINFORCE's weights (at ρ = 1 the first step is REINFORCE's). -> (PolicyLoss of the frozen
+    batch, the mean clip fraction over the epochs)."""
+    check_rewards(rewards)
+    mask = (targets >= 0).astype(np.float64)
+    logp_old = to_numpy(policy.token_logprobs(inputs, targets)).astype(np.float64)
+    logratio = logp_old - to_numpy(reference.token_logprobs(inputs, targets))
+    k = cfg.samples_per_prompt
+    advantages = (group_normalised_advantages(rewards, k) if cfg.algorithm == "grpo"
+                  else rewards - reward_baseline(rewards, k, cfg.baseline))
+    token_advantages = policy_token_weights(advantages, logratio, mask, beta)
+    clipped = []
+    for _ in range(cfg.ppo_epochs):
+        out = clipped_loss_and_grads(policy, inputs, targets, token_advantages, logp_old, cfg.clip_eps)
+        optimizer_step(policy, out.grads, opt_state, Schedule.constant(cfg.lr), grad_clip, weight_decay=0.0,
+                       loss=out.loss)
+        clipped.append(out.clip_fraction)
+    return PolicyLoss(out.loss, out.grads, (logratio * mask).sum(1), advantages), float(np.mean(clipped))
 
 
 class PolicyRun(NamedTuple):
@@ -298,8 +422,8 @@ class PolicyRun(NamedTuple):
 
 
 def train_policy(base, rm, env, cfg, pairs, rng, reward=RewardConfig(), progress=True, desc="rlhf"):
-    """REINFORCE + KL leash from `base` (also the frozen reference) against `rm`, on env's
-    instructions. With cfg.rm_rounds > 0 the reward model is retrained that many times, evenly
+    """cfg.algorithm (REINFORCE, PPO-clip or GRPO) + KL leash from `base` (also the frozen reference)
+    against `rm`, on env's instructions; with cfg.kl_target, β follows adaptive_kl_beta after every step. With cfg.rm_rounds > 0 the reward model is retrained that many times, evenly
     spaced, on fresh pairs that set the current policy's sample against the reference's (so ties
     with itself do not starve the round), added to the old pairs, for cfg.rm_round_epochs epochs.
 
@@ -307,20 +431,22 @@ def train_policy(base, rm, env, cfg, pairs, rng, reward=RewardConfig(), progress
     n, max_new_tokens, rng, against) -> fresh labelled Preferences; env.success(instructions,
     responses) -> the labeller's verdict per response; env.eot_id.
     -> PolicyRun; history: per step the mean reward, KL, labeller success of the samples, their
-    number, and the share of labeller-correct samples whose advantage r − b was negative (pushed down)."""
+    number, β, the clip fraction (None for REINFORCE), and the share of labeller-correct samples whose advantage r − b was negative (pushed down)."""
     policy, opt = base.copy(), adamw_init(base.params)
     retrain_at = {int(cfg.steps * (i + 1) / (cfg.rm_rounds + 1)) for i in range(cfg.rm_rounds)}
-    history = []
+    history, beta = [], cfg.beta
     for step in tqdm(range(cfg.steps), desc=desc, disable=None if progress else True, leave=False):
         if step in retrain_at:
             pairs = pairs.merged(env.pairs(policy, cfg.rm_round_instructions, cfg.max_new_tokens, rng, against=base))
             train_reward_model(rm, pairs, cfg.rm_round_epochs, reward.batch, reward.lr, rng)
         instructions, prompts = env.prompts(cfg.prompts_per_step, rng)
-        out = policy_step(policy, base, rm, opt, prompts, cfg, rng, env.eot_id)
+        out = policy_step(policy, base, rm, opt, prompts, cfg, rng, env.eot_id, beta=beta)
         correct = env.success([ins for ins in instructions for _ in range(cfg.samples_per_prompt)], out["responses"])
         history.append({"step": step, "reward": out["reward"], "kl": out["kl"], "success": float(correct.mean()),
-                        "samples": len(correct),
+                        "samples": len(correct), "beta": beta, "clip_fraction": out["clip_fraction"],
                         "correct_pushed_down": float((out["advantages"][correct] < 0).mean()) if correct.any() else None})
+        if cfg.kl_target is not None:
+            beta = adaptive_kl_beta(beta, out["kl"], cfg.kl_target, cfg.kl_gain)
     return PolicyRun(policy, rm, history)
 
 
@@ -329,6 +455,9 @@ class DPOLoss(NamedTuple):
     loss: float
     grads: dict
     chosen_logratio: np.ndarray     # log π(y_w) − log π_ref(y_w) per pair
+    rejected_logratio: np.ndarray   # log π(y_l) − log π_ref(y_l) per pair
+    chosen_logp: np.ndarray         # log π(y_w) per pair
+    rejected_logp: np.ndarray       # log π(y_l) per pair
 
 
 def dpo_loss_and_grads(policy, batch, ref_logratio_terms, beta):
@@ -347,7 +476,19 @@ def dpo_loss_and_grads(policy, batch, ref_logratio_terms, beta):
     dlogp = beta * np.concatenate([dr_w, dr_l])                 # ∂loss/∂log π(y) per sequence
     weights = -dlogp[:, None] * (targets >= 0)                   # ∂loss/∂(−log π(y_t)) per token
     grads = policy.nll_backward(policy.xp.asarray(weights, dtype=policy.config.dtype), cache)
-    return DPOLoss(loss, grads, logp[:n] - ref_w)
+    return DPOLoss(loss, grads, logp[:n] - ref_w, logp[n:] - ref_l, logp[:n], logp[n:])
+
+
+def dpo_diagnostics(out, beta):
+    """What TRL logs per DPO step, from one batch before its update: the mean log π of the chosen and
+    the rejected responses, their implicit rewards β·(log π − log π_ref), the reward margin, and the
+    implicit-reward accuracy (the share of pairs whose chosen response has the higher implicit reward;
+    0 at the start, where every margin is exactly 0)."""
+    reward_w, reward_l = beta * out.chosen_logratio, beta * out.rejected_logratio
+    return {"loss": out.loss, "logp_chosen": float(out.chosen_logp.mean()),
+            "logp_rejected": float(out.rejected_logp.mean()), "reward_chosen": float(reward_w.mean()),
+            "reward_rejected": float(reward_l.mean()), "reward_margin": float((reward_w - reward_l).mean()),
+            "reward_accuracy": float((reward_w > reward_l).mean())}
 
 
 def sequence_logprobs(model, batch):
@@ -358,20 +499,42 @@ def sequence_logprobs(model, batch):
 
 # ----------------------------------------------------------------------------- training loops
 def optimise_on_pairs(model, pairs, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
-    """optim.optimizer_step (no weight decay, gradients clipped to norm 1, constant lr) on model
-    over shuffled minibatches of pairs; loss_and_grads(PairBatch) -> (loss, grads); after_epoch(epoch),
-    if given, runs after each epoch (validation, snapshots). -> list of per-step losses."""
+    """optimise over shuffled minibatches of preference pairs: loss_and_grads(PairBatch) -> (loss, grads)."""
     pairs.validate()
+    return optimise(model, len(pairs), epochs, batch_size, lr, rng, lambda index: loss_and_grads(pairs.packed(index)),
+                    desc, after_epoch)
+
+
+def optimise(model, n, epochs, batch_size, lr, rng, loss_and_grads, desc, after_epoch=None):
+    """optim.optimizer_step (no weight decay, gradients clipped to norm 1, constant lr) on model
+    over shuffled minibatches of n items; loss_and_grads(index) -> (loss, grads) for the items at
+    index; after_epoch(epoch), if given, runs after each epoch (validation, snapshots).
+    -> list of per-step losses."""
     opt, schedule = adamw_init(model.params), Schedule.constant(lr)
     losses = []
     for epoch in tqdm(range(epochs), desc=desc, disable=None, leave=False):
-        for index in np.array_split(rng.permutation(len(pairs)), max(1, -(-len(pairs) // batch_size))):
-            loss, grads = loss_and_grads(pairs.packed(index))
+        for index in np.array_split(rng.permutation(n), max(1, -(-n // batch_size))):
+            loss, grads = loss_and_grads(index)
             optimizer_step(model, grads, opt, schedule, 1.0, weight_decay=0.0, loss=loss)
             losses.append(loss)
         if after_epoch is not None:
             after_epoch(epoch)
     return losses
+
+
+def train_sft(model, prompts, demonstrations, epochs, batch_size, lr, rng):
+    """Supervised fine-tuning: the core's next-token cross-entropy (GPT.loss_and_grads, a mean over
+    the valid targets) on demonstration responses only — the prompt tokens get target −1, so the
+    model learns to answer, not to write instructions. prompts, demonstrations: lists of 1-D ids.
+    -> list of per-step losses."""
+    if not prompts or len(prompts) != len(demonstrations):
+        raise ValueError(f"SFT needs one demonstration per prompt and at least one: got {len(prompts)} prompts "
+                         f"and {len(demonstrations)} demonstrations")
+
+    def loss_and_grads(index):
+        batch = pack([prompts[i] for i in index], [demonstrations[i] for i in index])
+        return model.loss_and_grads(*response_targets(batch.idx, batch.lengths, batch.starts))
+    return optimise(model, len(prompts), epochs, batch_size, lr, rng, loss_and_grads, "sft")
 
 
 def train_reward_model(rm, pairs, epochs, batch_size, lr, rng, after_epoch=None):
@@ -410,12 +573,15 @@ def reward_model_accuracy(rm, pairs, batch_size=256):
     return pairwise_accuracy(np.concatenate(r_w), np.concatenate(r_l))
 
 
-def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng):
-    """DPO on `pairs` from `reference`; -> list of per-step losses."""
+def train_dpo(policy, reference, pairs, epochs, batch_size, lr, beta, rng, on_step=None):
+    """DPO on `pairs` from `reference`; on_step(record), if given, gets each step's
+    dpo_diagnostics. -> list of per-step losses."""
     if policy.config.vocab_size != reference.config.vocab_size:
         raise ValueError(f"policy vocab_size={policy.config.vocab_size} differs from the reference's "
                          f"{reference.config.vocab_size}")
     def loss_and_grads(batch):
         out = dpo_loss_and_grads(policy, batch, sequence_logprobs(reference, batch), beta)
+        if on_step is not None:
+            on_step(dpo_diagnostics(out, beta))
         return out.loss, out.grads
     return optimise_on_pairs(policy, pairs, epochs, batch_size, lr, rng, loss_and_grads, "dpo")

@@ -70,3 +70,34 @@ def plot_metrics(metrics_path, png_path):
     os.replace(tmp, png_path)                  # replaces a planted link, never writes through it
 
 
+
+
+def write_metrics(path, records):
+    """records (dicts with a "step") as metrics.jsonl at path, one line each."""
+    log = MetricsLog(path)
+    for record in records:
+        log.write(**record)
+    log.close()
+
+
+def plot_panels(records, panels, png_path):
+    """One panel per (title, keys): each key of `records` against step, as a PNG. Keys absent from
+    every record are skipped (e.g. clip_fraction for REINFORCE)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(title, [k for k in keys if any(r.get(k) is not None for r in records)]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            ax.plot(*zip(*[(r["step"], r[key]) for r in records if r.get(key) is not None]), label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{png_path}{TMP}{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)

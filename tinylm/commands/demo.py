@@ -1,7 +1,8 @@
 """`tinylm demo`: the whole RLHF pipeline from scratch on the built-in instruction world —
 pretrain a base LM, label pairs, train a reward model, RLHF (REINFORCE + KL leash) and DPO — and
 a table of what each stage achieves on held-out instructions. `--seeds 0-4` repeats everything
-per seed and prints mean ± sd; `--experiment sign|shift|judge` adds the lecture's open questions (judge: labels from an LM)."""
+per seed and prints mean ± sd; `--experiment sign|shift|judge|sft` adds the lecture's open questions (judge: labels
+from an LM; sft: supervised fine-tuning on demonstrations before RLHF and DPO)."""
 import argparse
 import json
 import os
@@ -13,7 +14,8 @@ PLOTS = (("reward", "reward-model score (proxy)"), ("kl", "KL(policy ‖ referen
 EXPERIMENT_HELP = ("sign: the raw rule reward × (−log p) on the uncentred and the centred reward model vs the "
                    "batch-mean and leave-one-out baselines; shift: β = 0 long runs with and without "
                    "reward-model retraining, and β as configured; judge: an LM judge pretrained on judged "
-                   "examples relabels the pairs, and a reward model on its labels drives RLHF")
+                   "examples relabels the pairs, and a reward model on its labels drives RLHF; sft: fine-tune on "
+                   "the world's demonstrations (right answers) first, then RLHF and DPO from the SFT model")
 
 
 def seed_list(text):
@@ -39,7 +41,7 @@ def add_parser(sub):
                    help="seeds to run, e.g. 3, 0-4 or 0,2,5; several print mean ± sd per stage")
     p.add_argument("--seed", type=seed_list, dest="seeds", metavar="SEED", default=argparse.SUPPRESS,
                    help="same as --seeds")
-    p.add_argument("--experiment", action="append", choices=("sign", "shift", "judge"), default=[], help=EXPERIMENT_HELP)
+    p.add_argument("--experiment", action="append", choices=("sign", "shift", "judge", "sft"), default=[], help=EXPERIMENT_HELP)
     p.add_argument("--rl-steps", type=positive(int), help="RL steps of the RLHF stage (None: the config's)")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH (must not exist)")
     p.add_argument("--plot", metavar="DIR", help="write reward, KL and success over RL steps as PNGs to DIR")

@@ -4,14 +4,21 @@ built-in instruction world:
     base    pretrain a base LM on the world's corpus              -> LM checkpoint
     pairs   sample two responses per instruction, the labeller picks -> pairs .json
     reward  train a reward model on pairs (Bradley–Terry)          -> RM checkpoint
-    policy  REINFORCE + KL leash against a reward model            -> LM checkpoint
-    dpo     DPO on pairs                                           -> LM checkpoint
+    policy  REINFORCE / PPO-clip / GRPO + KL leash against an RM   -> LM checkpoint + metrics.jsonl
+    sft     supervised fine-tuning on demonstrations (right answers) -> LM checkpoint
+    dpo     DPO on pairs                                           -> LM checkpoint + metrics.jsonl
     eval    labeller success, mean RM score and KL of a policy on held-out instructions
+    compare REINFORCE-LOO, PPO-clip, GRPO, adaptive KL and best-of-n from scratch, over seeds
+    goodhart  the over-optimisation curve: proxy RM score and gold success against √KL, β = 0
+    labels  label efficiency at equal labeller comparisons: RM + policy gradient, DPO, the labeller as reward
 
 LM checkpoints are Hugging Face GPT-2 directories (GPT.save_pretrained); --model also takes a
 `tinylm pretrain` run directory (its latest checkpoint). A reward model is an LM directory plus
 reward_head.safetensors. Outputs must not exist yet: nothing is ever overwritten, and a run
-writes into a temporary directory that is renamed only once it is complete.
+writes into a temporary directory that is renamed only once it is complete. `policy` and `dpo`
+write their per-step diagnostics into it as metrics.jsonl (and, with --plot, metrics.png): the
+policy's mean reward, KL, labeller success, β and clip fraction; DPO's loss, chosen and rejected
+log-probabilities, implicit rewards, reward margin and implicit-reward accuracy.
 """
 import argparse
 import os
@@ -20,7 +27,13 @@ import shutil
 import numpy as np
 
 from tinylm.commands.args import DefaultsHelpFormatter, at_least, fraction, positive
-from tinylm.rlhf import BASELINES
+from tinylm.rlhf import ALGORITHMS, BASELINES
+
+POLICY_PANELS = (("mean RM score", ("reward",)), ("KL(policy ‖ reference), nats", ("kl",)),
+                 ("labeller success", ("success",)), ("β and clip fraction", ("beta", "clip_fraction")))
+DPO_PANELS = (("loss", ("loss",)), ("log π per response", ("logp_chosen", "logp_rejected")),
+              ("implicit reward β·log π/π_ref", ("reward_chosen", "reward_rejected", "reward_margin")),
+              ("implicit-reward accuracy", ("reward_accuracy",)))
 
 
 def add_parser(sub):
@@ -57,6 +70,7 @@ def add_parser(sub):
     s.add_argument("--out", required=True, help="pairs file (.json) to write with the judge's labels (must not exist)")
     s.add_argument("--steps", type=positive(int), default=600, help="pretraining steps of the judge")
 
+    add_sft_flags(step("sft", "supervised fine-tuning on demonstrations (the world's right answers)", run_sft))
     add_policy_flags(step("policy", "REINFORCE with a KL penalty to the starting LM", run_policy))
 
     s = step("dpo", "direct preference optimisation on pairs", run_dpo)
@@ -66,14 +80,47 @@ def add_parser(sub):
     s.add_argument("--beta", type=positive(float), default=0.1, help="DPO's β: scale of the implicit reward")
     s.add_argument("--epochs", type=positive(int), default=1, help="passes over the pairs")
     s.add_argument("--lr", type=positive(float), default=5e-4, help="AdamW learning rate")
+    s.add_argument("--plot", action="store_true", help="also plot metrics.jsonl as OUT/metrics.png")
 
     s = step("eval", "success, RM score and KL of a policy on held-out instructions", run_eval)
     s.add_argument("--model", required=True, help="the LM to measure")
     s.add_argument("--reference", required=True, help="the LM the KL is measured against")
     s.add_argument("--reward", required=True, help="reward model directory (the proxy score)")
     s.add_argument("--instructions", type=positive(int), default=300, help="held-out instructions (2 samples each)")
+    add_experiment_steps(step)
     for s in steps.choices.values():
+        if s.get_default("func") in EXPERIMENT_STEPS:
+            continue
         s.add_argument("--seed", type=at_least(0), default=0, help="random seed (sampling, shuffling, labeller noise)")
+
+
+def add_sft_flags(s):
+    s.add_argument("--model", required=True, help="the LM to fine-tune")
+    s.add_argument("--out", required=True, help="LM checkpoint directory to write (must not exist)")
+    s.add_argument("--instructions", type=positive(int), default=2000, help="demonstrations (one per instruction)")
+    s.add_argument("--epochs", type=positive(int), default=1, help="passes over the demonstrations")
+    s.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate")
+
+
+def add_experiment_steps(step):
+    """The experiments: each one command, from scratch over seeds, with --quick, --json and --plot."""
+    for name, help, func in (
+            ("compare", "REINFORCE-LOO vs PPO-clip vs GRPO vs adaptive KL vs best-of-n, from scratch, over seeds",
+             run_compare),
+            ("goodhart", "over-optimisation: β = 0 policies against reward models on fewer or more pairs; proxy "
+             "and gold vs √KL", run_goodhart),
+            ("labels", "label efficiency: RM + policy gradient vs DPO vs policy gradient on the labeller itself, "
+             "at equal labeller comparisons", run_labels)):
+        add_experiment_flags(step(name, help, func), "0-4")
+
+
+def add_experiment_flags(s, seeds):
+    """The experiments' flags: seeds, the one-minute variant, JSON and PNG outputs."""
+    from tinylm.commands.demo import seed_list
+    s.add_argument("--seeds", type=seed_list, default=seed_list(seeds), help="seeds, e.g. 3, 0-4 or 0,2,5")
+    s.add_argument("--quick", action="store_true", help="a reduced run (under a minute on 2 cores): the tour's and CI's")
+    s.add_argument("--json", help="write every number as JSON to this path (must not exist)")
+    s.add_argument("--plot", help="write the plot as a PNG to this path (must not exist)")
 
 
 def add_policy_flags(s):
@@ -95,6 +142,14 @@ def add_policy_flags(s):
     s.add_argument("--rm-rounds", type=at_least(0), default=0,
                    help="reward-model retraining rounds on the policy's own samples (needs --pairs)")
     s.add_argument("--pairs", help="the reward model's training pairs (kept when it is retrained)")
+    s.add_argument("--algorithm", choices=ALGORITHMS, default="reinforce",
+                   help="reinforce: one step per batch; ppo: clipped surrogate, advantages r − b; grpo: clipped, "
+                        "group-normalised advantages")
+    s.add_argument("--ppo-epochs", type=positive(int), default=4, help="optimizer steps per batch of samples (ppo, grpo)")
+    s.add_argument("--clip-eps", type=fraction, default=0.2, help="ε of the clipped ratio (ppo, grpo)")
+    s.add_argument("--kl-target", type=positive(float),
+                   help="adapt β toward this KL per response (nats), Ziegler et al. 2019 (default: β fixed)")
+    s.add_argument("--plot", action="store_true", help="also plot metrics.jsonl as OUT/metrics.png")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -121,6 +176,18 @@ def save_atomically(path, save, message=None):
 def world_and_rng(args):
     from tinylm.world import World
     return World(seed=0), np.random.default_rng(args.seed)
+
+
+def save_with_metrics(path, save, records, panels, plot):
+    """save_atomically(path, save) with metrics.jsonl (and metrics.png if plot) in the directory."""
+    from tinylm.run_log import METRICS, plot_panels, write_metrics
+
+    def save_all(tmp):
+        save(tmp)
+        write_metrics(os.path.join(tmp, METRICS), records)
+        if plot:
+            plot_panels(records, panels, os.path.join(tmp, "metrics.png"))
+    save_atomically(path, save_all)
 
 
 def load_lm(path):
@@ -192,7 +259,8 @@ def run_policy(args):
     fresh(args.out)
     pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt, baseline=args.baseline,
                         prompts_per_step=args.prompts_per_step, temperature=args.temperature, lr=args.lr,
-                        steps=args.steps, rm_rounds=args.rm_rounds)
+                        steps=args.steps, rm_rounds=args.rm_rounds, algorithm=args.algorithm,
+                        ppo_epochs=args.ppo_epochs, clip_eps=args.clip_eps, kl_target=args.kl_target)
     if args.rm_rounds and not args.pairs:
         raise ValueError("--rm-rounds needs --pairs (the reward model's training pairs, kept when it is retrained)")
     world, rng = world_and_rng(args)
@@ -206,7 +274,19 @@ def run_policy(args):
     last = run.history[-10:]
     print(f"last {len(last)} steps: reward {np.mean([h['reward'] for h in last]):.3f}, "
           f"KL {np.mean([h['kl'] for h in last]):.3f}, sample success {np.mean([h['success'] for h in last]):.3f}")
-    save_atomically(args.out, run.policy.save_pretrained)
+    save_with_metrics(args.out, run.policy.save_pretrained, run.history, POLICY_PANELS, args.plot)
+
+
+def run_sft(args):
+    from tinylm.environment import demonstrations
+    from tinylm.rlhf import train_sft
+    fresh(args.out)
+    world, rng = world_and_rng(args)
+    model = load_lm(args.model)
+    losses = train_sft(model, *demonstrations(world.instructions(args.instructions, rng)), args.epochs, 32, args.lr, rng)
+    print(f"SFT cross-entropy {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f} nats per response token on "
+          f"{args.instructions} demonstrations")
+    save_atomically(args.out, model.save_pretrained)
 
 
 def run_dpo(args):
@@ -216,9 +296,49 @@ def run_dpo(args):
     pairs = Preferences.load(args.pairs)
     base = load_lm(args.model)
     policy = base.copy()
-    losses = train_dpo(policy, base, pairs, args.epochs, 32, args.lr, args.beta, rng)
-    print(f"DPO loss {losses[0]:.3f} (ln 2 = 0.693) -> {np.mean(losses[-10:]):.3f}")
-    save_atomically(args.out, policy.save_pretrained)
+    records = []
+    losses = train_dpo(policy, base, pairs, args.epochs, 32, args.lr, args.beta, rng,
+                       lambda r: records.append({"step": len(records), **r}))
+    last = records[-10:]
+    print(f"DPO loss {losses[0]:.3f} (ln 2 = 0.693) -> {np.mean(losses[-10:]):.3f}; last {len(last)} steps: "
+          f"reward margin {np.mean([r['reward_margin'] for r in last]):.3f}, implicit-reward accuracy "
+          f"{np.mean([r['reward_accuracy'] for r in last]):.3f}")
+    save_with_metrics(args.out, policy.save_pretrained, records, DPO_PANELS, args.plot)
+
+
+def run_experiment(args, name):
+    """One experiment of tinylm.experiments (its default or --quick config, over --seeds): print its
+    table, write its JSON and its plot."""
+    import json
+
+    from tinylm.experiments import EXPERIMENTS
+    for path in filter(None, (args.json, args.plot)):
+        fresh(path)
+    experiment = EXPERIMENTS[name]
+    results = experiment.run(experiment.quick if args.quick else experiment.config(), args.seeds)
+    print(experiment.table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        experiment.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def run_compare(args):
+    run_experiment(args, "compare")
+
+
+def run_goodhart(args):
+    run_experiment(args, "goodhart")
+
+
+def run_labels(args):
+    run_experiment(args, "labels")
+
+
+EXPERIMENT_STEPS = (run_compare, run_goodhart, run_labels)
 
 
 def run_eval(args):

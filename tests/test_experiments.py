@@ -1,0 +1,77 @@
+"""The experiments (tinylm/experiments.py) on micro configs: equal samples and comparisons across
+methods, the schema the tables and plots read, and the over-optimisation curve's arithmetic."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from tinylm.cli import main
+from tinylm.environment import PretrainConfig
+from tinylm.experiments import (QUICK_COMPARE, QUICK_GOODHART, CompareConfig, GoodhartConfig, peak_and_fall,
+                                run_compare, run_goodhart, windowed)
+from tinylm.rlhf import PolicyConfig, RewardConfig
+
+MICRO = replace(QUICK_COMPARE.demo, pretrain=PretrainConfig(steps=100), pair_instructions=300,
+                heldout_pair_instructions=40, reward=RewardConfig(epochs=1),
+                policy=PolicyConfig(steps=2, prompts_per_step=4), eval_instructions=20)
+
+
+def test_every_method_gets_the_same_samples_and_the_same_reward_model():
+    results = run_compare(CompareConfig(demo=MICRO, best_of=(2,)), [0], progress=False)
+    methods = results["methods"]
+    assert list(methods) == ["base", "reinforce_loo", "ppo_clip", "grpo", "ppo_adaptive_kl", "grpo_adaptive_kl",
+                             "best_of_2"]
+    assert {methods[m]["policy_samples"] for m in ("reinforce_loo", "ppo_clip", "grpo")} == {2 * 4 * 4}
+    assert methods["reinforce_loo"]["optimizer_steps"] == 2 and methods["ppo_clip"]["optimizer_steps"] == 8
+    assert methods["ppo_adaptive_kl"]["final_beta"] != 0.1 and methods["ppo_clip"]["final_beta"] == 0.1
+    assert methods["best_of_2"]["reward_model_scores"] == 2 * 20
+    assert all(0 <= m["success"] <= 1 for m in methods.values())
+    json.dumps(results)                                          # the --json file
+
+
+def test_goodhart_curve_points_are_window_means_and_the_fall_is_peak_minus_last():
+    history = [{"step": i, "reward": float(i), "success": s, "kl": float(i)} for i, s in
+               enumerate([0.1, 0.3, 0.5, 0.7, 0.4, 0.2])]
+    points = windowed(history, 2)
+    assert [p["step"] for p in points] == [1, 3, 5]
+    assert [p["gold"] for p in points] == pytest.approx([0.2, 0.6, 0.3])
+    assert points[1]["sqrt_kl"] == pytest.approx(2.5 ** 0.5)
+    summary = peak_and_fall(points)
+    assert summary["gold_peak"] == pytest.approx(0.6) and summary["gold_fall"] == pytest.approx(0.3)
+    assert summary["proxy_rise_after_peak"] == pytest.approx(4.5 - 2.5)
+    assert windowed([{"step": 0, "reward": 0.0, "success": 0.0, "kl": -0.2}] * 2, 2)[0]["sqrt_kl"] == 0.0
+
+
+def test_goodhart_trains_one_reward_model_per_training_set_size(tmp_path, capsys):
+    results = run_goodhart(GoodhartConfig(demo=replace(MICRO, policy=replace(QUICK_GOODHART.demo.policy, steps=4)),
+                                          train_pairs=(10, None), window=2), [0], progress=False)
+    rms = results["reward_models"]
+    assert list(rms)[0] == "10" and rms["10"]["train_pairs"] == 10 and rms["all"]["train_pairs"] > 10
+    assert len(results["seeds"]["0"]["reward_models"]["all"]["curve"]) == 2
+
+
+def test_experiment_commands_refuse_existing_outputs_before_any_work(tmp_path, capsys):
+    existing = tmp_path / "x.json"
+    existing.write_text("{}")
+    for name in ("compare", "goodhart"):
+        assert main(["rlhf", name, "--quick", "--json", str(existing)]) == 2
+        assert "already exists" in capsys.readouterr().err
+
+
+def test_the_labeller_as_reward_scores_each_sequence_and_counts_its_queries():
+    from tinylm.environment import TOKENIZER, LabellerReward, encode_prompts
+    from tinylm.reward import pack
+    instructions = [("rev", "cab"), ("rev", "cab"), ("srt", "ca"), ("len", "abc")]
+    responses = [TOKENIZER.encode(r) for r in ("bac", "abc", "ac:", "4")]
+    batch = pack(encode_prompts(instructions), responses)
+    reward = LabellerReward()
+    assert reward.rewards(batch.idx, batch.lengths).tolist() == [1.0, 0.5, 0.5, 0.0]   # "ac:" is one edit away
+    assert reward.queries == 4
+
+
+def test_label_budgets_buy_pairs_for_the_rm_and_dpo_and_queries_for_the_direct_run():
+    from tinylm.experiments import LabelsConfig, run_labels
+    results = run_labels(LabelsConfig(demo=MICRO, budgets=(64,), direct_prompts_per_step=2), [0], progress=False)
+    b = results["seeds"]["0"]["budgets"]["64"]
+    assert b["direct_queries"] == 64 and b["direct_steps"] == 8 and 0 < b["pairs"] <= 64
+    assert set(results["budgets"]["64"]) >= {"rm_pg_success", "dpo_success", "direct_pg_success", "pairs"}
