@@ -23,14 +23,18 @@ class ByteTokenizer:
         """str -> int64 ids (B,) of its UTF-8 bytes."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
-    def decode(self, ids):
-        """ids -> str, skipping end-of-text. Sampled bytes need not form valid UTF-8 (a model can
-        emit half a multi-byte character), so bad sequences become U+FFFD instead of raising."""
+    def token_bytes(self, ids):
+        """ids -> the bytes they stand for, skipping end-of-text."""
         ids = np.asarray(ids).reshape(-1)
         bad = ids[(ids < 0) | (ids > self.eot_id)]
         if bad.size:
             raise ValueError(f"token id {int(bad[0])} is out of range for the byte tokenizer (allowed 0..256)")
-        return bytes(ids[ids != self.eot_id].astype(np.uint8)).decode("utf-8", errors="replace")
+        return bytes(ids[ids != self.eot_id].astype(np.uint8))
+
+    def decode(self, ids):
+        """ids -> str, skipping end-of-text. Sampled bytes need not form valid UTF-8 (a model can
+        emit half a multi-byte character), so bad sequences become U+FFFD instead of raising."""
+        return self.token_bytes(ids).decode("utf-8", errors="replace")
 
 
 def bytes_to_unicode():
@@ -126,13 +130,16 @@ class BPETokenizer:
                 ids.append(self.encoder[token])
         return np.array(ids, dtype=np.int64)
 
-    def decode(self, ids):
+    def token_bytes(self, ids):
+        """ids -> the bytes their tokens stand for, skipping end-of-text."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.eot_id]
         unknown = [i for i in ids if i not in self.decoder]
         if unknown:
             raise ValueError(f"token id {unknown[0]} is not in the BPE vocabulary (allowed 0..{self.vocab_size - 1})")
-        data = bytes(self.char_byte[c] for i in ids for c in self.decoder[i])
-        return data.decode("utf-8", errors="replace")
+        return bytes(self.char_byte[c] for i in ids for c in self.decoder[i])
+
+    def decode(self, ids):
+        return self.token_bytes(ids).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(checkpoint_dir, vocab_size=None):
