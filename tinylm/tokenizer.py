@@ -6,6 +6,7 @@ training and round-trips any string exactly, at the price of long sequences (one
 BPETokenizer: GPT-2's byte-pair encoding, read from the vocab.json + merges.txt that ship with a
 Hugging Face GPT-2 directory, so `GPT.from_pretrained` weights turn into real text.
 """
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import numpy as np
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, plus `eot_id` = 256 (end of text): vocab_size 257."""
     name = "byte"
+    fingerprint = "byte"            # names the tokenizer in a token cache's key (data.load_ids)
     vocab_size = 257
     eot_id = 256
 
@@ -81,6 +83,9 @@ class BPETokenizer:
         self.vocab_size = max(self.decoder) + 1
         self.eot_id = self.encoder.get(self.EOT)
         self.word_cache = {}
+        # Another vocabulary or merge order encodes the same text differently: both go into the key.
+        self.fingerprint = "bpe-" + hashlib.sha256(json.dumps([sorted(self.encoder.items()), sorted(
+            self.ranks.items(), key=lambda item: item[1])]).encode()).hexdigest()[:16]
 
     @classmethod
     def from_files(cls, vocab_path, merges_path):
