@@ -384,6 +384,30 @@ def test_eval_of_a_hugging_face_directory_equals_transformers_perplexity(tmp_pat
     assert_close(ours["perplexity"], np.exp(loss), 1e-4, "perplexity")
 
 
+def test_a_fine_tuned_gpt2_exports_back_to_transformers_with_the_same_logits(tmp_path):
+    """transformers save_pretrained -> `tinylm pretrain --init-from` (20 steps, float64) -> `tinylm
+    export-hf` -> transformers from_pretrained: the fine-tuned weights, not the starting ones, and
+    the same logits as tinylm's run."""
+    from tinylm.checkpoint import load_model
+    from tinylm.cli import main
+    torch.manual_seed(2)
+    start = transformers.GPT2LMHeadModel(gpt2_config(CONFIG, initializer_range=0.3)).double().eval()
+    start.save_pretrained(tmp_path / "gpt2")
+    write_tiny_bpe(tmp_path / "gpt2")
+    (tmp_path / "text.txt").write_text("the sister ran far into the hills.\n" * 30, encoding="utf-8")
+    assert main(["pretrain", "--init-from", str(tmp_path / "gpt2"), "--data", str(tmp_path / "text.txt"),
+                 "--out", str(tmp_path / "run"), "--steps", "20", "--dtype", "float64", "--batch-size", "4",
+                 "--warmup", "2", "--quiet"]) == 0
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported", dtype=torch.float64).eval()
+    ours, _, _ = load_model(str(tmp_path / "run"))
+    prompt = tokens(np.random.default_rng(8), 2, CONFIG.n_ctx)
+    with torch.no_grad():
+        theirs, before = (m(torch.from_numpy(prompt)).logits.numpy() for m in (hf, start))
+    assert_close(ours.forward(prompt), theirs, RTOL_VALUES, "logits")
+    assert np.abs(theirs - before).max() > 1e-2 * np.abs(before).max()          # it did move
+
+
 # ----------------------------------------------------------------------------- installed, not the checkout
 @pytest.mark.skipif(bool(os.environ.get("TINYLM_PARITY_INSTALLED")), reason="already the installed copy's run")
 def test_parity_holds_from_an_installed_copy(tmp_path):

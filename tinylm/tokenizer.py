@@ -147,12 +147,23 @@ class BPETokenizer:
         return self.token_bytes(ids).decode("utf-8", errors="replace")
 
 
+BPE_FILES = ("vocab.json", "merges.txt")
+
+
+def tokenizer_files(checkpoint_dir):
+    """{name: bytes} of the BPE files in a checkpoint directory ({} for the byte tokenizer): what a
+    run started from it copies into each of its own checkpoints, so they carry their tokenizer."""
+    paths = [os.path.join(checkpoint_dir, name) for name in BPE_FILES]
+    if not all(os.path.isfile(p) for p in paths):
+        return {}
+    return {name: open(p, "rb").read() for name, p in zip(BPE_FILES, paths)}
+
+
 def load_tokenizer(checkpoint_dir, vocab_size=None):
     """The tokenizer for a checkpoint directory: GPT-2 BPE when it holds vocab.json and merges.txt,
     else the byte tokenizer. With vocab_size (the model's), refuse a tokenizer whose ids the model
     cannot take, or ids the model would emit that the tokenizer cannot decode."""
-    vocab_path = os.path.join(checkpoint_dir, "vocab.json")
-    merges_path = os.path.join(checkpoint_dir, "merges.txt")
+    vocab_path, merges_path = (os.path.join(checkpoint_dir, name) for name in BPE_FILES)
     if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
         tokenizer = BPETokenizer.from_files(vocab_path, merges_path)
     else:

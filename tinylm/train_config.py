@@ -20,6 +20,7 @@ class TrainConfig:
     The defaults are the built-in run: a 4-layer, 128-wide byte-level model on the standard
     library's source, sized to give recognisable Python within 10 minutes on 2 CPU cores."""
     data: str = None                 # UTF-8 text file; None = the built-in corpus (data.py)
+    init_from: str = None            # start from this model (Hugging Face GPT-2 dir, run, checkpoint); None = GPT-2's init
     model: GPTConfig = field(default_factory=default_model)
     batch_size: int = 8
     max_steps: int = 1500
@@ -68,6 +69,8 @@ class TrainConfig:
 
 
 MODEL_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
+# What a model started --init-from keeps from it (dtype and the attention algorithm may change).
+SHAPE_SETTINGS = tuple(name for name in MODEL_SETTINGS if name not in ("dtype", "attention"))
 
 
 def with_settings(cfg, settings):
