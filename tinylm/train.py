@@ -18,17 +18,19 @@ from .checkpoint import (LOCK, POINTER, STATE, RunLock, clean_stale, latest_chec
                          load_training_checkpoint, no_symlink, read_trainer_state, save_checkpoint)
 from .data import Dataset, load_ids
 from .metrics import estimate_loss, perplexity
-from .model import GPT
+from .model import GPT, Dropout
 from .optim import adamw_init, optimizer_step
 from .run_log import METRICS, PLOT, MetricsLog, plot_metrics
 from .tokenizer import ByteTokenizer, load_tokenizer, tokenizer_files
 from .train_config import SHAPE_SETTINGS, TrainConfig, resumed_config, with_settings
 
 
-def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mask=None, weight_decay=0.1):
-    """One next-token step on a batch: loss_and_grads -> optimizer_step (clip, AdamW at the
-    schedule's rate; nothing moves if the loss or gradient norm is not finite) -> optim.Step."""
-    loss, grads = model.loss_and_grads(idx, targets, loss_mask)
+def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mask=None, weight_decay=0.1,
+               dropout=None):
+    """One next-token step on a batch: loss_and_grads (with model.Dropout `dropout`, if any) ->
+    optimizer_step (clip, AdamW at the schedule's rate; nothing moves if the loss or gradient norm
+    is not finite) -> optim.Step."""
+    loss, grads = model.loss_and_grads(idx, targets, loss_mask, dropout)
     return optimizer_step(model, grads, opt_state, schedule, grad_clip, weight_decay, loss)
 
 
@@ -205,6 +207,9 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
     ckpt_dir = latest_checkpoint(out_dir)
     log = MetricsLog(os.path.join(out_dir, METRICS), run.step if resume else None)
     tokens_per_step, schedule = cfg.batch_size * cfg.model.n_ctx, cfg.schedule()
+    # Masks come from the data-order generator, which every checkpoint saves: a resumed run draws
+    # the very masks the uninterrupted one would have.
+    dropout = Dropout(cfg.dropout, run.rng) if cfg.dropout > 0 else None
     status = "done"
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="pretrain", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -214,7 +219,7 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
                 t0 = time.perf_counter()
                 idx, targets = dataset.get_batch("train", cfg.batch_size, run.rng)
                 result = train_step(model, run.opt_state, model.xp.asarray(idx), model.xp.asarray(targets), schedule,
-                                    cfg.grad_clip, weight_decay=cfg.weight_decay)
+                                    cfg.grad_clip, weight_decay=cfg.weight_decay, dropout=dropout)
                 if not result.stepped:                  # nothing moved: stop, keeping the last good checkpoint
                     raise ValueError(nan_stop_message(result.loss, result.grad_norm, run.step + 1, ckpt_dir, out_dir,
                                                       cfg.lr))

@@ -29,6 +29,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    dropout: float = 0.0             # GPT-2's embedding, attention and residual dropout while training
     val_fraction: float = 0.1
     eval_every: int = 250
     eval_batches: int = 8
@@ -46,6 +47,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
                 raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1) (1 would drop everything), got {self.dropout!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be between 0 and 1 (both excluded), got {self.val_fraction!r}")
 

@@ -6,7 +6,7 @@ metrics.jsonl and (with --plot) loss.png to --out. Ctrl-C saves and exits; --res
 bit-for-bit."""
 from tinylm.config import DTYPES, MIXERS
 
-from .args import at_least, positive
+from .args import at_least, positive, rate
 from .terminal import note, progress_wanted
 
 DEFAULT_OUT = "runs/default"
@@ -32,6 +32,8 @@ FLAGS = {
     "warmup_steps": ("--warmup", at_least(0), "linear warm-up steps"),
     "weight_decay": ("--weight-decay", at_least(0, float), "AdamW decoupled weight decay"),
     "grad_clip": ("--grad-clip", positive(float), "clip the global gradient norm to this"),
+    "dropout": ("--dropout", rate, "dropout rate in [0, 1) on the embeddings, attention weights and residual "
+                                   "branches while training, where GPT-2 has them (never at evaluation or sampling)"),
     "val_fraction": ("--val-fraction", float, "fraction of the data held out for validation, in (0, 1)"),
     "eval_every": ("--eval-every", positive(int), "steps between validation-loss evaluations"),
     "eval_batches": ("--eval-batches", positive(int), "batches per validation-loss evaluation"),
