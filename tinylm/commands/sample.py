@@ -5,7 +5,6 @@ is made, whole UTF-8 characters at a time. When prompt + new tokens pass n_ctx, 
 slide out of view (generation goes on from the newest n_ctx/2); a prompt longer than n_ctx is refused."""
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
