@@ -24,9 +24,8 @@ from .flash_attention import flash_attention_backward, flash_attention_forward
 from .hf import load_hf, save_hf
 from .layers import (Layers, attention_backward, attention_forward, cross_entropy_backward,
                      cross_entropy_forward, dropout_backward, dropout_forward, embedding_backward,
-                     embedding_forward, gelu_backward,
-                     gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
-                     linear_forward, lm_head_backward, lm_head_forward)
+                     embedding_forward, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
+                     linear_backward, linear_forward, lm_head_backward, lm_head_forward)
 from .optim import adamw_update
 from .ssm import (selective_scan_backward, selective_scan_forward, ssm_init_param, ssm_mixer_backward,
                   ssm_mixer_forward, ssm_param_shapes, ssm_state)
@@ -256,12 +255,10 @@ class GPT:
         if past is None and dropout is None and self.config.uses_flash(a.shape[1], L.auto_flash_from):
             a, c_att = L.flash_attention_forward(a, self.config.n_head)
             backward = L.flash_attention_backward
-        elif dropout is not None:   # dropout on the softmax weights needs them: the naive path
+        else:   # generation with a KV cache (past keys), or training's dropout on the softmax weights
             B, T, H = a.shape[0], a.shape[1], self.config.n_head
-            a, c_att = L.attention_forward(a, H, None, dropout.keep(self.xp, (B, H, T, T)), dropout.p)
-            backward = L.attention_backward
-        else:       # generation with a KV cache: the naive path, which attends to past keys
-            a, c_att = L.attention_forward(a, self.config.n_head, past)
+            keep = None if dropout is None else dropout.keep(self.xp, (B, H, T, T))
+            a, c_att = L.attention_forward(a, H, past, keep, 0.0 if dropout is None else dropout.p)
             backward = L.attention_backward
         a, c_aproj = L.linear_forward(a, p[h + "c_proj.weight"], p[h + "c_proj.bias"])
         return a, AttentionSublayerCache(c_attn, c_att, backward, c_aproj), (c_att.k, c_att.v)
