@@ -54,6 +54,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, obj, where="train_config"):
+        """The settings a checkpoint saved; those added after it was written take their defaults,
+        which are what such a run used (no init_from, no dropout)."""
+        if isinstance(obj, dict):
+            obj = {**{k: v for k, v in ADDED_LATER.items() if k not in obj}, **obj}
         return config_from_dict(cls, obj, where)
 
     def warnings(self):
@@ -71,6 +75,8 @@ class TrainConfig:
         return Schedule(self.lr, self.max_steps, self.warmup_steps, self.min_lr)
 
 
+# Settings that runs saved before they existed (issue 23) lack, with the value those runs had.
+ADDED_LATER = {"init_from": None, "dropout": 0.0}
 MODEL_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 # What a model started --init-from keeps from it (dtype and the attention algorithm may change).
 SHAPE_SETTINGS = tuple(name for name in MODEL_SETTINGS if name not in ("dtype", "attention"))
