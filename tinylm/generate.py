@@ -12,6 +12,7 @@ slide out of view: generation continues from the last n_ctx // 2 tokens (the cac
 from them once, so each token still costs O(T) on average). The returned array holds every token.
 """
 import codecs
+import itertools
 
 import numpy as np
 
@@ -128,20 +129,17 @@ def stream_text(chunks, stop=None):
     waits for its last byte) and ends just before the first occurrence of `stop`, which is not
     yielded. A tail that could still begin `stop` is held back until it cannot."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending, final = "", False
-    chunks = iter(chunks)
-    while not final:
-        chunk = next(chunks, None)
-        final = chunk is None
-        pending += decoder.decode(b"" if final else chunk, final=final)
-        if stop:
-            at = pending.find(stop)
-            if at >= 0:
-                if at:
-                    yield pending[:at]
-                return
-        held = 0 if final or not stop else max((n for n in range(1, len(stop)) if pending.endswith(stop[:n])),
-                                               default=0)
+    pending = ""
+    for chunk in itertools.chain(chunks, [None]):       # None marks the end: flush the decoder
+        pending += decoder.decode(b"" if chunk is None else chunk, final=chunk is None)
+        at = pending.find(stop) if stop else -1
+        if at >= 0:
+            if at:
+                yield pending[:at]
+            return
+        # Hold back the longest tail that begins `stop`: the next token may complete it.
+        held = 0 if chunk is None or not stop else max(
+            (n for n in range(1, len(stop)) if pending.endswith(stop[:n])), default=0)
         if len(pending) > held:
             yield pending[:len(pending) - held]
             pending = pending[len(pending) - held:]
