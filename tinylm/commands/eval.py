@@ -6,19 +6,20 @@ every token but the first is scored once, with at least n_ctx − stride tokens 
 import json
 import math
 
-from .args import positive
+from tinylm.config import DTYPES
+
+from .args import DefaultsHelpFormatter, positive
 from .terminal import note, progress_wanted
 
 
 def add_parser(sub):
-    from .args import DefaultsHelpFormatter
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a text file",
                        description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("checkpoint", help="run, checkpoint or Hugging Face directory")
     p.add_argument("--data", required=True, help="UTF-8 text file to score")
     p.add_argument("--stride", type=positive(int), default=None,
                    help="tokens between window starts, 1..n_ctx (default: n_ctx // 2)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute in this precision (default: the checkpoint's own)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
