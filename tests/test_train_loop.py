@@ -325,8 +325,8 @@ def test_nan_after_resume_names_the_checkpoint_resumed_from_the_norm_and_out_dir
     good = latest_checkpoint(out)
     original, calls = GPT.loss_and_grads, []
 
-    def poisoned(self, idx, targets, loss_mask=None):
-        loss, grads = original(self, idx, targets, loss_mask)
+    def poisoned(self, idx, targets, loss_mask=None, dropout=None):
+        loss, grads = original(self, idx, targets, loss_mask, dropout)
         calls.append(1)
         return (float("nan") if len(calls) == 2 else loss), grads
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
