@@ -1,4 +1,5 @@
 import os
+import tempfile
 import threading
 
 from hypothesis import HealthCheck, settings
@@ -16,6 +17,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # otherwise (bench/gpu_check.sh sets NUMBA_ENABLE_CUDASIM=0 to run them on a real GPU). Numba reads
 # the variable when it is first imported, so it is set here, before any test module imports numba.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+# Tokenized data files (data.load_ids) are cached in a temporary folder, never in ~/.cache.
+os.environ.setdefault("TINYLM_CACHE", tempfile.mkdtemp(prefix="tinylm-test-cache-"))
 
 # tqdm's default write lock includes a multiprocessing semaphore, shared by every process forked
 # after it exists. mutmut (bench/mutation.py) forks one process per mutant: one killed inside a

@@ -73,6 +73,8 @@ def test_info_and_sample(run_dir, capsys):
     (["sample", "{tmp}/nowhere"], "no checkpoint at"),
     (["sample", "{tmp}/nowhere", "--max-new-tokens", "0"], "argument --max-new-tokens: must be > 0, got 0"),
     (["sample", "{tmp}/nowhere", "--temperature", "-1"], "argument --temperature: must be >= 0, got -1"),
+    (["sample", "{tmp}/nowhere", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
+    (["sample", "{tmp}/nowhere", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
     (["sample", "{tmp}"], "expected checkpoint.json (a tinylm run) or config.json + model.safetensors"),
     (["info", "{tmp}/nowhere"], "the directory does not exist"),
     (["sample", "--device", "cpu"], "no run in runs/default yet: train one with `tinylm pretrain`"),
@@ -146,6 +148,18 @@ def test_damaged_checkpoint_is_refused_and_kept(run_dir, tmp_path, capsys, damag
     one_error_line(capsys, command, expect)
     if before is not None:
         assert snapshot(run) == before
+
+
+def test_sample_stops_before_the_stop_string_and_a_seed_repeats_the_text(run_dir, capsys):
+    argv = ["sample", str(run_dir), "--prompt", "def", "--max-new-tokens", "40", "--seed", "3", "--top-p", "0.9"]
+    assert main(argv) == 0
+    full = capsys.readouterr().out
+    assert main(argv) == 0 and capsys.readouterr().out == full
+    new = full[len("def"):-1]
+    stop = new[5:7]                            # two characters the model wrote after its first five
+    cut = new.find(stop)
+    assert main(argv + ["--stop", stop]) == 0
+    assert capsys.readouterr().out == "def" + new[:cut] + "\n"
 
 
 def test_sample_from_hugging_face_directory_with_bpe(tmp_path, capsys):

@@ -131,3 +131,13 @@ def test_train_config_round_trips_through_json_and_names_bad_keys():
     del bad["lr"]
     with pytest.raises(ValueError, match="train_config: missing key 'lr'"):
         TrainConfig.from_dict(bad)
+
+
+def test_a_train_config_saved_before_init_from_and_dropout_existed_loads_with_their_defaults():
+    """Runs saved before issue 23 have no init_from or dropout key: they still resume and show."""
+    old = asdict(TrainConfig())
+    del old["init_from"], old["dropout"]
+    assert TrainConfig.from_dict(old) == TrainConfig()
+    assert TrainConfig.from_dict({**old, "dropout": 0.2}).dropout == 0.2
+    with pytest.raises(ValueError, match="train_config: missing key 'seed'"):
+        TrainConfig.from_dict({k: v for k, v in old.items() if k != "seed"})

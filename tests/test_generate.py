@@ -1,12 +1,16 @@
-"""Generation: the KV cache changes the cost, never the result; sampling follows temperature and
-top-k; end-of-text stops a row; the context window slides when it fills."""
+"""Generation: the KV cache changes the cost, never the result; sampling follows temperature, then
+top-k, then top-p; end-of-text stops a row; the context window slides when it fills; streamed text
+is whole characters and ends before a stop string."""
 import os
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from tinylm import GPT, GPTConfig
-from tinylm.generate import generate, generate_steps, sample_next
+from tinylm.generate import filter_logits, generate, generate_steps, sample_next, stream_text
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")
 
@@ -246,3 +250,104 @@ def test_the_edges_of_the_argument_ranges_are_accepted():
     prompt = np.zeros((1, 2), dtype=np.int64)
     np.testing.assert_array_equal(generate(model, prompt, 0), prompt)
     np.testing.assert_array_equal(generate(model, prompt, 6, top_k=23, rng=1), generate(model, prompt, 6, rng=1))
+
+
+# ----------------------------------------------------------------------------- top-p, the order, streaming
+LOGITS = arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(1, 12)),
+                elements=st.floats(-6, 6, allow_nan=False).map(lambda x: round(x, 1)))
+
+
+def kept_probs(filtered):
+    """softmax over the ids a filter kept (0 for the removed ones)."""
+    p = np.exp(filtered - filtered.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@given(LOGITS, st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_set_of_likeliest_ids_with_mass_at_least_p(logits, top_p):
+    kept = np.isfinite(filter_logits(logits, 1.0, None, top_p))
+    p = kept_probs(logits)
+    for row_p, row_kept in zip(p, kept):
+        assert row_kept.any()
+        mass = row_p[row_kept].sum()
+        assert mass >= top_p - 1e-12                                   # enough mass ...
+        assert mass - row_p[row_kept].min() < top_p + 1e-12            # ... and one id fewer is not
+        if not row_kept.all():                                         # the likeliest ids, none skipped
+            assert row_p[row_kept].min() >= row_p[~row_kept].max()
+
+
+@given(LOGITS, st.floats(0.1, 3.0), st.integers(1, 12), st.floats(0.01, 1.0))
+def test_temperature_then_top_k_then_top_p(logits, temperature, top_k, top_p):
+    """The combined filter is top-p applied to the top-k survivors of logits / temperature, with
+    top-p's mass measured after top-k's renormalisation."""
+    top_k = min(top_k, logits.shape[1])
+    both = filter_logits(logits, temperature, top_k, top_p)
+    after_k = filter_logits(logits, temperature, top_k, None)
+    np.testing.assert_array_equal(both, filter_logits(after_k, 1.0, None, top_p))
+    np.testing.assert_allclose(after_k[np.isfinite(after_k)], (logits / temperature)[np.isfinite(after_k)])
+    assert (np.isfinite(both) <= np.isfinite(after_k)).all()
+    assert (np.isfinite(after_k).sum(-1) >= top_k).all()
+
+
+def test_top_p_order_matters_and_is_measured_after_top_k():
+    """p = [0.4, 0.3, 0.2, 0.1], top-k 2 then top-p 0.5: renormalised [0.57, 0.43], so one id
+    suffices; measured before top-k (0.4 < 0.5) it would take two."""
+    logits = np.log([[0.4, 0.3, 0.2, 0.1]])
+    assert np.isfinite(filter_logits(logits, 1.0, 2, 0.5)).sum() == 1
+    assert np.isfinite(filter_logits(logits, 1.0, None, 0.5)).sum() == 2
+    assert np.isfinite(filter_logits(logits, 1.0, None, 1.0)).all()
+
+
+def test_sampling_follows_the_nucleus():
+    logits = np.repeat(np.log([[0.5, 0.3, 0.15, 0.05]]), 20000, axis=0)
+    freq = np.bincount(sample_next(logits, 1.0, None, np.random.default_rng(0), top_p=0.75), minlength=4) / 20000
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.015)
+
+
+@given(st.integers(0, 2 ** 16), st.integers(1, 23), st.floats(0.05, 1.0))
+def test_temperature_0_is_greedy_whatever_top_k_and_top_p_and_equals_the_cache_free_argmax(seed, top_k, top_p):
+    model = tiny_model(n_ctx=12)
+    prompt = np.random.default_rng(seed).integers(0, 23, size=(2, 3))
+    out = generate(model, prompt, 6, temperature=0, top_k=top_k, top_p=top_p, rng=seed)
+    for t in range(3, 9):
+        np.testing.assert_array_equal(out[:, t], model.forward(out[:, :t]).argmax(-1)[:, -1])
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.1, 1.5, float("nan")])
+def test_top_p_outside_0_1_is_refused(top_p):
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
+        generate(tiny_model(), np.zeros((1, 2), dtype=np.int64), 3, top_p=top_p)
+
+
+TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=30)
+
+
+def byte_chunks(data, cuts):
+    cuts = sorted(set(c % (len(data) + 1) for c in cuts))
+    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+
+
+@given(TEXT, st.lists(st.integers(0, 200), max_size=10))
+def test_streamed_pieces_are_whole_characters_and_join_to_the_text(text, cuts):
+    pieces = list(stream_text(byte_chunks(text.encode("utf-8"), cuts)))
+    assert "".join(pieces) == text            # no piece ended inside a character (that would add U+FFFD)
+
+
+@given(TEXT, st.text("ab\u00e9", min_size=1, max_size=3), st.lists(st.integers(0, 200), max_size=10))
+def test_stop_ends_before_its_first_occurrence(text, stop, cuts):
+    pieces = list(stream_text(byte_chunks(text.encode("utf-8"), cuts), stop))
+    at = text.find(stop)
+    assert "".join(pieces) == (text if at < 0 else text[:at])
+
+
+def test_stream_yields_as_soon_as_a_character_is_whole_and_stops_pulling_at_stop():
+    pulled = []
+
+    def chunks():
+        for c in [b"a", b"\xc3", b"\xa9", b"E", b"N", b"D", b"never"]:
+            pulled.append(c)
+            yield c
+    stream = stream_text(chunks(), "END")
+    assert next(stream) == "a" and pulled == [b"a"]               # printed before the next token exists
+    assert next(stream) == "\u00e9" and pulled == [b"a", b"\xc3", b"\xa9"]   # half a character waits
+    assert list(stream) == [] and pulled[-1] == b"D"              # "E", "N" held, then dropped with the stop

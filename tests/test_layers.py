@@ -143,7 +143,7 @@ def test_reward_head_backward_matches_finite_differences(seed, B, T, C):
 def test_attention_mask_is_minus_inf_and_rows_sum_to_one():
     rng = np.random.default_rng(0)
     qkv = rng.normal(size=(1, 5, 3 * 2 * 3)) * 1e3   # huge scores: a finite -1e4 mask could leak
-    _, (q, k, v, att) = attention_forward(qkv, 2)
+    _, (q, k, v, att, _) = attention_forward(qkv, 2)
     assert np.all(att[..., np.triu_indices(5, 1)[0], np.triu_indices(5, 1)[1]] == 0.0)
     np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)
 

@@ -4,8 +4,9 @@ the selective state-space model, and here a trivial third, the causal running me
 and backward are written below. Each one keeps the model causal, has exact gradients and trains.
 
 The third mixer plugs in through GPT's one hook for it: the bound pair `model.mixer_forward(a, i,
-past) -> (out, cache, state)` / `model.mixer_backward(da, cache, i, grads) -> da` chosen in
-GPT.__init__; no model.py edit."""
+past, dropout) -> (out, cache, state)` / `model.mixer_backward(da, cache, i, grads) -> da` chosen in
+GPT.__init__ (dropout: training's model.Dropout or None, for a mixer with weights to drop); no
+model.py edit."""
 import numpy as np
 import pytest
 
@@ -38,7 +39,7 @@ class RunningMeanGPT(GPT):
         self.params = {k: v for k, v in self.params.items() if ".attn." not in k}
         self.mixer_forward, self.mixer_backward = self.mean_sublayer_forward, self.mean_sublayer_backward
 
-    def mean_sublayer_forward(self, a, i, past=None):
+    def mean_sublayer_forward(self, a, i, past=None, dropout=None):      # no attention weights to drop
         if past is not None:
             raise ValueError("the running-mean mixer keeps no generation state")
         out, counts = running_mean_forward(a)
@@ -107,7 +108,8 @@ def test_every_mixer_keeps_the_model_causal(kind):
 def test_a_mixer_that_sees_the_future_is_caught():
     """Planted bug: the mean over every position instead of the prefix."""
     model = tiny_model("running mean")
-    model.mixer_forward = lambda a, i, past=None: (np.broadcast_to(a.mean(axis=1, keepdims=True), a.shape), None, None)
+    model.mixer_forward = lambda a, i, past=None, dropout=None: (
+        np.broadcast_to(a.mean(axis=1, keepdims=True), a.shape), None, None)
     assert sees_the_future(model)
 
 

@@ -9,6 +9,7 @@ error, so CI can never skip them. test_parity_holds_from_an_installed_copy rerun
 outside the repository, against the installed tinylm.
 """
 import importlib
+import json
 import os
 import re
 import shutil
@@ -312,6 +313,99 @@ def test_tinylm_loads_what_transformers_saves(tmp_path):
         assert_close(model.forward(prompt), hf(torch.from_numpy(prompt)).logits.numpy(), RTOL_VALUES, "logits")
     np.testing.assert_array_equal(generate(model, prompt, 12, temperature=0, eot_id=CONFIG.vocab_size - 1),
                                   greedy_hf(hf, prompt, 12))
+
+
+# ----------------------------------------------------------------------------- perplexity of a file
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# 29 byte characters (Ġ is the space, Ċ the newline) and 31 merges: with <|endoftext|>, 61 ids.
+TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), ("r", "e"),
+               ("Ġ", "a"), ("Ġ", "s"), ("e", "n"), ("a", "t"), ("o", "r"), ("Ġ", "w"), ("e", "s"), ("i", "s"),
+               ("Ġ", "o"), ("n", "d"), ("Ġa", "nd"), ("Ġ", "i"), ("e", "d"), ("o", "u"), ("i", "t"), ("a", "r"),
+               ("Ġ", "h"), ("h", "a"), ("l", "l"), ("Ġ", "b"), ("Ġ", "m"), ("s", "t"), ("Ġ", "f")]
+
+
+def write_tiny_bpe(path):
+    """vocab.json + merges.txt of CONFIG.vocab_size ids for text of lower-case letters, spaces,
+    full stops and newlines."""
+    vocab = {c: i for i, c in enumerate(LETTERS + "ĠĊ.")}
+    for a, b in TINY_MERGES:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    assert len(vocab) == CONFIG.vocab_size
+    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in TINY_MERGES), encoding="utf-8")
+
+
+def hf_perplexity(hf, ids, stride):
+    """Hugging Face's perplexity guide: windows of n_positions every `stride`, labels -100 on the
+    tokens an earlier window scored, transformers' own `labels=` loss (a mean over the window). One
+    change: each window's mean is weighted by the labels it really averaged, (labels[1:] != -100);
+    the guide subtracts one per window for the shift, which is right for the first window only (in
+    the others labels[0] is -100 already)."""
+    encodings = torch.from_numpy(ids)[None]
+    max_length, seq_len = hf.config.n_positions, encodings.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = hf(input_ids, labels=target_ids).loss
+        num_loss_tokens = (target_ids[:, 1:] != -100).sum().item()       # the labels shift by one
+        nll_sum += loss.item() * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return nll_sum / n_tokens, n_tokens
+
+
+@pytest.mark.parametrize("stride", [None, 5, CONFIG.n_ctx])
+def test_eval_of_a_hugging_face_directory_equals_transformers_perplexity(tmp_path, stride):
+    """`tinylm eval` on a directory transformers wrote (float32, as the guide runs it) against the
+    guide's loop on the same tokens: loss and perplexity to 1e-4 relative, the same token count."""
+    from tinylm.commands.eval import evaluate
+    from tinylm.tokenizer import load_tokenizer
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(gpt2_config(CONFIG, initializer_range=0.3)).eval().save_pretrained(tmp_path / "gpt2")
+    write_tiny_bpe(tmp_path / "gpt2")
+    rng = np.random.default_rng(3)
+    words = ["the", "and", "a", "sister", "ran", "far", "into", "hills", "with", "her", "old", "boat"]
+    text = "".join(" ".join(rng.choice(words, size=9)) + ".\n" for _ in range(12))
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    ours = evaluate(str(tmp_path / "gpt2"), str(tmp_path / "text.txt"), stride)
+    ids = load_tokenizer(str(tmp_path / "gpt2")).encode(text)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    loss, n_tokens = hf_perplexity(hf, ids, stride or CONFIG.n_ctx // 2)
+    assert len(ids) > 4 * CONFIG.n_ctx and ours["tokens"] == n_tokens
+    assert_close(ours["loss"], loss, 1e-4, "loss")
+    assert_close(ours["perplexity"], np.exp(loss), 1e-4, "perplexity")
+
+
+def test_a_fine_tuned_gpt2_exports_back_to_transformers_with_the_same_logits(tmp_path):
+    """transformers save_pretrained -> `tinylm pretrain --init-from` (20 steps, float64) -> `tinylm
+    export-hf` -> transformers from_pretrained: the fine-tuned weights, not the starting ones, and
+    the same logits as tinylm's run."""
+    from tinylm.checkpoint import load_model
+    from tinylm.cli import main
+    torch.manual_seed(2)
+    start = transformers.GPT2LMHeadModel(gpt2_config(CONFIG, initializer_range=0.3)).double().eval()
+    start.save_pretrained(tmp_path / "gpt2")
+    write_tiny_bpe(tmp_path / "gpt2")
+    (tmp_path / "text.txt").write_text("the sister ran far into the hills.\n" * 30, encoding="utf-8")
+    assert main(["pretrain", "--init-from", str(tmp_path / "gpt2"), "--data", str(tmp_path / "text.txt"),
+                 "--out", str(tmp_path / "run"), "--steps", "20", "--dtype", "float64", "--batch-size", "4",
+                 "--warmup", "2", "--quiet"]) == 0
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported", dtype=torch.float64).eval()
+    ours, _, _ = load_model(str(tmp_path / "run"))
+    prompt = tokens(np.random.default_rng(8), 2, CONFIG.n_ctx)
+    with torch.no_grad():
+        theirs, before = (m(torch.from_numpy(prompt)).logits.numpy() for m in (hf, start))
+    assert_close(ours.forward(prompt), theirs, RTOL_VALUES, "logits")
+    assert np.abs(theirs - before).max() > 1e-2 * np.abs(before).max()          # it did move
 
 
 # ----------------------------------------------------------------------------- installed, not the checkout

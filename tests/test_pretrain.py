@@ -105,8 +105,8 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint(tmp_path, text_file, mon
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, text_file, monkeypatch):
     original, calls = GPT.loss_and_grads, []
 
-    def poisoned(self, idx, targets, loss_mask=None):
-        loss, grads = original(self, idx, targets, loss_mask)
+    def poisoned(self, idx, targets, loss_mask=None, dropout=None):
+        loss, grads = original(self, idx, targets, loss_mask, dropout)
         calls.append(1)
         return (float("nan") if len(calls) == 7 else loss), grads
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)

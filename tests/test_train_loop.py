@@ -325,8 +325,8 @@ def test_nan_after_resume_names_the_checkpoint_resumed_from_the_norm_and_out_dir
     good = latest_checkpoint(out)
     original, calls = GPT.loss_and_grads, []
 
-    def poisoned(self, idx, targets, loss_mask=None):
-        loss, grads = original(self, idx, targets, loss_mask)
+    def poisoned(self, idx, targets, loss_mask=None, dropout=None):
+        loss, grads = original(self, idx, targets, loss_mask, dropout)
         calls.append(1)
         return (float("nan") if len(calls) == 2 else loss), grads
     monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
@@ -429,6 +429,10 @@ def test_plot_draws_train_loss_thin_and_validation_as_dots_with_labels(metrics_f
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "cross-entropy (nats per token)")
     grid = ax.xaxis.get_gridlines()[0]
     assert grid.get_visible() and grid.get_alpha() == 0.3
+    (ppl,) = ax.child_axes                                    # perplexity: exp of the loss scale
+    assert ppl.get_ylabel() == "perplexity"
+    assert ppl._functions[0](4.5) == pytest.approx(math.exp(4.5)) and ppl._functions[1](math.exp(4.8)) == pytest.approx(4.8)
+    assert [t.get_text() for t in ax.texts] == [f"perplexity {math.exp(4.5):.2f}"]
     assert not plt.fignum_exists(fig.number)                  # closed: a long session doesn't pile them up
     assert png_size(png) == (700, 400)
 

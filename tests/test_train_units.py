@@ -17,7 +17,7 @@ from tinylm.optim import Schedule, adamw_init
 from tinylm.run_log import read_metrics
 from tinylm.tokenizer import ByteTokenizer
 from tinylm.train import (check_out_dir, check_stop_at, data_fingerprint, nan_stop_message, new_run, pretrain,
-                          resumed_run, run_dataset, train_step)
+                          resumed_run, run_dataset, starting_point, train_step)
 from tinylm.train_config import TrainConfig, default_model, with_settings
 from test_pretrain import text_file, tiny  # noqa: F401  (text_file is a fixture)
 
@@ -159,14 +159,14 @@ def saved_run(tmp_path, text_file):
 
 def test_new_run_uses_the_seed_and_kernels_and_refuses_an_existing_run(tmp_path, text_file):
     cfg = with_settings(TrainConfig(), {**tiny(text_file, 5), "seed": 5})
-    run = new_run(str(tmp_path / "a"), cfg, "cpu", kernels=True)          # the simulator (conftest)
+    run = new_run(str(tmp_path / "a"), starting_point(cfg, {}), "cpu", kernels=True)   # the simulator (conftest)
     assert run.model.kernels is True
     fresh = GPT(cfg.model, seed=5)
     assert all(np.array_equal(p, fresh.params[k]) for k, p in run.model.params.items())
     out = saved_run(tmp_path, text_file)
     with pytest.raises(ValueError, match=r"already holds a run \(checkpoint at step 5\); pass --resume to "
                                          "continue it or --out to start a new one elsewhere$"):
-        new_run(out, cfg, "cpu")
+        new_run(out, starting_point(cfg, {}), "cpu")
 
 
 def test_resumed_run_restores_the_saved_state_and_passes_kernels_on(tmp_path, text_file):

@@ -167,8 +167,9 @@ def load_weights(ckpt_dir, dtype=None):
 
 
 # ----------------------------------------------------------------------------- saving a step
-def save_checkpoint(run_dir, model, opt_state, trainer_state):
-    """Write step trainer_state["step"] of a run; returns the checkpoint's directory. A full or
+def save_checkpoint(run_dir, model, opt_state, trainer_state, files=None):
+    """Write step trainer_state["step"] of a run; returns the checkpoint's directory. files: more
+    {name: bytes} to write beside the weights (the tokenizer's vocab.json and merges.txt). A full or
     read-only disk is one ValueError; the previous checkpoint and its pointer stay as they were."""
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
@@ -186,6 +187,9 @@ def save_checkpoint(run_dir, model, opt_state, trainer_state):
                    for k, a in opt_state[kind].items()}
         save_file(moments, os.path.join(tmp, OPTIMIZER))
         write_json_atomic(os.path.join(tmp, STATE), {**trainer_state, "optimizer_step": opt_state["step"]})
+        for f, data in (files or {}).items():
+            with open(os.path.join(tmp, f), "wb") as fh:
+                fh.write(data)
         for f in os.listdir(tmp):              # on disk before the pointer names them
             with open(os.path.join(tmp, f), "rb") as fh:
                 os.fsync(fh.fileno())

@@ -8,8 +8,8 @@ from .backend import keep_freed_memory
 from .commands.terminal import os_error_sentence
 
 COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",
-            "tinylm.commands.info", "tinylm.commands.export_hf", "tinylm.commands.rlhf", "tinylm.commands.demo",
-            "tinylm.commands.scaling", "tinylm.commands.attention_cost"]
+            "tinylm.commands.info", "tinylm.commands.eval", "tinylm.commands.export_hf", "tinylm.commands.rlhf",
+            "tinylm.commands.demo", "tinylm.commands.scaling", "tinylm.commands.attention_cost"]
 
 
 def build_parser():

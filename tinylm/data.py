@@ -6,12 +6,14 @@ on every Python install. Files are read in sorted order up to a fixed size, so a
 version always yields the same text. Source code suits a first model: it is highly regular
 (indentation, `def`, `self.`, `return`), so a small model learns visibly in minutes.
 """
+import hashlib
 import os
 import sysconfig
 
 import numpy as np
 
 DEFAULT_CORPUS_CHARS = 2_000_000
+CACHE_ENV = "TINYLM_CACHE"          # where tokenized files are kept (default ~/.cache/tinylm)
 
 
 def default_corpus(max_chars=DEFAULT_CORPUS_CHARS):
@@ -51,6 +53,36 @@ def load_text(path=None):
     if not text:
         raise ValueError(f"data file {path!r} is empty")
     return text
+
+
+def cache_dir():
+    return os.path.join(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "tinylm"),
+                        "tokens")
+
+
+def load_ids(path, tokenizer):
+    """The token ids (int64) of a UTF-8 file (None: the built-in corpus) under `tokenizer`.
+
+    BPE is slow in pure Python (GPT-2's merges on a megabyte take a minute), so its ids are kept in
+    cache_dir() under a key made of the text's SHA-256 and the tokenizer's fingerprint: a rerun on
+    the same file and vocabulary loads them instead, and an edited file or another vocabulary gets
+    its own entry. The byte tokenizer needs no cache (its encoding is a copy of the bytes)."""
+    text = load_text(path)
+    if tokenizer.fingerprint == "byte":
+        return tokenizer.encode(text)
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32] + "-" + tokenizer.fingerprint
+    cached = os.path.join(cache_dir(), key + ".npy")
+    if os.path.isfile(cached):
+        return np.load(cached)
+    ids = tokenizer.encode(text)
+    try:                                # a cache that cannot be written only costs the next run time
+        os.makedirs(cache_dir(), exist_ok=True)
+        tmp = f"{cached}.tmp-{os.getpid()}.npy"
+        np.save(tmp, ids)
+        os.replace(tmp, cached)         # whole or absent, never half-written
+    except OSError:
+        pass
+    return ids
 
 
 class Dataset:

@@ -38,11 +38,17 @@ class GeluCache(NamedTuple):
     t: object                       # the forward's tanh(√(2/π)(x + 0.044715 x³))
 
 
+class DropoutCache(NamedTuple):
+    keep: object                    # bool, True where the input is kept
+    scale: float                    # 1 / (1 − p)
+
+
 class AttentionCache(NamedTuple):
     q: object
     k: object                       # all P + T keys and values (a KV cache's next `past`)
     v: object
     att: object                     # softmax weights (B, H, T, P+T)
+    drop: DropoutCache = None       # dropout on att (training only)
 
 
 class CrossEntropyCache(NamedTuple):
@@ -182,6 +188,20 @@ def gelu_backward(dy, cache):
     return dx
 
 
+# ----------------------------------------------------------------------------- dropout
+def dropout_forward(x, keep, p):
+    """Inverted dropout, out = x ∘ keep / (1 − p), keep ~ Bernoulli(1 − p) drawn by the caller (the
+    run's seeded generator; a test fixes it). Scaling the kept entries by 1/(1 − p) keeps E[out] = x,
+    so evaluation runs the same network with no dropout and no rescaling.   x, keep (bool): same shape"""
+    scale = 1.0 / (1.0 - p)
+    return x * keep * scale, DropoutCache(keep, scale)
+
+
+def dropout_backward(dout, cache):
+    """dx = dout ∘ keep / (1 − p): a dropped entry passes no gradient."""
+    return dout * cache.keep * cache.scale
+
+
 # ----------------------------------------------------------------------------- attention
 def causal_mask(xp, n_query, n_key, dtype, offset=None):
     """Additive mask (n_query, n_key): 0 where query i (the last n_query of n_key positions) may see
@@ -211,13 +231,14 @@ def merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
 
 
-def attention_forward(qkv, n_head, past=None):
+def attention_forward(qkv, n_head, past=None, keep=None, p=0.0):
     """Causal multi-head self-attention, softmax(q kᵀ / √hd + mask) v.
 
     qkv (B, T, 3C) -> out (B, T, C). `past` = (k, v), each (B, H, P, hd), holds the keys and values
     of P earlier positions (the KV cache at generation): the T new queries attend to all P + T keys.
     The cache keeps (q, k, v, att) with k, v covering all P + T positions, for the next step or
-    the backward.
+    the backward. keep (B, H, T, P+T) bool: training's dropout at rate p on the softmax weights,
+    where GPT-2 puts it (attn_pdrop): y = dropout(att) v.
     """
     xp = array_module(qkv)
     q, k, v = split_heads(qkv, n_head)
@@ -232,21 +253,26 @@ def attention_forward(qkv, n_head, past=None):
     att -= att.max(-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(-1, keepdims=True)
-    y = att @ v                                            # (B, H, T, hd)
-    return merge_heads(y), AttentionCache(q, k, v, att)
+    dropped, drop = (att, None) if keep is None else dropout_forward(att, keep, p)
+    y = dropped @ v                                        # (B, H, T, hd)
+    return merge_heads(y), AttentionCache(q, k, v, att, drop)
 
 
 def attention_backward(dout, cache):
     """Backward of softmax attention (no KV cache: T = P + T).   dout (B, T, C) -> dqkv (B, T, 3C)
 
     dv = attᵀ dy;  datt = dy vᵀ;  dS = att ∘ (datt − rowsum(datt ∘ att));  dq = dS k / √hd;  dk = dSᵀ q / √hd.
-    Masked entries have att = 0, so they receive no gradient.
+    Masked entries have att = 0, so they receive no gradient. With dropout on att, dv uses the dropped
+    weights and datt goes back through the dropout before the softmax's backward.
     """
-    q, k, v, att = cache
+    q, k, v, att, drop = cache
     B, H, T, hd = q.shape
     dy = dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-    dv = att.transpose(0, 1, 3, 2) @ dy
+    dropped = att if drop is None else att * drop.keep * drop.scale
+    dv = dropped.transpose(0, 1, 3, 2) @ dy
     datt = dy @ v.transpose(0, 1, 3, 2)
+    if drop is not None:
+        datt = dropout_backward(datt, drop)               # the gradient on att, before dropout
     datt -= (datt * att).sum(-1, keepdims=True)
     datt *= att
     datt *= 1.0 / math.sqrt(hd)

@@ -23,9 +23,9 @@ from .config import ATTENTIONS, DTYPES, FLASH_MIN_T, MIXERS, GPTConfig, check_in
 from .flash_attention import flash_attention_backward, flash_attention_forward
 from .hf import load_hf, save_hf
 from .layers import (Layers, attention_backward, attention_forward, cross_entropy_backward,
-                     cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
-                     gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
-                     linear_forward, lm_head_backward, lm_head_forward)
+                     cross_entropy_forward, dropout_backward, dropout_forward, embedding_backward,
+                     embedding_forward, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
+                     linear_backward, linear_forward, lm_head_backward, lm_head_forward)
 from .optim import adamw_update
 from .ssm import (selective_scan_backward, selective_scan_forward, ssm_init_param, ssm_mixer_backward,
                   ssm_mixer_forward, ssm_param_shapes, ssm_state)
@@ -71,6 +71,8 @@ class BlockCache(NamedTuple):
     fc: tuple
     gelu: tuple
     mlp_proj: tuple
+    drop_mixer: tuple = None        # training's dropout on each branch before its residual add
+    drop_mlp: tuple = None
 
 
 class TrunkCache(NamedTuple):
@@ -78,6 +80,27 @@ class TrunkCache(NamedTuple):
     pos: tuple
     blocks: list
     ln_f: tuple
+    drop: tuple = None              # training's dropout on the embeddings
+
+
+class Dropout(NamedTuple):
+    """Training's dropout: rate p where GPT-2 applies its three (embd_pdrop, attn_pdrop, resid_pdrop:
+    one rate for all, as GPT-2 sets them), masks drawn from rng, the run's seeded generator, so a
+    resumed run draws the same masks. Evaluation and sampling pass none."""
+    p: float
+    rng: np.random.Generator
+
+    def keep(self, xp, shape):
+        return xp.asarray(self.rng.random(shape, dtype=np.float32) >= self.p)
+
+
+def drop_forward(x, dropout, xp):
+    """x, or dropout(x) at training time -> (out, cache or None)."""
+    return (x, None) if dropout is None else dropout_forward(x, dropout.keep(xp, x.shape), dropout.p)
+
+
+def drop_backward(dx, cache):
+    return dx if cache is None else dropout_backward(dx, cache)
 
 
 class NllCache(NamedTuple):
@@ -225,15 +248,17 @@ class GPT:
                              f"(allowed 0..{self.config.vocab_size - 1}, or -1 to ignore a position)")
 
     # ------------------------------------------------------------------ token mixers
-    def attention_sublayer_forward(self, a, i, past=None):
+    def attention_sublayer_forward(self, a, i, past=None, dropout=None):
         """c_proj(attention(c_attn(a))).   a (B, T, C) -> (out, cache, (k, v) for the KV cache)"""
         L, p, h = self.layers, self.params, f"h.{i}.attn."
         a, c_attn = L.linear_forward(a, p[h + "c_attn.weight"], p[h + "c_attn.bias"])
-        if past is None and self.config.uses_flash(a.shape[1], L.auto_flash_from):
+        if past is None and dropout is None and self.config.uses_flash(a.shape[1], L.auto_flash_from):
             a, c_att = L.flash_attention_forward(a, self.config.n_head)
             backward = L.flash_attention_backward
-        else:       # generation with a KV cache: the naive path, which attends to past keys
-            a, c_att = L.attention_forward(a, self.config.n_head, past)
+        else:   # generation with a KV cache (past keys), or training's dropout on the softmax weights
+            B, T, H = a.shape[0], a.shape[1], self.config.n_head
+            keep = None if dropout is None else dropout.keep(self.xp, (B, H, T, T))
+            a, c_att = L.attention_forward(a, H, past, keep, 0.0 if dropout is None else dropout.p)
             backward = L.attention_backward
         a, c_aproj = L.linear_forward(a, p[h + "c_proj.weight"], p[h + "c_proj.bias"])
         return a, AttentionSublayerCache(c_attn, c_att, backward, c_aproj), (c_att.k, c_att.v)
@@ -245,8 +270,9 @@ class GPT:
         da, grads[h + "c_attn.weight"], grads[h + "c_attn.bias"] = L.linear_backward(da, cache.c_attn)
         return da
 
-    def ssm_sublayer_forward(self, a, i, past=None):
-        """The selective state-space mixer of ssm.py.   a (B, T, C) -> (out, cache, fixed-size state)"""
+    def ssm_sublayer_forward(self, a, i, past=None, dropout=None):
+        """The selective state-space mixer of ssm.py.   a (B, T, C) -> (out, cache, fixed-size state)
+        (it has no attention weights to drop; the block's dropout still applies to its output)."""
         h = f"h.{i}.ssm."
         params = {k[len(h):]: v for k, v in self.params.items() if k.startswith(h)}
         a, cache = ssm_mixer_forward(a, params, past, self.layers)
@@ -258,57 +284,62 @@ class GPT:
         return da
 
     # ------------------------------------------------------------------ blocks
-    def block_forward(self, x, i, past=None):
+    def block_forward(self, x, i, past=None, dropout=None):
         """One pre-LN block: x + mixer(ln_1(x)), then + mlp(ln_2(·)).   x (B, T, C)
-        Returns (x, cache, the mixer's state for the KV cache)."""
+        Returns (x, cache, the mixer's state for the KV cache). With a Dropout (training), each
+        branch is dropped before its residual add (GPT-2's resid_pdrop)."""
         L, p, h = self.layers, self.params, f"h.{i}."
         a, c_ln1 = L.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        a, c_mix, state = self.mixer_forward(a, i, past)
+        a, c_mix, state = self.mixer_forward(a, i, past, dropout)
+        a, c_drop_mix = drop_forward(a, dropout, self.xp)
         x = x + a
         m, c_ln2 = L.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
         m, c_fc = L.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
         m, c_gelu = L.gelu_forward(m)
         m, c_mproj = L.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+        m, c_drop_mlp = drop_forward(m, dropout, self.xp)
         x = x + m
-        return x, BlockCache(c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj), state
+        return x, BlockCache(c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj, c_drop_mix, c_drop_mlp), state
 
     def block_backward(self, dx, cache, i, grads):
         """The block's forward in reverse; the residual adds pass dx through unchanged."""
-        c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj = cache
+        c_ln1, c_mix, c_ln2, c_fc, c_gelu, c_mproj, c_drop_mix, c_drop_mlp = cache
         L, h = self.layers, f"h.{i}."
-        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = L.linear_backward(dx, c_mproj)
+        dm = drop_backward(dx, c_drop_mlp)
+        dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = L.linear_backward(dm, c_mproj)
         dm = L.gelu_backward(dm, c_gelu)
         dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = L.linear_backward(dm, c_fc)
         dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = L.layernorm_backward(dm, c_ln2)
         dx = dx + dm
-        da = self.mixer_backward(dx, c_mix, i, grads)
+        da = self.mixer_backward(drop_backward(dx, c_drop_mix), c_mix, i, grads)
         da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = L.layernorm_backward(da, c_ln1)
         return dx + da
 
     # ------------------------------------------------------------------ trunk: idx -> z
-    def hidden(self, idx, kv_cache=None):
+    def hidden(self, idx, kv_cache=None, dropout=None):
         """Final-layer vectors z = ln_f(blocks(embed(idx))).   idx (B, T) -> z (B, T, C), cache
 
         With a KVCache the positions continue after the cached ones and the cache is extended
-        (inference only: the returned cache is then not valid for hidden_backward).
+        (inference only: the returned cache is then not valid for hidden_backward). dropout: a
+        Dropout at training time (GPT-2's embd_pdrop after the embeddings, and see block_forward).
         """
         past = 0 if kv_cache is None else len(kv_cache)
         self.check_idx(idx, past=past)
         xp, p = self.xp, self.params
         tok, c_tok = embedding_forward(idx, p["wte.weight"])
         pos, c_pos = embedding_forward(xp.arange(past, past + idx.shape[1]), p["wpe.weight"])
-        x = tok + pos
+        x, c_drop = drop_forward(tok + pos, dropout, xp)
         c_blocks = []
         for i in range(self.config.n_layer):
             layer_past = None if kv_cache is None else kv_cache.layers[i]
-            x, c_block, state = self.block_forward(x, i, layer_past)
+            x, c_block, state = self.block_forward(x, i, layer_past, dropout)
             if kv_cache is not None:
                 kv_cache.layers[i] = state
             c_blocks.append(c_block)
         if kv_cache is not None:
             kv_cache.length += idx.shape[1]
         z, c_lnf = self.layers.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-        return z, TrunkCache(c_tok, c_pos, c_blocks, c_lnf)
+        return z, TrunkCache(c_tok, c_pos, c_blocks, c_lnf, c_drop)
 
     def hidden_backward(self, dz, cache, grads=None):
         """Backpropagate a gradient dz (B, T, C) given on z through the trunk.
@@ -316,11 +347,12 @@ class GPT:
         Returns grads: dict name -> array for every trunk parameter. If `grads` is given (e.g. it
         already holds the head's dwte), the trunk's gradients are added into it.
         """
-        c_tok, c_pos, c_blocks, c_lnf = cache
+        c_tok, c_pos, c_blocks, c_lnf, c_drop = cache
         grads = {} if grads is None else grads
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = self.layers.layernorm_backward(dz, c_lnf)
         for i in reversed(range(self.config.n_layer)):
             dx = self.block_backward(dx, c_blocks[i], i, grads)
+        dx = drop_backward(dx, c_drop)
         grads["wpe.weight"] = embedding_backward(dx.sum(0), c_pos)
         dwte = embedding_backward(dx, c_tok)
         grads["wte.weight"] = dwte + grads["wte.weight"] if "wte.weight" in grads else dwte
@@ -341,11 +373,11 @@ class GPT:
         z, _ = self.hidden(idx, kv_cache)
         return self.head_forward(z)[0]
 
-    def token_nll(self, idx, targets):
+    def token_nll(self, idx, targets, dropout=None):
         """Per-position negative log-likelihood (B, T) of targets (−1: ignored, nll 0), and the cache
-        that `nll_backward` needs."""
+        that `nll_backward` needs (dropout: a Dropout at training time)."""
         self.check_targets(idx, targets)
-        z, c_trunk = self.hidden(idx)
+        z, c_trunk = self.hidden(idx, dropout=dropout)
         logits, c_head = self.head_forward(z)
         nll, c_ce = self.layers.cross_entropy_forward(logits, targets)
         return nll, NllCache(c_trunk, c_head, c_ce)
@@ -357,10 +389,10 @@ class GPT:
         dz, dwte = self.head_backward(dlogits, c_head)
         return self.hidden_backward(dz, c_trunk, {"wte.weight": dwte})
 
-    def weighted_nll_and_grads(self, idx, targets, weights):
+    def weighted_nll_and_grads(self, idx, targets, weights, dropout=None):
         """loss = Σ weights · nll and its gradients; weights (B, T). The policy gradient and DPO use
         this with per-token weights; the LM loss is the special case weights = mask / count."""
-        nll, cache = self.token_nll(idx, targets)
+        nll, cache = self.token_nll(idx, targets, dropout)
         weights = self.xp.asarray(weights, dtype=nll.dtype)
         if weights.shape != nll.shape:
             raise ValueError(f"weights shape {tuple(weights.shape)} differs from idx shape {tuple(nll.shape)}")
@@ -381,10 +413,10 @@ class GPT:
             raise ValueError("no position counts towards the loss (loss_mask is all 0 or every target is -1)")
         return counts / n
 
-    def loss_and_grads(self, idx, targets, loss_mask=None):
+    def loss_and_grads(self, idx, targets, loss_mask=None, dropout=None):
         """Mean cross-entropy over the positions that count (loss_mask 1 and target != −1), and
-        the gradient of every parameter (same keys as params)."""
-        return self.weighted_nll_and_grads(idx, targets, self.mean_weights(idx, targets, loss_mask))
+        the gradient of every parameter (same keys as params). dropout: a Dropout (training only)."""
+        return self.weighted_nll_and_grads(idx, targets, self.mean_weights(idx, targets, loss_mask), dropout)
 
     def loss(self, idx, targets, loss_mask=None):
         """The loss alone (no backward): the same mean as loss_and_grads."""

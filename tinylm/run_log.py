@@ -3,6 +3,8 @@ loss.png, its plot."""
 import json
 import os
 
+import numpy as np
+
 from .checkpoint import TMP, remove
 
 METRICS = "metrics.jsonl"
@@ -46,8 +48,18 @@ def read_metrics(path):
     return records
 
 
+def perplexity_of(loss):
+    """exp(loss) for the plot's axis (arrays; capped so far-off tick positions do not overflow)."""
+    return np.exp(np.minimum(loss, 700.0))
+
+
+def loss_of(perplexity):
+    return np.log(np.maximum(perplexity, 1e-300))
+
+
 def plot_metrics(metrics_path, png_path):
-    """Train and validation loss against step, as a PNG (matplotlib's file-only Agg backend)."""
+    """Train and validation loss against step, perplexity on the right-hand scale and beside the last
+    validation point, as a PNG (matplotlib's file-only Agg backend)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -61,6 +73,13 @@ def plot_metrics(metrics_path, png_path):
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats per token)")
+    # Perplexity is exp(loss), one number per loss: a second scale on the same curves, not new ones.
+    ppl = ax.secondary_yaxis("right", functions=(perplexity_of, loss_of))
+    ppl.set_ylabel("perplexity")
+    if val:
+        step, loss = val[-1]
+        ax.annotate(f"perplexity {perplexity_of(loss):.2f}", (step, loss), textcoords="offset points",
+                    xytext=(-8, 8), ha="right")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

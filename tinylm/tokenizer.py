@@ -6,6 +6,7 @@ training and round-trips any string exactly, at the price of long sequences (one
 BPETokenizer: GPT-2's byte-pair encoding, read from the vocab.json + merges.txt that ship with a
 Hugging Face GPT-2 directory, so `GPT.from_pretrained` weights turn into real text.
 """
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import numpy as np
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, plus `eot_id` = 256 (end of text): vocab_size 257."""
     name = "byte"
+    fingerprint = "byte"            # names the tokenizer in a token cache's key (data.load_ids)
     vocab_size = 257
     eot_id = 256
 
@@ -23,14 +25,18 @@ class ByteTokenizer:
         """str -> int64 ids (B,) of its UTF-8 bytes."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
-    def decode(self, ids):
-        """ids -> str, skipping end-of-text. Sampled bytes need not form valid UTF-8 (a model can
-        emit half a multi-byte character), so bad sequences become U+FFFD instead of raising."""
+    def token_bytes(self, ids):
+        """ids -> the bytes they stand for, skipping end-of-text."""
         ids = np.asarray(ids).reshape(-1)
         bad = ids[(ids < 0) | (ids > self.eot_id)]
         if bad.size:
             raise ValueError(f"token id {int(bad[0])} is out of range for the byte tokenizer (allowed 0..256)")
-        return bytes(ids[ids != self.eot_id].astype(np.uint8)).decode("utf-8", errors="replace")
+        return bytes(ids[ids != self.eot_id].astype(np.uint8))
+
+    def decode(self, ids):
+        """ids -> str, skipping end-of-text. Sampled bytes need not form valid UTF-8 (a model can
+        emit half a multi-byte character), so bad sequences become U+FFFD instead of raising."""
+        return self.token_bytes(ids).decode("utf-8", errors="replace")
 
 
 def bytes_to_unicode():
@@ -77,6 +83,9 @@ class BPETokenizer:
         self.vocab_size = max(self.decoder) + 1
         self.eot_id = self.encoder.get(self.EOT)
         self.word_cache = {}
+        # Another vocabulary or merge order encodes the same text differently: both go into the key.
+        self.fingerprint = "bpe-" + hashlib.sha256(json.dumps([sorted(self.encoder.items()), sorted(
+            self.ranks.items(), key=lambda item: item[1])]).encode()).hexdigest()[:16]
 
     @classmethod
     def from_files(cls, vocab_path, merges_path):
@@ -126,21 +135,35 @@ class BPETokenizer:
                 ids.append(self.encoder[token])
         return np.array(ids, dtype=np.int64)
 
-    def decode(self, ids):
+    def token_bytes(self, ids):
+        """ids -> the bytes their tokens stand for, skipping end-of-text."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.eot_id]
         unknown = [i for i in ids if i not in self.decoder]
         if unknown:
             raise ValueError(f"token id {unknown[0]} is not in the BPE vocabulary (allowed 0..{self.vocab_size - 1})")
-        data = bytes(self.char_byte[c] for i in ids for c in self.decoder[i])
-        return data.decode("utf-8", errors="replace")
+        return bytes(self.char_byte[c] for i in ids for c in self.decoder[i])
+
+    def decode(self, ids):
+        return self.token_bytes(ids).decode("utf-8", errors="replace")
+
+
+BPE_FILES = ("vocab.json", "merges.txt")
+
+
+def tokenizer_files(checkpoint_dir):
+    """{name: bytes} of the BPE files in a checkpoint directory ({} for the byte tokenizer): what a
+    run started from it copies into each of its own checkpoints, so they carry their tokenizer."""
+    paths = [os.path.join(checkpoint_dir, name) for name in BPE_FILES]
+    if not all(os.path.isfile(p) for p in paths):
+        return {}
+    return {name: open(p, "rb").read() for name, p in zip(BPE_FILES, paths)}
 
 
 def load_tokenizer(checkpoint_dir, vocab_size=None):
     """The tokenizer for a checkpoint directory: GPT-2 BPE when it holds vocab.json and merges.txt,
     else the byte tokenizer. With vocab_size (the model's), refuse a tokenizer whose ids the model
     cannot take, or ids the model would emit that the tokenizer cannot decode."""
-    vocab_path = os.path.join(checkpoint_dir, "vocab.json")
-    merges_path = os.path.join(checkpoint_dir, "merges.txt")
+    vocab_path, merges_path = (os.path.join(checkpoint_dir, name) for name in BPE_FILES)
     if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
         tokenizer = BPETokenizer.from_files(vocab_path, merges_path)
     else:

@@ -8,26 +8,29 @@ import hashlib
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import (LOCK, POINTER, STATE, RunLock, clean_stale, latest_checkpoint, load_training_checkpoint,
-                         no_symlink, read_trainer_state, save_checkpoint)
-from .data import Dataset, load_text
+from .checkpoint import (LOCK, POINTER, STATE, RunLock, clean_stale, latest_checkpoint, load_model,
+                         load_training_checkpoint, no_symlink, read_trainer_state, save_checkpoint)
+from .data import Dataset, load_ids
 from .metrics import estimate_loss, perplexity
-from .model import GPT
+from .model import GPT, Dropout
 from .optim import adamw_init, optimizer_step
 from .run_log import METRICS, PLOT, MetricsLog, plot_metrics
-from .tokenizer import ByteTokenizer
-from .train_config import TrainConfig, resumed_config, with_settings
+from .tokenizer import ByteTokenizer, load_tokenizer, tokenizer_files
+from .train_config import SHAPE_SETTINGS, TrainConfig, resumed_config, with_settings
 
 
-def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mask=None, weight_decay=0.1):
-    """One next-token step on a batch: loss_and_grads -> optimizer_step (clip, AdamW at the
-    schedule's rate; nothing moves if the loss or gradient norm is not finite) -> optim.Step."""
-    loss, grads = model.loss_and_grads(idx, targets, loss_mask)
+def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mask=None, weight_decay=0.1,
+               dropout=None):
+    """One next-token step on a batch: loss_and_grads (with model.Dropout `dropout`, if any) ->
+    optimizer_step (clip, AdamW at the schedule's rate; nothing moves if the loss or gradient norm
+    is not finite) -> optim.Step."""
+    loss, grads = model.loss_and_grads(idx, targets, loss_mask, dropout)
     return optimizer_step(model, grads, opt_state, schedule, grad_clip, weight_decay, loss)
 
 
@@ -68,10 +71,12 @@ class Run:
     loss: float = None
     val_loss: float = None
     data_sha256: str = None
+    tokenizer: object = field(default_factory=ByteTokenizer)
+    tokenizer_files: dict = field(default_factory=dict)     # copied into every checkpoint (BPE's two files)
 
     def trainer_state(self):
         return {"step": self.step, "train_config": asdict(self.cfg), "data_rng": self.rng.bit_generator.state,
-                "data_sha256": self.data_sha256, "tokenizer": ByteTokenizer.name, "loss": self.loss,
+                "data_sha256": self.data_sha256, "tokenizer": self.tokenizer.name, "loss": self.loss,
                 "val_loss": self.val_loss, "elapsed_s": self.elapsed_s}
 
 
@@ -89,13 +94,40 @@ def check_out_dir(out_dir):
         no_symlink(os.path.join(out_dir, name))
 
 
-def new_run(out_dir, cfg, device, kernels=None):
+class Start(NamedTuple):
+    """What a new run starts from: its settings (the model's shape filled in), weights (None: GPT-2's
+    init at cfg.seed), tokenizer and the tokenizer's files."""
+    cfg: TrainConfig
+    params: dict
+    tokenizer: object
+    tokenizer_files: dict
+
+
+def starting_point(cfg, settings):
+    """cfg.init_from's shape, weights and tokenizer (GPT-2 BPE when its directory holds vocab.json +
+    merges.txt, else bytes); a shape flag in `settings` that disagrees with it is a ValueError. Without
+    init_from: cfg as it is, GPT-2's init and the byte tokenizer."""
+    if cfg.init_from is None:
+        return Start(cfg, None, ByteTokenizer(), {})
+    model, ckpt_dir, _ = load_model(cfg.init_from, dtype=settings.get("dtype"))
+    for name in SHAPE_SETTINGS:
+        if name in settings and settings[name] != getattr(model.config, name):
+            raise ValueError(f"--init-from {cfg.init_from!r} has {name}={getattr(model.config, name)!r}, but "
+                             f"{name}={settings[name]!r} was given: the model's shape comes from --init-from "
+                             "(drop the flag)")
+    return Start(replace(cfg, model=model.config), model.numpy_params(),
+                 load_tokenizer(ckpt_dir, model.config.vocab_size), tokenizer_files(ckpt_dir))
+
+
+def new_run(out_dir, start, device, kernels=None):
     if latest_checkpoint(out_dir) is not None:
         raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
                          f"{read_trainer_state(latest_checkpoint(out_dir))['step']}); pass --resume to "
                          "continue it or --out to start a new one elsewhere")
-    model = GPT(cfg.model, seed=cfg.seed, device=device, kernels=kernels)
-    return Run(cfg, model, adamw_init(model.params), np.random.default_rng(cfg.seed))
+    cfg = start.cfg
+    model = GPT(cfg.model, seed=cfg.seed, device=device, params=start.params, kernels=kernels)
+    return Run(cfg, model, adamw_init(model.params), np.random.default_rng(cfg.seed),
+               tokenizer=start.tokenizer, tokenizer_files=start.tokenizer_files)
 
 
 def resumed_run(out_dir, settings, device, kernels=None):
@@ -109,13 +141,15 @@ def resumed_run(out_dir, settings, device, kernels=None):
         rng.bit_generator.state = state["data_rng"]
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{where}: key 'data_rng' is not a {type(rng.bit_generator).__name__} state") from None
+    ckpt_dir = latest_checkpoint(out_dir)
     return Run(resumed_config(saved, settings, out_dir), model, opt_state, rng,
-               state["step"], state["elapsed_s"], state["loss"], state["val_loss"], state["data_sha256"])
+               state["step"], state["elapsed_s"], state["loss"], state["val_loss"], state["data_sha256"],
+               load_tokenizer(ckpt_dir, model.config.vocab_size), tokenizer_files(ckpt_dir))
 
 
 def run_dataset(run):
     """A resumed run's data as a Dataset: it must be the very text the run trained on."""
-    ids = ByteTokenizer().encode(load_text(run.cfg.data))
+    ids = load_ids(run.cfg.data, run.tokenizer)
     fingerprint = data_fingerprint(ids)
     if run.data_sha256 not in (None, fingerprint):
         raise ValueError(f"the data ({run.cfg.data or 'built-in corpus'}) differs from the data this run was "
@@ -141,16 +175,18 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
     Raises ValueError for bad input (before anything is written) and when the loss stops being
     finite (naming the step and the last good checkpoint, which is kept)."""
     settings = dict(settings or {})
-    if settings.get("data") is not None:       # absolute, so --resume works from any directory
-        settings["data"] = os.path.abspath(settings["data"])
+    for name in ("data", "init_from"):         # absolute, so --resume works from any directory
+        if settings.get(name) is not None:
+            settings[name] = os.path.abspath(settings[name])
     check_out_dir(out_dir)
     if resume:
         if latest_checkpoint(out_dir) is None:
             raise ValueError(f"cannot resume: {out_dir!r} has no {POINTER} (no checkpoint was saved there)")
     else:
-        cfg = with_settings(TrainConfig(), settings)
+        start = starting_point(with_settings(TrainConfig(), settings), settings)
+        cfg = start.cfg
         check_stop_at(stop_at, 0, cfg.max_steps)
-        ids = ByteTokenizer().encode(load_text(cfg.data))
+        ids = load_ids(cfg.data, start.tokenizer)
         dataset = Dataset(ids, cfg.model.n_ctx, cfg.val_fraction)   # refuses data too short for a window
         os.makedirs(out_dir, exist_ok=True)    # only now: bad input above leaves no empty run behind
     with RunLock(out_dir):
@@ -160,7 +196,7 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
             check_stop_at(stop_at, run.step, run.cfg.max_steps)
             dataset = run_dataset(run)
         else:
-            run = new_run(out_dir, cfg, device, kernels)
+            run = new_run(out_dir, start, device, kernels)
             run.data_sha256 = data_fingerprint(ids)
         return train_loop(run, dataset, out_dir, resume, stop_at, plot, progress)
 
@@ -171,6 +207,9 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
     ckpt_dir = latest_checkpoint(out_dir)
     log = MetricsLog(os.path.join(out_dir, METRICS), run.step if resume else None)
     tokens_per_step, schedule = cfg.batch_size * cfg.model.n_ctx, cfg.schedule()
+    # Masks come from the data-order generator, which every checkpoint saves: a resumed run draws
+    # the very masks the uninterrupted one would have.
+    dropout = Dropout(cfg.dropout, run.rng) if cfg.dropout > 0 else None
     status = "done"
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="pretrain", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -180,7 +219,7 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
                 t0 = time.perf_counter()
                 idx, targets = dataset.get_batch("train", cfg.batch_size, run.rng)
                 result = train_step(model, run.opt_state, model.xp.asarray(idx), model.xp.asarray(targets), schedule,
-                                    cfg.grad_clip, weight_decay=cfg.weight_decay)
+                                    cfg.grad_clip, weight_decay=cfg.weight_decay, dropout=dropout)
                 if not result.stepped:                  # nothing moved: stop, keeping the last good checkpoint
                     raise ValueError(nan_stop_message(result.loss, result.grad_norm, run.step + 1, ckpt_dir, out_dir,
                                                       cfg.lr))
@@ -198,8 +237,8 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
                     status = "interrupted" if flag.stop else "stopped"
                     break
                 if run.step % cfg.checkpoint_every == 0:
-                    ckpt_dir = save_checkpoint(out_dir, model, run.opt_state, run.trainer_state())
-            ckpt_dir = save_checkpoint(out_dir, model, run.opt_state, run.trainer_state())
+                    ckpt_dir = save_checkpoint(out_dir, model, run.opt_state, run.trainer_state(), run.tokenizer_files)
+            ckpt_dir = save_checkpoint(out_dir, model, run.opt_state, run.trainer_state(), run.tokenizer_files)
     finally:
         bar.close()
         log.close()

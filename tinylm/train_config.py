@@ -20,6 +20,7 @@ class TrainConfig:
     The defaults are the built-in run: a 4-layer, 128-wide byte-level model on the standard
     library's source, sized to give recognisable Python within 10 minutes on 2 CPU cores."""
     data: str = None                 # UTF-8 text file; None = the built-in corpus (data.py)
+    init_from: str = None            # start from this model (Hugging Face GPT-2 dir, run, checkpoint); None = GPT-2's init
     model: GPTConfig = field(default_factory=default_model)
     batch_size: int = 8
     max_steps: int = 1500
@@ -28,6 +29,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    dropout: float = 0.0             # GPT-2's embedding, attention and residual dropout while training
     val_fraction: float = 0.1
     eval_every: int = 250
     eval_batches: int = 8
@@ -45,11 +47,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
                 raise ValueError(f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {value!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1) (1 would drop everything), got {self.dropout!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be between 0 and 1 (both excluded), got {self.val_fraction!r}")
 
     @classmethod
     def from_dict(cls, obj, where="train_config"):
+        """The settings a checkpoint saved; those added after it was written take their defaults,
+        which are what such a run used (no init_from, no dropout)."""
+        if isinstance(obj, dict):
+            obj = {**{k: v for k, v in ADDED_LATER.items() if k not in obj}, **obj}
         return config_from_dict(cls, obj, where)
 
     def warnings(self):
@@ -67,7 +75,11 @@ class TrainConfig:
         return Schedule(self.lr, self.max_steps, self.warmup_steps, self.min_lr)
 
 
+# Settings that runs saved before they existed (issue 23) lack, with the value those runs had.
+ADDED_LATER = {"init_from": None, "dropout": 0.0}
 MODEL_SETTINGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
+# What a model started --init-from keeps from it (dtype and the attention algorithm may change).
+SHAPE_SETTINGS = tuple(name for name in MODEL_SETTINGS if name not in ("dtype", "attention"))
 
 
 def with_settings(cfg, settings):

@@ -4,6 +4,8 @@ starts: a bad value is one line naming the flag (argparse's own `error: argument
     p.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate")
     p.add_argument("--warmup", type=at_least(0), ...)        # an int >= 0
     p.add_argument("--noise", type=fraction, ...)            # a float in [0, 1]
+    p.add_argument("--top-p", type=probability, ...)         # a float in (0, 1]
+    p.add_argument("--dropout", type=rate, ...)              # a float in [0, 1)
 """
 import argparse
 import math
@@ -41,12 +43,22 @@ def at_least(minimum, kind=int):
     return parse
 
 
-def fraction(text):
-    """A float in [0, 1] (a probability, a share of the data)."""
-    value = _parse(float, text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def unit_interval(brackets):
+    """A type for floats in the part of [0, 1] that brackets names: "[]", "(]" or "[)"."""
+    def parse(text):
+        value = _parse(float, text)
+        low_ok = value >= 0 if brackets[0] == "[" else value > 0
+        high_ok = value <= 1 if brackets[1] == "]" else value < 1
+        if not (low_ok and high_ok):
+            raise argparse.ArgumentTypeError(f"must be in {brackets[0]}0, 1{brackets[1]}, got {text}")
+        return value
+    parse.__name__ = f"float in {brackets[0]}0, 1{brackets[1]}"
+    return parse
+
+
+fraction = unit_interval("[]")        # a share of the data, a noise level
+probability = unit_interval("(]")     # top-p: 0 would keep nothing
+rate = unit_interval("[)")            # dropout: 1 would drop everything
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -1,5 +1,6 @@
 """`tinylm export-hf RUN OUT`: write a run's (or checkpoint's) model as a Hugging Face GPT-2
-directory, config.json + model.safetensors, that transformers' GPT2LMHeadModel loads. Only
+directory, config.json + model.safetensors (+ vocab.json and merges.txt for a BPE model), that
+transformers' GPT2LMHeadModel loads. Only
 attention models export: GPT-2 has no state-space layers for an ssm model's weights."""
 import argparse
 import os
@@ -18,6 +19,7 @@ def add_parser(sub):
 
 def run(args):
     from tinylm.checkpoint import TMP, load_model
+    from tinylm.tokenizer import tokenizer_files
     if os.path.lexists(args.out):
         raise ValueError(f"{args.out!r} already exists: choose a new path (nothing is overwritten)")
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -30,6 +32,9 @@ def run(args):
     tmp = f"{args.out}{TMP}{os.getpid()}"      # OUT appears only once complete
     try:
         model.save_pretrained(tmp)
+        for name, data in tokenizer_files(ckpt_dir).items():      # a BPE run's vocabulary goes with it
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
         os.rename(tmp, args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,7 @@ def run(args):
     print(f"step: {state['step']} of {train.max_steps}, validation loss {val}, "
           f"{state['elapsed_s']:.0f}s of training, tokenizer {state['tokenizer']}")
     print(f"corpus: {train.data or CORPUS}")
-    settings = {k: v for k, v in flat_settings(train).items() if k not in cfg.to_dict() and k != "data"}
+    print(f"started from: {train.init_from or f'GPT-2 initialisation, seed {train.seed}'}")
+    settings = {k: v for k, v in flat_settings(train).items() if k not in cfg.to_dict() and k not in ("data", "init_from")}
     print("training settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return 0

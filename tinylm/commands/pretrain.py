@@ -1,17 +1,22 @@
 """`tinylm pretrain`: train a byte-level GPT (attention or a selective state-space mixer) on a
 text file (default: the Python standard library's own source) with AdamW, warm-up + cosine
-learning rate and gradient clipping. Writes checkpoints, metrics.jsonl and (with --plot)
-loss.png to --out. Ctrl-C saves and exits; --resume continues bit-for-bit."""
+learning rate and gradient clipping, or fine-tune one with --init-from (a Hugging Face GPT-2
+directory, a run or a checkpoint: its shape and tokenizer come with it). Writes checkpoints,
+metrics.jsonl and (with --plot) loss.png to --out. Ctrl-C saves and exits; --resume continues
+bit-for-bit."""
 from tinylm.config import DTYPES, MIXERS
 
-from .args import at_least, positive
+from .args import at_least, positive, rate
 from .terminal import note, progress_wanted
 
 DEFAULT_OUT = "runs/default"
 CORPUS = "the built-in standard-library corpus"
+SHOWN_FOR_NONE = {"data": CORPUS, "init_from": "a new model, GPT-2's initialisation, byte tokenizer"}
 # setting (a TrainConfig or GPTConfig field) -> (flag, argparse type, help)
 FLAGS = {
-    "data": ("--data", str, "UTF-8 text file to train on"),
+    "data": ("--data", str, "UTF-8 text file to train on (tokenized with the model's tokenizer; BPE ids are cached)"),
+    "init_from": ("--init-from", str, "start from this model, a Hugging Face GPT-2 directory, a tinylm run or "
+                                      "checkpoint: its weights, shape and tokenizer (vocab.json + merges.txt: GPT-2 BPE)"),
     "mixer": ("--mixer", str, "token mixer of each block: attention, or ssm (a Mamba-style selective scan)"),
     "n_layer": ("--n-layer", positive(int), "blocks"),
     "n_head": ("--n-head", positive(int), "attention heads (attention only)"),
@@ -27,6 +32,8 @@ FLAGS = {
     "warmup_steps": ("--warmup", at_least(0), "linear warm-up steps"),
     "weight_decay": ("--weight-decay", at_least(0, float), "AdamW decoupled weight decay"),
     "grad_clip": ("--grad-clip", positive(float), "clip the global gradient norm to this"),
+    "dropout": ("--dropout", rate, "dropout rate in [0, 1) on the embeddings, attention weights and residual "
+                                   "branches while training, where GPT-2 has them (never at evaluation or sampling)"),
     "val_fraction": ("--val-fraction", float, "fraction of the data held out for validation, in (0, 1)"),
     "eval_every": ("--eval-every", positive(int), "steps between validation-loss evaluations"),
     "eval_batches": ("--eval-batches", positive(int), "batches per validation-loss evaluation"),
@@ -54,7 +61,7 @@ def add_parser(sub):
     defaults = flat_settings(TrainConfig())
     for name, (flag, kind, text) in FLAGS.items():
         # default None: only the flags given are passed on, so --resume can tell what the user changed
-        shown = CORPUS if defaults[name] is None else defaults[name]
+        shown = SHOWN_FOR_NONE[name] if defaults[name] is None else defaults[name]
         p.add_argument(flag, dest=name, type=kind, default=None, choices=CHOICES.get(name),
                        help=f"{text} (default: {shown})")
     p.set_defaults(func=run)

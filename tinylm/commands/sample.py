@@ -1,13 +1,15 @@
 """`tinylm sample`: continue a prompt with a trained model (default: runs/default) or a Hugging
 Face GPT-2 directory (its vocab.json + merges.txt give the BPE tokenizer). Token by token, with
-temperature, top-k and a KV cache."""
+temperature, then top-k, then top-p (nucleus), and a KV cache; the text is streamed to stdout as it
+is made, whole UTF-8 characters at a time. When prompt + new tokens pass n_ctx, the oldest tokens
+slide out of view (generation goes on from the newest n_ctx/2); a prompt longer than n_ctx is refused."""
 import argparse
 import os
 import time
 
 import numpy as np
 
-from .args import at_least, positive
+from .args import at_least, positive, probability
 from .pretrain import DEFAULT_OUT
 from .terminal import note
 
@@ -18,11 +20,17 @@ def add_parser(sub):
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_OUT,
                    help="run, checkpoint or Hugging Face directory")
     p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=positive(int), default=300, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=positive(int), default=300,
+                   help="tokens to generate; past n_ctx the window slides (the newest n_ctx/2 tokens stay in view)")
     p.add_argument("--temperature", type=at_least(0, float), default=0.8, help="0 = greedy; higher = more random")
     p.add_argument("--top-k", type=at_least(0), default=40, help="sample among the k likeliest tokens; 0 = all")
-    p.add_argument("--num-samples", type=positive(int), default=1, help="independent samples")
-    p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed")
+    p.add_argument("--top-p", type=probability, default=1.0,
+                   help="nucleus, after top-k: the smallest set of likeliest tokens holding this much probability, "
+                        "in (0, 1]; 1 = all")
+    p.add_argument("--stop", default=None, metavar="STRING",
+                   help="end a sample at the first occurrence of STRING (not printed)")
+    p.add_argument("--num-samples", type=positive(int), default=1, help="independent samples, one after another")
+    p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed: the same seed, the same text")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each token (slow; O(T²))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels)")
@@ -33,7 +41,7 @@ def add_parser(sub):
 
 def run(args):
     from tinylm.checkpoint import load_model
-    from tinylm.generate import generate
+    from tinylm.generate import generate_steps, stream_text
     from tinylm.tokenizer import load_tokenizer
     if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
         raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
@@ -45,15 +53,19 @@ def run(args):
     if len(prompt) > model.config.n_ctx:
         raise ValueError(f"--prompt is {len(prompt)} tokens, more than the model's n_ctx={model.config.n_ctx}; "
                          "shorten it (prompts are never cropped silently)")
+    rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    out = generate(model, np.tile(prompt, (args.num_samples, 1)), args.max_new_tokens, args.temperature,
-                   args.top_k or None, np.random.default_rng(args.seed), tokenizer.eot_id, not args.no_cache)
-    seconds = time.perf_counter() - t0
-    for i, row in enumerate(out):
+    for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        print(tokenizer.decode(row))
+        print(tokenizer.decode(prompt), end="", flush=True)
+        steps = generate_steps(model, prompt[None], args.max_new_tokens, args.temperature, args.top_k or None, rng,
+                               tokenizer.eot_id, not args.no_cache, args.top_p)
+        for piece in stream_text((tokenizer.token_bytes(tokens) for tokens, _ in steps), args.stop):
+            print(piece, end="", flush=True)
+        print()
+    seconds = time.perf_counter() - t0
     step = f"step {state['step']}" if state else "Hugging Face weights"
-    note("sample", f"{ckpt_dir} ({step}, mixer={model.config.mixer}), {out.shape[1] - len(prompt)} new tokens "
-                   f"per sample in {seconds:.1f}s")
+    note("sample", f"{ckpt_dir} ({step}, mixer={model.config.mixer}), {args.num_samples} sample(s) "
+                   f"in {seconds:.1f}s")
     return 0
