@@ -20,29 +20,10 @@ import numpy as np
 
 from .backend import get_xp, to_numpy
 from .config import ATTENTIONS, DTYPES, FLASH_MIN_T, MIXERS, GPTConfig, check_int  # noqa: F401  (re-exported)
-from .flash_attention import flash_attention_backward, flash_attention_forward
 from .hf import load_hf, save_hf
-from .layers import (Layers, attention_backward, attention_forward, cross_entropy_backward,
-                     cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
-                     gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
-                     linear_forward, lm_head_backward, lm_head_forward)
-from .optim import adamw_update
-from .ssm import (selective_scan_backward, selective_scan_forward, ssm_init_param, ssm_mixer_backward,
-                  ssm_mixer_forward, ssm_param_shapes, ssm_state)
-
-# The layers on the array library, NumPy on the CPU: "auto" attention switches to the blocked flash
-# of flash_attention.py from FLASH_MIN_T positions on (same time, O(T) memory instead of O(T²)).
-ARRAY_LAYERS = Layers(
-    linear_forward=linear_forward, linear_backward=linear_backward,
-    lm_head_forward=lm_head_forward, lm_head_backward=lm_head_backward,
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
-    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    attention_forward=attention_forward, attention_backward=attention_backward,
-    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    cross_entropy_forward=cross_entropy_forward, cross_entropy_backward=cross_entropy_backward,
-    selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
-    adamw_update=adamw_update,
-    auto_flash_from=FLASH_MIN_T)
+from .layer_sets import REFERENCE as ARRAY_LAYERS
+from .layers import embedding_forward
+from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
 
 
 def layers_for(device, kernels, dtype):
@@ -82,8 +63,7 @@ class TrunkCache(NamedTuple):
 
 class NllCache(NamedTuple):
     trunk: TrunkCache
-    head: tuple
-    cross_entropy: tuple
+    lm_loss: tuple
 
 
 def param_shapes(config):
@@ -249,7 +229,7 @@ class GPT:
         """The selective state-space mixer of ssm.py.   a (B, T, C) -> (out, cache, fixed-size state)"""
         h = f"h.{i}.ssm."
         params = {k[len(h):]: v for k, v in self.params.items() if k.startswith(h)}
-        a, cache = ssm_mixer_forward(a, params, past, self.layers)
+        a, cache = ssm_mixer_forward(a, params, self.layers, past)
         return a, cache, ssm_state(cache)
 
     def ssm_sublayer_backward(self, da, cache, i, grads):
@@ -321,8 +301,8 @@ class GPT:
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = self.layers.layernorm_backward(dz, c_lnf)
         for i in reversed(range(self.config.n_layer)):
             dx = self.block_backward(dx, c_blocks[i], i, grads)
-        grads["wpe.weight"] = embedding_backward(dx.sum(0), c_pos)
-        dwte = embedding_backward(dx, c_tok)
+        grads["wpe.weight"] = self.layers.embedding_backward(dx.sum(0), c_pos)
+        dwte = self.layers.embedding_backward(dx, c_tok)
         grads["wte.weight"] = dwte + grads["wte.weight"] if "wte.weight" in grads else dwte
         return grads
 
@@ -330,10 +310,6 @@ class GPT:
     def head_forward(self, z):
         """logits = z @ wteᵀ: the output head shares the token embedding (tied weights)."""
         return self.layers.lm_head_forward(z, self.params["wte.weight"])
-
-    def head_backward(self, dlogits, cache):
-        """-> dz, dwte"""
-        return self.layers.lm_head_backward(dlogits, cache)
 
     # ------------------------------------------------------------------ public API
     def forward(self, idx, kv_cache=None):
@@ -346,16 +322,14 @@ class GPT:
         that `nll_backward` needs."""
         self.check_targets(idx, targets)
         z, c_trunk = self.hidden(idx)
-        logits, c_head = self.head_forward(z)
-        nll, c_ce = self.layers.cross_entropy_forward(logits, targets)
-        return nll, NllCache(c_trunk, c_head, c_ce)
+        # The head and the loss as one pair: a set may fuse them (no B·T×V logits on the fast CPU set).
+        nll, c_loss = self.layers.lm_loss_forward(z, self.params["wte.weight"], targets)
+        return nll, NllCache(c_trunk, c_loss)
 
     def nll_backward(self, dnll, cache):
         """Gradients of sum(dnll · nll): dnll (B, T) is each position's weight in the loss."""
-        c_trunk, c_head, c_ce = cache
-        dlogits = self.layers.cross_entropy_backward(dnll, c_ce)
-        dz, dwte = self.head_backward(dlogits, c_head)
-        return self.hidden_backward(dz, c_trunk, {"wte.weight": dwte})
+        dz, dwte = self.layers.lm_loss_backward(dnll, cache.lm_loss)
+        return self.hidden_backward(dz, cache.trunk, {"wte.weight": dwte})
 
     def weighted_nll_and_grads(self, idx, targets, weights):
         """loss = Σ weights · nll and its gradients; weights (B, T). The policy gradient and DPO use
