@@ -71,16 +71,17 @@ def embedding_forward(ids, weight):
     return weight[ids], EmbeddingCache(ids, weight.shape)
 
 
-def embedding_backward(dout, cache):
-    """dweight[n] = sum of dout over every (b, t) whose id is n. Returns dweight (N, C).
+def embedding_backward(dout, cache, dweight=None):
+    """dweight[n] = sum of dout over every (b, t) whose id is n. Returns dweight (N, C), plus the
+    given dweight (the tied head's dwte) if there is one.
 
     Ids repeat (the same token twice in a batch), so the rows must be *accumulated*:
     `dweight[ids] += dout` would keep only the last write for a repeated id.
     """
     ids, shape = cache
-    dweight = array_module(dout).zeros(shape, dtype=dout.dtype)
-    scatter_add(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
-    return dweight
+    grad = array_module(dout).zeros(shape, dtype=dout.dtype)
+    scatter_add(grad, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    return grad if dweight is None else grad + dweight
 
 
 # ----------------------------------------------------------------------------- layernorm

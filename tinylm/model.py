@@ -26,15 +26,19 @@ from .layers import embedding_forward
 from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
 
 
-def layers_for(device, kernels, dtype):
+def layers_for(device, kernels, dtype, reference=False):
     """The layer set a model runs, chosen once at construction so the model code never branches on
-    it: the Numba kernels (kernel_layers.LAYERS), or the array library's layers. On CuPy (cuBLAS)
-    "auto" attention stays naive at every T: the blocked flash of flash_attention.py is written for
-    NumPy and would cost a GPU thousands of tiny launches."""
+    it: the Numba CUDA kernels (kernel_layers.LAYERS); on the CPU the fused Numba set of cpu_layers.py,
+    or with reference=True the readable one of layers.py (layer_sets.REFERENCE), which the fast set is
+    tested against. On CuPy (cuBLAS) "auto" attention stays naive at every T: the blocked flash of
+    flash_attention.py is written for NumPy and would cost a GPU thousands of tiny launches."""
     if kernels:
         from . import kernel_layers          # loads numba.cuda: only when the kernels are asked for
         kernel_layers.check_usable(device, dtype)
         return kernel_layers.LAYERS
+    if device == "cpu" and not reference:
+        from . import cpu_layers             # compiles (or loads from Numba's cache) on first use
+        return cpu_layers.LAYERS
     return ARRAY_LAYERS if device == "cpu" else ARRAY_LAYERS._replace(auto_flash_from=math.inf)
 
 
@@ -152,18 +156,21 @@ class GPT:
 
     device "cpu" (NumPy) or "cuda" (CuPy). kernels: run every layer on the Numba CUDA kernels
     (kernel_layers) instead of the array library's (layers.py; cuBLAS on a GPU); default True on
-    "cuda", False on "cpu", where True runs the kernels in Numba's CUDA simulator. model.layers is
-    the set chosen, and model.layers.adamw_update the matching per-tensor AdamW for optim.adamw_step.
+    "cuda", False on "cpu", where True runs the kernels in Numba's CUDA simulator. On the CPU the
+    layers are cpu_layers.py's fused ones unless reference=True asks for layers.py's (the lesson, and
+    what the fast set is tested against); checkpoints are the same either way. model.layers is the
+    set chosen, and model.layers.adamw_update the matching per-tensor AdamW for optim.adamw_step.
     """
 
-    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None):
+    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None, reference=False):
         if kernels not in (None, True, False):
             raise ValueError(f"kernels must be True, False or None (the device's default), got {kernels!r}")
         self.config = config
         self.device = device
         self.xp = get_xp(device)
         self.kernels = device == "cuda" if kernels is None else kernels
-        self.layers = layers_for(device, self.kernels, config.dtype)
+        self.reference = reference
+        self.layers = layers_for(device, self.kernels, config.dtype, reference)
         params = init_params(config, seed) if params is None else params
         self.params = {k: self.xp.asarray(v, dtype=config.dtype) for k, v in params.items()}
         # The token mixer of every block, chosen once: the block code doesn't branch on it.
@@ -302,8 +309,7 @@ class GPT:
         for i in reversed(range(self.config.n_layer)):
             dx = self.block_backward(dx, c_blocks[i], i, grads)
         grads["wpe.weight"] = self.layers.embedding_backward(dx.sum(0), c_pos)
-        dwte = self.layers.embedding_backward(dx, c_tok)
-        grads["wte.weight"] = dwte + grads["wte.weight"] if "wte.weight" in grads else dwte
+        grads["wte.weight"] = self.layers.embedding_backward(dx, c_tok, grads.get("wte.weight"))
         return grads
 
     # ------------------------------------------------------------------ head: z -> logits
@@ -375,18 +381,18 @@ class GPT:
     # ------------------------------------------------------------------ copies and checkpoints
     def copy(self):
         return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()},
-                   kernels=self.kernels)
+                   kernels=self.kernels, reference=self.reference)
 
     def numpy_params(self):
         return {k: to_numpy(v) for k, v in self.params.items()}
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", device="cpu", kernels=None):
+    def from_pretrained(cls, path, dtype="float32", device="cpu", kernels=None, reference=False):
         """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors). tinylm's
         own checkpoints (any mixer) load with checkpoint.load_model."""
         config, params = load_hf(path, dtype)
         check_tensors(params, param_shapes(config), f"checkpoint {str(path)!r}")
-        return cls(config, device=device, params=params, kernels=kernels)
+        return cls(config, device=device, params=params, kernels=kernels, reference=reference)
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads
