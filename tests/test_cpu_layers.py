@@ -250,3 +250,41 @@ def test_the_tie_catches_a_planted_bug_in_a_fast_layer():
     fast.layers = fast.layers._replace(layernorm_backward=forgets_variance)
     with pytest.raises(AssertionError, match="gradients differ"):
         assert_models_agree(fast, reference, idx, targets)
+
+
+# ----------------------------------------------------------------------------- the CLI and resuming
+def test_reference_flag_reaches_the_model_through_pretrain_and_sample(tmp_path):
+    """`--reference` builds layers.py's set; without it the CLI runs the fast set."""
+    from tinylm import train
+    from tinylm.cli import build_parser
+    for command in (["pretrain"], ["sample", str(tmp_path)]):
+        assert build_parser().parse_args(command + ["--reference"]).reference is True
+        assert build_parser().parse_args(command).reference is False
+    assert train.new_run(tmp_path / "a", train.TrainConfig(), "cpu", reference=True).model.layers is REFERENCE
+    assert train.new_run(tmp_path / "b", train.TrainConfig(), "cpu").model.layers is cpu_layers.LAYERS
+
+
+def test_a_run_resumes_bit_for_bit_within_a_set_and_may_switch_sets(tmp_path):
+    """6 steps straight = 3 + 3 resumed on the same set, weight for weight; resumed on the other set
+    instead, the run continues from the same checkpoint to weights within rounding of the straight
+    run's (and not identical: the other set did run)."""
+    from tinylm.checkpoint import load_model
+    from tinylm.train import pretrain
+    from test_pretrain import TINY
+    data = tmp_path / "data.txt"
+    data.write_text(" ".join(np.random.default_rng(0).choice("the quick brown fox jumps".split(), 600)))
+    settings = {**TINY, "data": str(data), "max_steps": 6, "checkpoint_every": 3}
+
+    def final_weights(name, resume_reference=None):
+        out = str(tmp_path / name)
+        if resume_reference is None:
+            pretrain(out, settings, progress=False)
+        else:
+            pretrain(out, settings, stop_at=3, progress=False)
+            pretrain(out, {}, resume=True, progress=False, reference=resume_reference)
+        return load_model(out)[0].params
+    straight = final_weights("straight")
+    assert all(np.array_equal(p, straight[k]) for k, p in final_weights("same set", False).items())
+    switched = final_weights("switched", resume_reference=True)
+    differences = [float(np.abs(p - straight[k]).max()) for k, p in switched.items()]
+    assert 0 < max(differences) <= 1e-5

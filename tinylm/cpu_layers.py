@@ -14,8 +14,8 @@ once and writes its outputs once. GEMMs stay on BLAS.
     layernorm       forward: mean, variance, normalise, scale in one pass per row; the backward's two
                     row reductions in one pass, dweight/dbias summed per fixed block of rows
     GELU            the tanh argument, NumPy's SIMD tanh, the output; the backward in one pass
-    attention       q kᵀ and the products with v stay BLAS GEMMs (batched over heads, written in place
-                    into the merged layout); scale, causal mask and softmax fused, no T×T mask
+    attention       q kᵀ and the products with v stay BLAS GEMMs, batched over heads on contiguous
+                    copies; scale, causal mask and softmax fused, no T×T mask
     embedding       the backward's scatter-add straight into the tied head's dwte, no dense temporary
     AdamW           one pass per tensor over p, g, m, v
 
@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from .layer_sets import layer_set
-from .layers import GELU_A, GELU_C, LAYERNORM_EPS, AttentionCache, GeluCache, split_heads
+from .layers import GELU_A, GELU_C, LAYERNORM_EPS, AttentionCache, GeluCache, merge_qkv_grads, split_heads
 
 # LLVM may reassociate sums (so reductions vectorise) and contract a*b+c into one FMA, but keeps IEEE
 # infinities and NaNs ("nnan"/"ninf" are left out): the causal mask is −inf, and a NaN from a diverged
@@ -234,7 +234,9 @@ def attention_forward(qkv, n_head, past=None):
     """layers.attention_forward: softmax(q kᵀ / √hd + mask) v, with the scale, causal mask and row max
     fused into one pass over the scores and y written straight into the (B, T, C) output.
     qkv (B, T, 3C) -> out (B, T, C); `past` = (k, v) as in layers.py."""
-    q, k, v = split_heads(qkv, n_head)
+    # Contiguous heads: NumPy's batched matmul on split_heads' strided views skips BLAS (25× slower
+    # at d_model 256, bench/RESULTS.md); the copies cost one pass over qkv.
+    q, k, v = (np.ascontiguousarray(t) for t in split_heads(qkv, n_head))
     if past is not None:
         k = np.concatenate([past[0], k], axis=2)
         v = np.concatenate([past[1], v], axis=2)
@@ -267,19 +269,16 @@ def softmax_rows_backward(datt, att, scale):
 
 def attention_backward(dout, cache):
     """layers.attention_backward: dv = attᵀ dy; datt = dy vᵀ; dS = att ∘ (datt − rowsum(datt ∘ att));
-    dq = dS k / √hd; dk = dSᵀ q / √hd, the softmax's backward fused into one pass per row and dq, dk,
-    dv written straight into their thirds of dqkv (B, T, 3C)."""
+    dq = dS k / √hd; dk = dSᵀ q / √hd, the softmax's backward fused into one pass per row."""
     q, k, v, att = cache
     B, H, T, hd = q.shape
-    dy = heads_view(dout, H)
-    dqkv = np.empty((B, T, 3 * H * hd), dtype=dout.dtype)
-    dq, dk, dv = split_heads(dqkv, H)
-    np.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)
+    dy = np.ascontiguousarray(heads_view(dout, H))       # contiguous, for BLAS (see attention_forward)
+    dv = att.transpose(0, 1, 3, 2) @ dy
     datt = dy @ v.transpose(0, 1, 3, 2)
     softmax_rows_backward(datt.reshape(-1, T), att.reshape(-1, T), 1.0 / math.sqrt(hd))
-    np.matmul(datt, k, out=dq)
-    np.matmul(datt.transpose(0, 1, 3, 2), q, out=dk)
-    return dqkv
+    dq = datt @ k
+    dk = datt.transpose(0, 1, 3, 2) @ q
+    return merge_qkv_grads(dq, dk, dv)
 
 
 # ----------------------------------------------------------------------------- the LM loss
