@@ -42,12 +42,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
                     help="with --device cuda: CuPy/cuBLAS layers instead of the Numba kernels")
+    ap.add_argument("--reference", action="store_true", help="on the CPU, layers.py's set instead of cpu_layers.py's")
     args = ap.parse_args(argv)
 
     T = args.prompt_len + args.new_tokens          # the context is never full: no window sliding
     config = GPTConfig(vocab_size=args.vocab, n_ctx=T, n_layer=args.n_layer, n_head=args.n_head,
                        d_model=args.d_model, dtype="float32")
-    model = GPT(config, seed=0, device=args.device, kernels=args.kernels)
+    model = GPT(config, seed=0, device=args.device, kernels=args.kernels, reference=args.reference)
     prompt = np.random.default_rng(0).integers(0, args.vocab, size=(1, args.prompt_len))
     list(generate_steps(model, prompt, 4, temperature=0))          # warm-up
     cached, t_cached = timed_steps(model, prompt, args.new_tokens, use_cache=True)
@@ -57,7 +58,7 @@ def main(argv=None):
     n = args.new_tokens
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
     print(f"model: d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} vocab={args.vocab} float32 "
-          f"device={args.device}; prompt {args.prompt_len} token(s), {n} new tokens (context reaches {T}); "
+          f"device={args.device}{' (reference set)' if args.reference else ''}; load {os.getloadavg()[0]:.2f}; prompt {args.prompt_len} token(s), {n} new tokens (context reaches {T}); "
           f"greedy, identical tokens: yes")
     k = min(32, n // 2)
     for name, s in (("KV cache", t_cached), ("no cache", t_full)):

@@ -12,7 +12,7 @@ once and writes its outputs once. GEMMs stay on BLAS.
                     log-sum-exp per row in the forward; the backward recomputes each chunk's logits,
                     turns them into dlogits in place, and hands them to the dz and dwte GEMMs
     layernorm       forward: mean, variance, normalise, scale in one pass per row; the backward's two
-                    row reductions in one pass, dweight/dbias summed per fixed block of rows
+                    row reductions and dweight/dbias in one pass
     GELU            the tanh argument, NumPy's SIMD tanh, the output; the backward in one pass
     attention       q kᵀ and the products with v stay BLAS GEMMs, batched over heads on contiguous
                     copies; scale, causal mask and softmax fused, no T×T mask
@@ -23,21 +23,19 @@ The linear layers, flash attention and the selective scan are the reference's (l
 Exponentials and tanh are NumPy's, on whole chunks: its SIMD exp/tanh are ~10× faster than the scalar
 libm call a Numba loop makes without SVML (bench/RESULTS.md).
 
-Threads: the GEMMs run on as many as the BLAS is told (OPENBLAS_NUM_THREADS); the fused loops on one
-unless NUMBA_NUM_THREADS says otherwise: OpenBLAS's threads spin for a while after each GEMM, and on
-the 2-core test machine a parallel loop right after one ran 2.5× slower than on one thread. Block sums
-use a fixed number of rows per block, so results never depend on the thread count. The parallel loops
-run on Numba's work-queue layer: its threads sleep, OpenMP's spin on the cores the next GEMM needs.
+Threads: the GEMMs run on as many as the BLAS is told (OPENBLAS_NUM_THREADS, torch's count in the
+benchmark); the fused loops on the calling thread. Both choices were measured on the 2-core test
+machine (bench/RESULTS.md): Numba's parallel loops cost ~80 µs per call to start (decoding a token ran
+5× slower than the reference's), and OpenBLAS's threads spin for a while after each GEMM, so a loop
+run in parallel right after one fought them for the cores and ran 2.5× slower than on one thread.
 Compiled once per dtype on first use and cached on disk (cache=True): bench/RESULTS.md gives the
 first-run and warm start-up times.
 """
 import math
-import os
 from typing import NamedTuple
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .layer_sets import layer_set
 from .layers import GELU_A, GELU_C, LAYERNORM_EPS, AttentionCache, GeluCache, merge_qkv_grads, split_heads
@@ -46,13 +44,8 @@ from .layers import GELU_A, GELU_C, LAYERNORM_EPS, AttentionCache, GeluCache, me
 # infinities and NaNs ("nnan"/"ninf" are left out): the causal mask is −inf, and a NaN from a diverged
 # run must stay visible rather than be optimised away.
 FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
-ROWS_PER_BLOCK = 64                 # rows per partial sum of dweight/dbias: fixed, so no thread-count dependence
 LOGIT_CHUNK = 1 << 20               # logits held at once by the LM loss (4 MB in float32): fits in L2/L3
 
-if "NUMBA_THREADING_LAYER" not in os.environ:     # before set_num_threads, which starts the layer
-    numba.config.THREADING_LAYER = "workqueue"
-if "NUMBA_NUM_THREADS" not in os.environ:
-    numba.set_num_threads(1)
 
 
 def rows(x):
@@ -61,16 +54,12 @@ def rows(x):
 
 
 # ----------------------------------------------------------------------------- embedding
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def scatter_add_rows(dweight, ids, dout):
-    """dweight[ids[n]] += dout[n] for every n. Threads own column blocks, so two rows with the same id
-    never write the same entry at once, and each entry adds its rows in order n = 0, 1, …"""
-    C = dweight.shape[1]
-    block = 16
-    for c0 in prange((C + block - 1) // block):
-        for n in range(ids.shape[0]):
-            for c in range(c0 * block, min(C, (c0 + 1) * block)):
-                dweight[ids[n], c] += dout[n, c]
+    """dweight[ids[n]] += dout[n] for every n, in order n = 0, 1, … (repeated ids accumulate)."""
+    for n in range(ids.shape[0]):
+        for c in range(dweight.shape[1]):
+            dweight[ids[n], c] += dout[n, c]
 
 
 def embedding_backward(dout, cache, dweight=None):
@@ -90,10 +79,10 @@ class LayernormCache(NamedTuple):
     weight: object
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def layernorm_rows_forward(x, weight, bias, eps, y, mean, rstd):
     N, C = x.shape
-    for n in prange(N):
+    for n in range(N):
         mu = 0.0                    # float64 accumulators, whatever the dtype
         for c in range(C):
             mu += x[n, c]
@@ -120,52 +109,48 @@ def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
     return y.reshape(x.shape), LayernormCache(x2, mean, rstd, weight)
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def layernorm_rows_backward(dy, x, mean, rstd, weight, dx, dweight_blocks, dbias_blocks):
+@njit(cache=True, fastmath=FAST)
+def layernorm_rows_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     N, C = x.shape
-    for blk in prange(dweight_blocks.shape[0]):
-        for n in range(blk * ROWS_PER_BLOCK, min(N, (blk + 1) * ROWS_PER_BLOCK)):
-            dxhat_mean = 0.0
-            dxhat_xhat_mean = 0.0
-            for c in range(C):
-                xhat = (x[n, c] - mean[n]) * rstd[n]
-                dxhat = dy[n, c] * weight[c]
-                dxhat_mean += dxhat
-                dxhat_xhat_mean += dxhat * xhat
-                dweight_blocks[blk, c] += dy[n, c] * xhat
-                dbias_blocks[blk, c] += dy[n, c]
-            dxhat_mean /= C
-            dxhat_xhat_mean /= C
-            for c in range(C):
-                xhat = (x[n, c] - mean[n]) * rstd[n]
-                dxhat = dy[n, c] * weight[c]
-                dx[n, c] = (dxhat - dxhat_mean - xhat * dxhat_xhat_mean) * rstd[n]
+    for n in range(N):
+        dxhat_mean = 0.0
+        dxhat_xhat_mean = 0.0
+        for c in range(C):
+            xhat = (x[n, c] - mean[n]) * rstd[n]
+            dxhat = dy[n, c] * weight[c]
+            dxhat_mean += dxhat
+            dxhat_xhat_mean += dxhat * xhat
+            dweight[c] += dy[n, c] * xhat
+            dbias[c] += dy[n, c]
+        dxhat_mean /= C
+        dxhat_xhat_mean /= C
+        for c in range(C):
+            xhat = (x[n, c] - mean[n]) * rstd[n]
+            dxhat = dy[n, c] * weight[c]
+            dx[n, c] = (dxhat - dxhat_mean - xhat * dxhat_xhat_mean) * rstd[n]
 
 
 def layernorm_backward(dy, cache):
     """layers.layernorm_backward: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
-    dxhat = dy * weight; dweight = Σ dy·xhat, dbias = Σ dy (float64 block sums).  -> (dx, dweight, dbias)"""
+    dxhat = dy * weight; dweight = Σ dy·xhat, dbias = Σ dy (float64 sums).  -> (dx, dweight, dbias)"""
     x, mean, rstd, weight = cache
     dy2 = rows(dy)
     dx = np.empty_like(dy2)
-    n_blocks = (x.shape[0] + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
-    dweight_blocks = np.zeros((n_blocks, x.shape[1]))
-    dbias_blocks = np.zeros((n_blocks, x.shape[1]))
-    layernorm_rows_backward(dy2, x, mean, rstd, weight, dx, dweight_blocks, dbias_blocks)
-    return (dx.reshape(dy.shape), dweight_blocks.sum(0).astype(dy.dtype),
-            dbias_blocks.sum(0).astype(dy.dtype))
+    dweight, dbias = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    layernorm_rows_backward(dy2, x, mean, rstd, weight, dx, dweight, dbias)
+    return dx.reshape(dy.shape), dweight.astype(dy.dtype), dbias.astype(dy.dtype)
 
 
 # ----------------------------------------------------------------------------- gelu
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def gelu_flat_tanh_argument(x, t):
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         t[i] = GELU_C * (x[i] + GELU_A * x[i] * x[i] * x[i])
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def gelu_flat_forward(x, t, y):
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         y[i] = 0.5 * x[i] * (1.0 + t[i])
 
 
@@ -179,9 +164,9 @@ def gelu_forward(x):
     return y, GeluCache(x, t)
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def gelu_flat_backward(dy, x, t, dx):
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         dx[i] = dy[i] * (0.5 * (1.0 + t[i])
                          + 0.5 * x[i] * (1.0 - t[i] * t[i]) * GELU_C * (1.0 + 3.0 * GELU_A * x[i] * x[i]))
 
@@ -196,13 +181,13 @@ def gelu_backward(dy, cache):
 
 
 # ----------------------------------------------------------------------------- attention
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def causal_scores_shift(att, scale, n_query):
     """In place on att (N, n_key), row r = query r % n_query: att·scale − row max over the keys it may
     see (j ≤ i + P, P = n_key − n_query earlier positions), −inf for the keys in its future, so that
     np.exp turns the row into unnormalised softmax weights with exact zeros in the future."""
     n_key = att.shape[1]
-    for r in prange(att.shape[0]):
+    for r in range(att.shape[0]):
         seen = r % n_query + n_key - n_query + 1          # keys 0 .. seen−1 are visible
         row_max = -np.inf
         for j in range(seen):
@@ -213,9 +198,9 @@ def causal_scores_shift(att, scale, n_query):
             att[r, j] = -np.inf
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def normalise_rows(att):
-    for r in prange(att.shape[0]):
+    for r in range(att.shape[0]):
         total = 0.0
         for j in range(att.shape[1]):
             total += att[r, j]
@@ -251,12 +236,12 @@ def attention_forward(qkv, n_head, past=None):
     return out, AttentionCache(q, k, v, att)
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def softmax_rows_backward(datt, att, scale):
     """In place on datt (N, T): dS = att ∘ (datt − rowsum(datt ∘ att)) · scale, over the visible keys
     j ≤ i; the masked ones have att = 0 and get 0."""
     T = att.shape[1]
-    for r in prange(att.shape[0]):
+    for r in range(att.shape[0]):
         seen = r % T + 1
         dot = 0.0
         for j in range(seen):
@@ -359,11 +344,11 @@ def lm_loss_backward(dnll, cache):
 
 
 # ----------------------------------------------------------------------------- AdamW
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST)
 def adamw_flat(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     bias1 = 1.0 - beta1 ** step
     bias2 = 1.0 - beta2 ** step
-    for i in prange(p.shape[0]):
+    for i in range(p.shape[0]):
         m[i] = beta1 * m[i] + (1.0 - beta1) * g[i]
         v[i] = beta2 * v[i] + (1.0 - beta2) * (g[i] * g[i])
         p[i] = p[i] * (1.0 - lr * weight_decay) - (lr / bias1) * m[i] / (math.sqrt(v[i] / bias2) + eps)
