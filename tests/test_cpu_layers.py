@@ -158,6 +158,17 @@ def test_adamw_update_matches_reference_over_steps(shape, seed, dtype, weight_de
         assert_close(a, a_ref, dtype, name)
 
 
+@given(shape=st.sampled_from([(1,), (7,), (5, 3), (300, 41)]), seed=seeds, dtype=st.sampled_from(DTYPES),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_sum_of_squares_matches_reference(shape, seed, dtype, scale):
+    g = normal(np.random.default_rng(seed), shape, dtype, scale)
+    got = cpu_layers.sum_of_squares(g)
+    assert isinstance(got, float)                               # float64, not the gradient's dtype
+    assert abs(got - optim.sum_of_squares(g)) <= 1e-12 * optim.sum_of_squares(g)
+    exact = float((g.astype(np.float64) ** 2).sum())            # each g² rounds to float32 in both sets
+    assert abs(got - exact) <= {"float32": 1e-6, "float64": 1e-12}[dtype] * exact
+
+
 def test_adamw_update_refuses_a_strided_tensor_it_could_not_update_in_place():
     p = np.zeros((4, 4))[:, ::2]
     with pytest.raises(ValueError, match="^adamw_update updates p in place and needs it C-contiguous$"):
@@ -168,7 +179,7 @@ def test_fast_set_names_only_what_it_provides_the_rest_is_the_reference():
     provided = {f for f in REFERENCE._fields if getattr(cpu_layers.LAYERS, f) is not getattr(REFERENCE, f)}
     assert provided == {"embedding_backward", "lm_loss_forward", "lm_loss_backward", "layernorm_forward",
                         "layernorm_backward", "gelu_forward", "gelu_backward", "attention_forward",
-                        "attention_backward", "adamw_update"}
+                        "attention_backward", "adamw_update", "sum_of_squares"}
     assert all(getattr(cpu_layers.LAYERS, f).__module__ == "tinylm.cpu_layers" for f in provided)
 
 

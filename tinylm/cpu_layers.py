@@ -17,7 +17,7 @@ once and writes its outputs once. GEMMs stay on BLAS.
     attention       q kᵀ and the products with v stay BLAS GEMMs, batched over heads on contiguous
                     copies; scale, causal mask and softmax fused, no T×T mask
     embedding       the backward's scatter-add straight into the tied head's dwte, no dense temporary
-    AdamW           one pass per tensor over p, g, m, v
+    AdamW           one pass per tensor over p, g, m, v; the clipping norm's Σ g² without a g² copy
 
 The linear layers, flash attention and the selective scan are the reference's (layer_set's fallback).
 Exponentials and tanh are NumPy's, on whole chunks: its SIMD exp/tanh are ~10× faster than the scalar
@@ -364,10 +364,24 @@ def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay
                float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), float(step))
 
 
+@njit(cache=True, fastmath=FAST)
+def sum_of_squares_flat(g):
+    total = 0.0                     # float64, whatever the dtype
+    for i in range(g.shape[0]):
+        total += g[i] * g[i]
+    return total
+
+
+def sum_of_squares(g):
+    """optim.sum_of_squares: Σ g² in float64, one pass over g and no g² temporary (GPT-2 small's would
+    be 500 MB per step)."""
+    return sum_of_squares_flat(np.ascontiguousarray(g).reshape(-1))
+
+
 LAYERS = layer_set(
     embedding_backward=embedding_backward,
     lm_loss_forward=lm_loss_forward, lm_loss_backward=lm_loss_backward,
     layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     attention_forward=attention_forward, attention_backward=attention_backward,
-    adamw_update=adamw_update)
+    adamw_update=adamw_update, sum_of_squares=sum_of_squares)

@@ -367,4 +367,5 @@ class Layers(NamedTuple):
     selective_scan_forward: Callable
     selective_scan_backward: Callable
     adamw_update: Callable
+    sum_of_squares: Callable              # Σ g² of one gradient (float64), for the clipping norm
     auto_flash_from: float                # attention="auto" runs flash from this T on (inf: never)
