@@ -84,6 +84,32 @@ def test_attention_pair_matches_reference(B, H, T, hd, P, seed, dtype):
     assert_close(cache.k, cache_ref.k, dtype, "the next past")
 
 
+def test_decoding_extends_the_kv_cache_in_place_and_a_branch_gets_a_copy():
+    """Token by token, the fast attention equals the reference's; after the first extension no step
+    allocates a (B, H, P, hd) array (tracemalloc); a step from an older state (a branch) leaves the
+    newer state's keys intact."""
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    B, H, hd, steps = 2, 3, 4, 40
+    qkvs = [normal(rng, (B, 1, 3 * H * hd), "float64") for _ in range(steps)]
+    past = past_ref = (normal(rng, (B, H, 2, hd), "float64"), normal(rng, (B, H, 2, hd), "float64"))
+    peaks = []
+    for step, qkv in enumerate(qkvs):
+        tracemalloc.start()
+        out, cache = cpu_layers.attention_forward(qkv, H, past)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        out_ref, cache_ref = layers.attention_forward(qkv, H, past_ref)
+        assert_close(out, out_ref, "float64", f"step {step}")
+        if step == 20:
+            branch = past                                        # an older state, kept
+        past, past_ref = (cache.k, cache.v), (cache_ref.k, cache_ref.v)
+    assert max(peaks[-8:]) < past[0].nbytes / 2                  # no copy of the keys per token
+    kept = past[0].copy()
+    cpu_layers.attention_forward(qkvs[0], H, branch)
+    assert np.array_equal(past[0], kept)
+
+
 @given(B=st.integers(1, 3), T=st.integers(1, 20), C=st.integers(1, 12), V=st.integers(1, 300),
        width=st.one_of(st.none(), st.integers(1, 40)), seed=seeds, dtype=st.sampled_from(DTYPES),
        scale=st.sampled_from([1.0, 30.0]))

@@ -215,24 +215,45 @@ def heads_view(out, n_head):
     return out.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
+class KVBuffer(np.ndarray):
+    """Keys or values (B, H, capacity, hd) whose first `filled` positions are in use: the KV cache
+    holds views of its front, and a decoded token's keys are written after them in place."""
+    filled = 0
+
+
+def extended(past, new):
+    """past (B, H, P, hd) then new (B, H, T, hd) along the positions -> a (B, H, P + T, hd) view of a
+    KVBuffer. In place after P when past is the front of one with room that nothing else has been
+    appended to (a cache branched from an older state gets a copy); else a new buffer with room for
+    as many positions again, so a generation copies its keys log-many times, not at every token."""
+    P, T = past.shape[2], new.shape[2]
+    buffer = past.base
+    if not (isinstance(buffer, KVBuffer) and buffer.filled == P and buffer.shape[2] >= P + T):
+        B, H, _, hd = past.shape
+        buffer = np.empty((B, H, 2 * (P + T), hd), dtype=new.dtype).view(KVBuffer)
+        buffer[:, :, :P] = past
+    buffer[:, :, P:P + T] = new
+    buffer.filled = P + T
+    return buffer[:, :, :P + T]
+
+
 def attention_forward(qkv, n_head, past=None):
     """layers.attention_forward: softmax(q kᵀ / √hd + mask) v, with the scale, causal mask and row max
     fused into one pass over the scores and y written straight into the (B, T, C) output.
-    qkv (B, T, 3C) -> out (B, T, C); `past` = (k, v) as in layers.py."""
+    qkv (B, T, 3C) -> out (B, T, C); `past` = (k, v) as in layers.py, extended in place (KVBuffer)."""
     # Contiguous heads: NumPy's batched matmul on split_heads' strided views skips BLAS (25× slower
     # at d_model 256, bench/RESULTS.md); the copies cost one pass over qkv.
     q, k, v = (np.ascontiguousarray(t) for t in split_heads(qkv, n_head))
     if past is not None:
-        k = np.concatenate([past[0], k], axis=2)
-        v = np.concatenate([past[1], v], axis=2)
+        k, v = extended(past[0], k), extended(past[1], v)
     B, H, T, hd = q.shape
-    att = q @ k.transpose(0, 1, 3, 2)                                  # (B, H, T, P+T)
+    att = q @ np.asarray(k).transpose(0, 1, 3, 2)                      # (B, H, T, P+T)
     flat = att.reshape(-1, att.shape[-1])
     causal_scores_shift(flat, 1.0 / math.sqrt(hd), T)
     np.exp(att, out=att)
     normalise_rows(flat)
     out = np.empty((B, T, H * hd), dtype=qkv.dtype)
-    np.matmul(att, v, out=heads_view(out, n_head))
+    np.matmul(att, np.asarray(v), out=heads_view(out, n_head))
     return out, AttentionCache(q, k, v, att)
 
 
