@@ -136,6 +136,8 @@ def main():
         return
     run = {name: runners(name, config, idx, targets) for name in IMPLEMENTATIONS}
     losses = {name: run[name][0]() for name in IMPLEMENTATIONS}     # also the warm-up (compiles, page faults)
+    for name in IMPLEMENTATIONS:                                      # the step's own warm-up (AdamW's compile)
+        run[name][1]()
     times = {(name, what): [] for name in IMPLEMENTATIONS for what in ("fwd+bwd", "step")}
     for _ in range(ARGS.repeats):                # interleaved: load changes hit all three alike
         for name in IMPLEMENTATIONS:
