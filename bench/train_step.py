@@ -2,7 +2,7 @@
 matmul speed measured in the same run: the ratio is the model-FLOPs utilisation (MFU).
 
     python bench/train_step.py [--d-model 256 --n-layer 4 --n-head 4 --seq 256 --batch 8 --vocab 256]
-                               [--device cpu|cuda [--no-kernels] --attention naive|flash|auto]
+                               [--device cpu|cuda [--no-kernels] --attention naive|flash|auto] [--reference]
 """
 import argparse
 import os
@@ -36,10 +36,11 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def seconds_per_step(config, batch, device="cpu", steps=10, seed=0, kernels=None):
+def seconds_per_step(config, batch, device="cpu", steps=10, seed=0, kernels=None, reference=False):
     """Median wall time of one training step (loss_and_grads + clipping + AdamW), after a warm-up.
-    kernels: GPT's (None: the Numba kernels on "cuda", the array library on "cpu")."""
-    model = GPT(config, seed=seed, device=device, kernels=kernels)
+    kernels, reference: GPT's (None: the Numba kernels on "cuda"; on "cpu" cpu_layers' set, or
+    layers.py's with reference=True)."""
+    model = GPT(config, seed=seed, device=device, kernels=kernels, reference=reference)
     xp = model.xp
     rng = np.random.default_rng(seed)
     idx = xp.asarray(rng.integers(0, config.vocab_size, size=(batch, config.n_ctx)))
@@ -70,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
                     help="with --device cuda: every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
     ap.add_argument("--attention", default="auto", choices=ATTENTIONS)
+    ap.add_argument("--reference", action="store_true", help="on the CPU, layers.py's set instead of cpu_layers.py's")
     ap.add_argument("--no-keep-freed-memory", action="store_true",
                     help="leave glibc's malloc at its defaults (fresh, page-faulting memory for each temporary)")
     args = ap.parse_args(argv)
@@ -77,7 +79,8 @@ def main(argv=None):
 
     config = GPTConfig(vocab_size=args.vocab, n_ctx=args.seq, n_layer=args.n_layer, n_head=args.n_head,
                        d_model=args.d_model, dtype=args.dtype, attention=args.attention)
-    ms = 1000 * seconds_per_step(config, args.batch, args.device, args.steps, kernels=args.kernels)
+    ms = 1000 * seconds_per_step(config, args.batch, args.device, args.steps, kernels=args.kernels,
+                                 reference=args.reference)
     tokens = args.batch * args.seq
     flops = flops_per_token(config, args.seq)["exact_forward_backward"] * tokens
     achieved = flops / (ms / 1000) / 1e9
@@ -85,7 +88,7 @@ def main(argv=None):
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}")
     print(f"config: d_model={args.d_model} n_layer={args.n_layer} n_head={args.n_head} T={args.seq} "
           f"B={args.batch} vocab={args.vocab} {args.dtype} device={args.device} kernels={args.kernels is not False and args.device == 'cuda'} "
-          f"attention={args.attention} keep_freed_memory={kept}")
+          f"attention={args.attention} reference={args.reference} keep_freed_memory={kept}; load {os.getloadavg()[0]:.2f}")
     print(f"train step: {ms:.1f} ms/step (median of {args.steps}), {tokens / (ms / 1000):,.0f} tokens/s, "
           f"{achieved:.1f} GFLOP/s ({flops / 1e9:.2f} GFLOP/step)")
     print(f"numpy {args.dtype} 2048x2048 matmul: {peak:.1f} GFLOP/s")

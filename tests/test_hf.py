@@ -42,7 +42,7 @@ def test_float64_fixture_tolerance_catches_mistyped_shared_constant(monkeypatch,
     """Companion of the test above: each realistic typo of a constant that forward and backward
     share makes the float64 comparison at FLOAT64_TOL fail. (GELU's 0.044715 is pinned to about
     ±0.0007: the fixture's activations are small, so 0.0447 moves the logits by only 4e-8.)"""
-    model = GPT.from_pretrained(FIXTURE, dtype="float64")
+    model = GPT.from_pretrained(FIXTURE, dtype="float64", reference=True)   # mutates layers.py's pairs
     if mutation == "layernorm eps 1e-6":
         model.layers = model.layers._replace(layernorm_forward=functools.partial(layers.layernorm_forward, eps=1e-6))
     elif mutation == "gelu 0.044":

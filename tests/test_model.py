@@ -314,12 +314,14 @@ def test_init_is_gpt2s_seeded_and_in_the_configs_dtype():
 
 
 def test_model_seed_device_and_kernels_settings_are_kept_and_checked():
-    from tinylm import kernel_layers
+    from tinylm import cpu_layers, kernel_layers
     from tinylm.config import FLASH_MIN_T
     from tinylm.model import ARRAY_LAYERS, layers_for
     config = GPTConfig(**SMALL)
     default = GPT(config)
-    assert (default.device, default.kernels, default.layers) == ("cpu", False, ARRAY_LAYERS)
+    assert (default.device, default.kernels, default.layers) == ("cpu", False, cpu_layers.LAYERS)
+    assert GPT(config, reference=True).layers is ARRAY_LAYERS
+    assert default.copy().layers is cpu_layers.LAYERS and GPT(config, reference=True).copy().reference
     assert default.layers.auto_flash_from == FLASH_MIN_T
     assert all(np.array_equal(p, GPT(config, seed=0).params[k]) for k, p in default.params.items())
     assert not np.array_equal(GPT(config, seed=3).params["wte.weight"], default.params["wte.weight"])
@@ -338,8 +340,8 @@ def test_auto_attention_switches_at_the_layer_sets_threshold_on_positions():
     """"auto" runs flash from layers.auto_flash_from positions T on; the switch reads T (not the
     width 3C of c_attn's output) and the model's own layer set's threshold."""
     from tinylm.flash_attention import flash_attention_backward
-    from tinylm.layers import attention_backward
     model = GPT(GPTConfig(**{**SMALL, "d_model": 8}))          # 3C = 24 > T
+    attention_backward = model.layers.attention_backward       # the set's naive attention
     idx = np.array([[1, 2, 3, 4]])
 
     def attention_run(auto_from):

@@ -10,6 +10,7 @@ from tinylm import GPT, GPTConfig, count_params, flops_per_token
 from tinylm.gradcheck import check_gradients
 from tinylm.model import param_shapes
 from tinylm.optim import decays
+from tinylm.layer_sets import REFERENCE
 from test_layers import TOL, assert_close, project  # noqa: E402  (tests/ is on sys.path)
 from tinylm.ssm import (causal_conv_backward, causal_conv_forward, selective_scan_backward,
                         selective_scan_forward, silu_backward, silu_forward, softplus_backward,
@@ -104,10 +105,10 @@ def mixer_case(seed, B, T, C, N, K, expand, scale):
     rng = np.random.default_rng(seed)
     params = mixer_params(rng, C, N, K, expand, scale)
     x = rng.normal(size=(B, T, C))
-    out, cache = ssm_mixer_forward(x, params)
+    out, cache = ssm_mixer_forward(x, params, REFERENCE)
     G, loss = project(out, rng)
     dx, grads = ssm_mixer_backward(G, cache)
-    return x, params, lambda: loss(ssm_mixer_forward(x, params)[0]), dx, grads
+    return x, params, lambda: loss(ssm_mixer_forward(x, params, REFERENCE)[0]), dx, grads
 
 
 @given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 6), C=st.integers(1, 5), N=st.integers(1, 3),

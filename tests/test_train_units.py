@@ -43,8 +43,8 @@ def spy_step(monkeypatch, norm=None):
     """Record what train_step hands to clipping and to AdamW; `norm` replaces the clipped norm."""
     seen = {}
 
-    def clip(grads, max_norm):
-        seen["grad_clip"] = max_norm
+    def clip(grads, max_norm, squares):
+        seen.update(grad_clip=max_norm, squares=squares)
         return norm if norm is not None else 1.0
 
     def step(params, grads, state, lr, weight_decay, update):
@@ -56,11 +56,12 @@ def spy_step(monkeypatch, norm=None):
 
 def test_train_step_defaults_pass_on_clip_decay_mask_and_the_models_update(monkeypatch):
     """Defaults grad_clip 1.0 and weight_decay 0.1 (GPT-2's); given values reach clipping and AdamW;
-    the loss mask reaches the loss; AdamW runs the model's own per-tensor update."""
+    the loss mask reaches the loss; AdamW and the norm's Σ g² run the model's own layer set."""
     model, idx, targets = tiny_model(), np.array([[1, 2, 3]]), np.array([[2, 3, 4]])
     seen = spy_step(monkeypatch)
     train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(0.5))
-    assert seen == {"grad_clip": 1.0, "lr": 0.5, "weight_decay": 0.1, "update": model.layers.adamw_update}
+    assert seen == {"grad_clip": 1.0, "lr": 0.5, "weight_decay": 0.1, "update": model.layers.adamw_update,
+                    "squares": model.layers.sum_of_squares}
     mask = np.array([[1.0, 0.0, 0.0]])
     loss = train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(0.5), grad_clip=0.25,
                       loss_mask=mask, weight_decay=0.0).loss

@@ -1,7 +1,8 @@
 """The model's layers on the Numba CUDA kernels of kernels/ (imported as tinylm.kernels): the one module through which tinylm
 reaches them. Each pair keeps layers.py's contract (`x_forward(...) -> (out, cache)`,
-`x_backward(dout, cache)`), and LAYERS is a layers.Layers, so a model holding it runs every layer on
-the kernels with the very code that runs the NumPy/CuPy layers (GPT(config, kernels=True)):
+`x_backward(dout, cache)`), and LAYERS is a layers.Layers made by layer_sets.layer_set from the pairs
+below, so a model holding it runs every layer on the kernels with the very code that runs the
+NumPy/CuPy layers (GPT(config, kernels=True)):
 
     linear, LM head      kernels.matmul (trans_a / trans_b read the stored array in place)
     layernorm, GELU      kernels.layernorm_*, kernels.gelu_*   (tinylm's layernorm eps passed in)
@@ -10,8 +11,8 @@ the kernels with the very code that runs the NumPy/CuPy layers (GPT(config, kern
     selective scan       kernels.selective_scan_*
     AdamW                kernels.adamw_update
 
-Naive attention (generation with a KV cache, or attention="naive") stays layers.py's, on the array
-library. The arrays are CuPy on a GPU, or NumPy under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1),
+Naive attention (generation with a KV cache, or attention="naive") and the embedding's backward stay
+the reference's (layers.py), on the array library. The arrays are CuPy on a GPU, or NumPy under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1),
 which runs the same kernels on the CPU, one Python thread per CUDA thread.
 """
 from typing import NamedTuple
@@ -23,7 +24,8 @@ from . import layers
 from .backend import array_module
 from .kernels import flash_attention as flash, fused, selective_scan
 from .kernels.matmul import matmul
-from .layers import Layers, merge_heads, merge_qkv_grads, split_heads
+from .layer_sets import layer_set
+from .layers import merge_heads, merge_qkv_grads, split_heads
 
 # Launch sizes: the kernels' own defaults on a GPU. The simulator costs ~35 µs per thread-op and
 # more per block, so there the same kernels run with small blocks: a tiny model's step takes seconds.
@@ -62,6 +64,12 @@ def linear_forward(x, weight, bias=None):
 
 def lm_head_forward(z, wte):
     return layers.lm_head_forward(z, wte, gemm)
+
+
+def lm_loss_forward(z, wte, targets):
+    """layers.lm_loss_forward on the matmul and cross-entropy kernels (lm_loss_backward is layers.py's:
+    its cache names the backwards to run)."""
+    return layers.lm_loss_forward(z, wte, targets, gemm, (cross_entropy_forward, cross_entropy_backward))
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -162,14 +170,12 @@ def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay
     fused.adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay, **ELEMENTWISE_LAUNCH)
 
 
-LAYERS = Layers(
-    linear_forward=linear_forward, linear_backward=layers.linear_backward,
-    lm_head_forward=lm_head_forward, lm_head_backward=layers.lm_head_backward,
+LAYERS = layer_set(
+    linear_forward=linear_forward,
+    lm_head_forward=lm_head_forward, lm_loss_forward=lm_loss_forward,
     layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    attention_forward=layers.attention_forward, attention_backward=layers.attention_backward,
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    cross_entropy_forward=cross_entropy_forward, cross_entropy_backward=cross_entropy_backward,
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
     adamw_update=adamw_update,
     auto_flash_from=1)

@@ -4,8 +4,9 @@ Convention (as in llm.c): `name_forward(inputs, params) -> (out, cache)` saves e
 backward needs; `name_backward(dout, cache)` returns the gradients of the inputs and parameters,
 in the order they were passed to the forward. B = batch, T = time, C = d_model, H = heads,
 V = vocabulary. Every function works on NumPy or CuPy arrays alike. Each cache is a NamedTuple.
-tinylm/kernel_layers.py offers the same pairs on the Numba CUDA kernels; `Layers` (at the end)
-names every pair the model calls, so it can hold one set or the other.
+`Layers` (at the end) names every pair the model calls, once; tinylm/layer_sets.py registers this
+module's pairs as the reference set, which the fused CPU set (cpu_layers.py) and the Numba CUDA set
+(kernel_layers.py) replace pair by pair.
 """
 import math
 from typing import Callable, NamedTuple
@@ -57,6 +58,12 @@ class CrossEntropyCache(NamedTuple):
     valid: object
 
 
+class LmLossCache(NamedTuple):
+    head: LinearCache
+    cross_entropy: object
+    cross_entropy_backward: Callable    # the backward of the cross-entropy the forward ran
+
+
 class RewardHeadCache(NamedTuple):
     z_last: object
     last: object
@@ -70,16 +77,17 @@ def embedding_forward(ids, weight):
     return weight[ids], EmbeddingCache(ids, weight.shape)
 
 
-def embedding_backward(dout, cache):
-    """dweight[n] = sum of dout over every (b, t) whose id is n. Returns dweight (N, C).
+def embedding_backward(dout, cache, dweight=None):
+    """dweight[n] = sum of dout over every (b, t) whose id is n. Returns dweight (N, C), plus the
+    given dweight (the tied head's dwte) if there is one.
 
     Ids repeat (the same token twice in a batch), so the rows must be *accumulated*:
     `dweight[ids] += dout` would keep only the last write for a repeated id.
     """
     ids, shape = cache
-    dweight = array_module(dout).zeros(shape, dtype=dout.dtype)
-    scatter_add(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
-    return dweight
+    grad = array_module(dout).zeros(shape, dtype=dout.dtype)
+    scatter_add(grad, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    return grad if dweight is None else grad + dweight
 
 
 # ----------------------------------------------------------------------------- layernorm
@@ -322,6 +330,21 @@ def cross_entropy_backward(dnll, cache):
     return dlogits
 
 
+# ----------------------------------------------------------------------------- the LM loss
+def lm_loss_forward(z, wte, targets, gemm=matmul, cross_entropy=(cross_entropy_forward, cross_entropy_backward)):
+    """nll = cross_entropy(z @ wteᵀ, targets): the tied LM head and its loss as one pair, so that a
+    layer set may fuse them (cpu_layers.py never holds all B·T×V logits). z (B, T, C), wte (V, C),
+    targets (B, T) -> nll (B, T). gemm and the cross-entropy pair: another set's (kernel_layers)."""
+    logits, head = lm_head_forward(z, wte, gemm)
+    nll, c_ce = cross_entropy[0](logits, targets)
+    return nll, LmLossCache(head, c_ce, cross_entropy[1])
+
+
+def lm_loss_backward(dnll, cache):
+    """dlogits = cross_entropy_backward(dnll), then the head's dz, dwte.   -> (dz, dwte)"""
+    return lm_head_backward(cache.cross_entropy_backward(dnll, cache.cross_entropy), cache.head)
+
+
 # ----------------------------------------------------------------------------- reward head
 def reward_head_forward(z, last, reward_vector, reward_bias):
     """r[b] = z[b, last[b]] · reward_vector + reward_bias.   z (B, T, C), last (B,) int -> r (B,)
@@ -347,14 +370,18 @@ def reward_head_backward(dr, cache):
 # ----------------------------------------------------------------------------- a set of layers
 class Layers(NamedTuple):
     """Every layer pair the model calls, each with this module's contract, plus the one policy that
-    differs between sets. The model holds one set, chosen once at construction (model.layers_for):
-    this module's pairs on NumPy or CuPy arrays, or tinylm/kernel_layers.py's on the Numba kernels.
+    differs between sets: the field list, written once. The model holds one set, chosen once at
+    construction (model.layers_for) from the registry of tinylm/layer_sets.py: layer_sets.REFERENCE
+    (this module's pairs, on NumPy or CuPy arrays) or a set made by layer_set(**provided) from it.
     Parameters are float arrays; adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay)
     updates one tensor in place."""
+    embedding_backward: Callable
     linear_forward: Callable
     linear_backward: Callable
-    lm_head_forward: Callable
+    lm_head_forward: Callable             # logits, for generation
     lm_head_backward: Callable
+    lm_loss_forward: Callable             # the head and its cross-entropy, for training
+    lm_loss_backward: Callable
     layernorm_forward: Callable
     layernorm_backward: Callable
     gelu_forward: Callable
@@ -363,9 +390,8 @@ class Layers(NamedTuple):
     attention_backward: Callable
     flash_attention_forward: Callable     # without a KV cache
     flash_attention_backward: Callable
-    cross_entropy_forward: Callable
-    cross_entropy_backward: Callable
     selective_scan_forward: Callable
     selective_scan_backward: Callable
     adamw_update: Callable
+    sum_of_squares: Callable              # Σ g² of one gradient (float64), for the clipping norm
     auto_flash_from: float                # attention="auto" runs flash from this T on (inf: never)

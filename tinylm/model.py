@@ -20,40 +20,25 @@ import numpy as np
 
 from .backend import get_xp, to_numpy
 from .config import ATTENTIONS, DTYPES, FLASH_MIN_T, MIXERS, GPTConfig, check_int  # noqa: F401  (re-exported)
-from .flash_attention import flash_attention_backward, flash_attention_forward
 from .hf import load_hf, save_hf
-from .layers import (Layers, attention_backward, attention_forward, cross_entropy_backward,
-                     cross_entropy_forward, dropout_backward, dropout_forward, embedding_backward,
-                     embedding_forward, gelu_backward, gelu_forward, layernorm_backward, layernorm_forward,
-                     linear_backward, linear_forward, lm_head_backward, lm_head_forward)
-from .optim import adamw_update
-from .ssm import (selective_scan_backward, selective_scan_forward, ssm_init_param, ssm_mixer_backward,
-                  ssm_mixer_forward, ssm_param_shapes, ssm_state)
-
-# The layers on the array library, NumPy on the CPU: "auto" attention switches to the blocked flash
-# of flash_attention.py from FLASH_MIN_T positions on (same time, O(T) memory instead of O(T²)).
-ARRAY_LAYERS = Layers(
-    linear_forward=linear_forward, linear_backward=linear_backward,
-    lm_head_forward=lm_head_forward, lm_head_backward=lm_head_backward,
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
-    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    attention_forward=attention_forward, attention_backward=attention_backward,
-    flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
-    cross_entropy_forward=cross_entropy_forward, cross_entropy_backward=cross_entropy_backward,
-    selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
-    adamw_update=adamw_update,
-    auto_flash_from=FLASH_MIN_T)
+from .layer_sets import REFERENCE as ARRAY_LAYERS
+from .layers import dropout_backward, dropout_forward, embedding_forward
+from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
 
 
-def layers_for(device, kernels, dtype):
+def layers_for(device, kernels, dtype, reference=False):
     """The layer set a model runs, chosen once at construction so the model code never branches on
-    it: the Numba kernels (kernel_layers.LAYERS), or the array library's layers. On CuPy (cuBLAS)
-    "auto" attention stays naive at every T: the blocked flash of flash_attention.py is written for
-    NumPy and would cost a GPU thousands of tiny launches."""
+    it: the Numba CUDA kernels (kernel_layers.LAYERS); on the CPU the fused Numba set of cpu_layers.py,
+    or with reference=True the readable one of layers.py (layer_sets.REFERENCE), which the fast set is
+    tested against. On CuPy (cuBLAS) "auto" attention stays naive at every T: the blocked flash of
+    flash_attention.py is written for NumPy and would cost a GPU thousands of tiny launches."""
     if kernels:
         from . import kernel_layers          # loads numba.cuda: only when the kernels are asked for
         kernel_layers.check_usable(device, dtype)
         return kernel_layers.LAYERS
+    if device == "cpu" and not reference:
+        from . import cpu_layers             # compiles (or loads from Numba's cache) on first use
+        return cpu_layers.LAYERS
     return ARRAY_LAYERS if device == "cpu" else ARRAY_LAYERS._replace(auto_flash_from=math.inf)
 
 
@@ -105,8 +90,7 @@ def drop_backward(dx, cache):
 
 class NllCache(NamedTuple):
     trunk: TrunkCache
-    head: tuple
-    cross_entropy: tuple
+    lm_loss: tuple
 
 
 def param_shapes(config):
@@ -195,18 +179,21 @@ class GPT:
 
     device "cpu" (NumPy) or "cuda" (CuPy). kernels: run every layer on the Numba CUDA kernels
     (kernel_layers) instead of the array library's (layers.py; cuBLAS on a GPU); default True on
-    "cuda", False on "cpu", where True runs the kernels in Numba's CUDA simulator. model.layers is
-    the set chosen, and model.layers.adamw_update the matching per-tensor AdamW for optim.adamw_step.
+    "cuda", False on "cpu", where True runs the kernels in Numba's CUDA simulator. On the CPU the
+    layers are cpu_layers.py's fused ones unless reference=True asks for layers.py's (the lesson, and
+    what the fast set is tested against); checkpoints are the same either way. model.layers is the
+    set chosen, and model.layers.adamw_update the matching per-tensor AdamW for optim.adamw_step.
     """
 
-    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None):
+    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None, reference=False):
         if kernels not in (None, True, False):
             raise ValueError(f"kernels must be True, False or None (the device's default), got {kernels!r}")
         self.config = config
         self.device = device
         self.xp = get_xp(device)
         self.kernels = device == "cuda" if kernels is None else kernels
-        self.layers = layers_for(device, self.kernels, config.dtype)
+        self.reference = reference
+        self.layers = layers_for(device, self.kernels, config.dtype, reference)
         params = init_params(config, seed) if params is None else params
         self.params = {k: self.xp.asarray(v, dtype=config.dtype) for k, v in params.items()}
         # The token mixer of every block, chosen once: the block code doesn't branch on it.
@@ -255,11 +242,13 @@ class GPT:
         if past is None and dropout is None and self.config.uses_flash(a.shape[1], L.auto_flash_from):
             a, c_att = L.flash_attention_forward(a, self.config.n_head)
             backward = L.flash_attention_backward
-        else:   # generation with a KV cache (past keys), or training's dropout on the softmax weights
-            B, T, H = a.shape[0], a.shape[1], self.config.n_head
-            keep = None if dropout is None else dropout.keep(self.xp, (B, H, T, T))
-            a, c_att = L.attention_forward(a, H, past, keep, 0.0 if dropout is None else dropout.p)
+        elif dropout is None:   # generation with a KV cache: the naive path, which attends to past keys
+            a, c_att = L.attention_forward(a, self.config.n_head, past)
             backward = L.attention_backward
+        else:   # training's dropout on the softmax weights: layers.py's pair on every set (none fuses it)
+            B, T, H = a.shape[0], a.shape[1], self.config.n_head
+            a, c_att = ARRAY_LAYERS.attention_forward(a, H, past, dropout.keep(self.xp, (B, H, T, T)), dropout.p)
+            backward = ARRAY_LAYERS.attention_backward
         a, c_aproj = L.linear_forward(a, p[h + "c_proj.weight"], p[h + "c_proj.bias"])
         return a, AttentionSublayerCache(c_attn, c_att, backward, c_aproj), (c_att.k, c_att.v)
 
@@ -275,7 +264,7 @@ class GPT:
         (it has no attention weights to drop; the block's dropout still applies to its output)."""
         h = f"h.{i}.ssm."
         params = {k[len(h):]: v for k, v in self.params.items() if k.startswith(h)}
-        a, cache = ssm_mixer_forward(a, params, past, self.layers)
+        a, cache = ssm_mixer_forward(a, params, self.layers, past)
         return a, cache, ssm_state(cache)
 
     def ssm_sublayer_backward(self, da, cache, i, grads):
@@ -353,19 +342,14 @@ class GPT:
         for i in reversed(range(self.config.n_layer)):
             dx = self.block_backward(dx, c_blocks[i], i, grads)
         dx = drop_backward(dx, c_drop)
-        grads["wpe.weight"] = embedding_backward(dx.sum(0), c_pos)
-        dwte = embedding_backward(dx, c_tok)
-        grads["wte.weight"] = dwte + grads["wte.weight"] if "wte.weight" in grads else dwte
+        grads["wpe.weight"] = self.layers.embedding_backward(dx.sum(0), c_pos)
+        grads["wte.weight"] = self.layers.embedding_backward(dx, c_tok, grads.get("wte.weight"))
         return grads
 
     # ------------------------------------------------------------------ head: z -> logits
     def head_forward(self, z):
         """logits = z @ wteᵀ: the output head shares the token embedding (tied weights)."""
         return self.layers.lm_head_forward(z, self.params["wte.weight"])
-
-    def head_backward(self, dlogits, cache):
-        """-> dz, dwte"""
-        return self.layers.lm_head_backward(dlogits, cache)
 
     # ------------------------------------------------------------------ public API
     def forward(self, idx, kv_cache=None):
@@ -378,16 +362,14 @@ class GPT:
         that `nll_backward` needs (dropout: a Dropout at training time)."""
         self.check_targets(idx, targets)
         z, c_trunk = self.hidden(idx, dropout=dropout)
-        logits, c_head = self.head_forward(z)
-        nll, c_ce = self.layers.cross_entropy_forward(logits, targets)
-        return nll, NllCache(c_trunk, c_head, c_ce)
+        # The head and the loss as one pair: a set may fuse them (no B·T×V logits on the fast CPU set).
+        nll, c_loss = self.layers.lm_loss_forward(z, self.params["wte.weight"], targets)
+        return nll, NllCache(c_trunk, c_loss)
 
     def nll_backward(self, dnll, cache):
         """Gradients of sum(dnll · nll): dnll (B, T) is each position's weight in the loss."""
-        c_trunk, c_head, c_ce = cache
-        dlogits = self.layers.cross_entropy_backward(dnll, c_ce)
-        dz, dwte = self.head_backward(dlogits, c_head)
-        return self.hidden_backward(dz, c_trunk, {"wte.weight": dwte})
+        dz, dwte = self.layers.lm_loss_backward(dnll, cache.lm_loss)
+        return self.hidden_backward(dz, cache.trunk, {"wte.weight": dwte})
 
     def weighted_nll_and_grads(self, idx, targets, weights, dropout=None):
         """loss = Σ weights · nll and its gradients; weights (B, T). The policy gradient and DPO use
@@ -433,18 +415,18 @@ class GPT:
     # ------------------------------------------------------------------ copies and checkpoints
     def copy(self):
         return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()},
-                   kernels=self.kernels)
+                   kernels=self.kernels, reference=self.reference)
 
     def numpy_params(self):
         return {k: to_numpy(v) for k, v in self.params.items()}
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", device="cpu", kernels=None):
+    def from_pretrained(cls, path, dtype="float32", device="cpu", kernels=None, reference=False):
         """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors). tinylm's
         own checkpoints (any mixer) load with checkpoint.load_model."""
         config, params = load_hf(path, dtype)
         check_tensors(params, param_shapes(config), f"checkpoint {str(path)!r}")
-        return cls(config, device=device, params=params, kernels=kernels)
+        return cls(config, device=device, params=params, kernels=kernels, reference=reference)
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads

@@ -63,16 +63,21 @@ def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_dec
         update(p, grads[name], state["m"][name], state["v"][name], lr, state["step"], betas, eps, wd)
 
 
-def grad_norm(grads):
+def sum_of_squares(g):
+    """Σ g² of one tensor, summed in float64 (a layer set's fast path may do it without the g² temporary)."""
+    return (g * g).sum(dtype=np.float64)
+
+
+def grad_norm(grads, squares=sum_of_squares):
     """Global L2 norm over every gradient, with one host sync: the per-tensor sums stay on the
     device (float64, so ~150 float32 partial sums add without loss) and only the total is read."""
-    return math.sqrt(float(sum((g * g).sum(dtype=np.float64) for g in grads.values())))
+    return math.sqrt(float(sum(squares(g) for g in grads.values())))
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads, max_norm, squares=sum_of_squares):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm
-    before clipping (worth logging: spikes show instability)."""
-    norm = grad_norm(grads)
+    before clipping (worth logging: spikes show instability). squares: the per-tensor Σ g²."""
+    norm = grad_norm(grads, squares)
     if max_norm is not None and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads.values():
@@ -123,9 +128,10 @@ def optimizer_step(model, grads, state, schedule, grad_clip=1.0, weight_decay=0.
 
     If the loss or the gradient norm is not finite the parameters and optimizer state are left
     untouched (one bad batch must not poison every weight); the caller sees Step.stepped and decides.
+    The norm's per-tensor Σ g² is the layer set's too (model.layers.sum_of_squares).
     model: anything with .params and .layers (a GPT, a RewardModel)."""
     lr = schedule(state["step"])
-    norm = clip_grad_norm(grads, grad_clip)
+    norm = clip_grad_norm(grads, grad_clip, model.layers.sum_of_squares)
     stepped = math.isfinite(loss) and math.isfinite(norm)
     if stepped:
         adamw_step(model.params, grads, state, lr, weight_decay=weight_decay, update=model.layers.adamw_update)

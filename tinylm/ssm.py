@@ -15,13 +15,11 @@ Mixing across time happens only in the conv and the recurrence, both causal, so 
 in T and generation carries a fixed-size state per layer: the conv's last K−1 inputs and h.
 """
 import math
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
 
 from .backend import array_module
-from .layers import linear_backward, linear_forward
 
 
 def ssm_param_shapes(d_model, d_state, d_conv, expand):
@@ -228,19 +226,13 @@ def scan_state(cache):
 
 
 # ----------------------------------------------------------------------------- the mixer
-# The pairs the mixer takes from a layer set (layers.Layers): these NumPy/CuPy ones by default; the
-# model passes its own set, so on the kernel path the projections and the scan run on the kernels.
-ARRAY_LAYERS = SimpleNamespace(linear_forward=linear_forward, linear_backward=linear_backward,
-                               selective_scan_forward=selective_scan_forward,
-                               selective_scan_backward=selective_scan_backward)
-
-
-def ssm_mixer_forward(x, params, state=None, layers=ARRAY_LAYERS):
+def ssm_mixer_forward(x, params, layers, state=None):
     """The whole mixer (see the module docstring).   x (B, T, C) -> out (B, T, C)
 
     params: the names of ssm_param_shapes. state: (conv inputs (B, K−1, E), h (B, E, N)) carried
     from earlier positions at generation, or None. ssm_state(cache) gives the state after x.
-    layers: where linear_* and selective_scan_* come from (a layers.Layers, or ARRAY_LAYERS).
+    layers: the layers.Layers set that linear_* and selective_scan_* come from (the model's own;
+    layer_sets.REFERENCE for these NumPy ones).
     """
     p, L = params, layers
     E = p["D"].shape[0]

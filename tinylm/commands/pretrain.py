@@ -57,6 +57,9 @@ def add_parser(sub):
                    help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels) (default: cpu)")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
                    help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
+    p.add_argument("--reference", action="store_true",
+                   help="on the CPU, run layers.py's NumPy layers instead of the fused ones of cpu_layers.py "
+                        "(same checkpoints; a run may switch sets on --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     defaults = flat_settings(TrainConfig())
     for name, (flag, kind, text) in FLAGS.items():
@@ -76,7 +79,8 @@ def run(args):
         for warning in with_settings(TrainConfig(), settings).warnings():
             note("pretrain", f"warning: {warning}")
     result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, device=args.device,
-                      kernels=args.kernels, plot=args.plot, progress=progress_wanted(args.quiet))
+                      kernels=args.kernels, reference=args.reference, plot=args.plot,
+                      progress=progress_wanted(args.quiet))
     summary = (f"step {result['step']}, "
                + (f"train loss {loss_text(result['loss'])}, " if result["loss"] is not None else "")
                + (f"validation loss {loss_text(result['val_loss'])}, " if result["val_loss"] is not None else "")

@@ -36,6 +36,9 @@ def add_parser(sub):
                    help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels)")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
                    help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
+    p.add_argument("--reference", action="store_true",
+                   help="on the CPU, run layers.py's NumPy layers instead of the fused ones of cpu_layers.py "
+                        "(same checkpoints)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +48,8 @@ def run(args):
     from tinylm.tokenizer import load_tokenizer
     if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
         raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
-    model, ckpt_dir, state = load_model(args.checkpoint, device=args.device, kernels=args.kernels)
+    model, ckpt_dir, state = load_model(args.checkpoint, device=args.device, kernels=args.kernels,
+                                        reference=args.reference)
     tokenizer = load_tokenizer(ckpt_dir, model.config.vocab_size)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:

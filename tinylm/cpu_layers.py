@@ -1,0 +1,408 @@
+"""The model's layers fused for the CPU with Numba: the set a CPU model runs by default (GPT(config);
+GPT(config, reference=True) runs layers.py's). Read layers.py for the lesson: each function here names
+the reference it must match, keeps its variable names (mean, rstd, dxhat, lse, dlogits), and is tested
+against it layer by layer and whole-model (tests/test_cpu_layers.py).
+
+What changes is how memory is walked, not the math. A NumPy expression such as
+`dxhat - dxhat.mean(-1) - xhat * (dxhat * xhat).mean(-1)` makes one pass over memory per operator and
+a full-size temporary for each; here a layer is one loop over rows (or elements) that reads its inputs
+once and writes its outputs once. GEMMs stay on BLAS.
+
+    LM head + loss  the logits z @ wteᵀ in vocabulary chunks, never all B·T×V at once: an online
+                    log-sum-exp per row in the forward; the backward recomputes each chunk's logits,
+                    turns them into dlogits in place, and hands them to the dz and dwte GEMMs
+    layernorm       forward: mean, variance, normalise, scale in one pass per row; the backward's two
+                    row reductions and dweight/dbias in one pass
+    GELU            the tanh argument, NumPy's SIMD tanh, the output; the backward in one pass
+    attention       q kᵀ and the products with v stay BLAS GEMMs, batched over heads on contiguous
+                    copies; scale, causal mask and softmax fused, no T×T mask
+    embedding       the backward's scatter-add straight into the tied head's dwte, no dense temporary
+    AdamW           one pass per tensor over p, g, m, v; the clipping norm's Σ g² without a g² copy
+
+The linear layers, flash attention and the selective scan are the reference's (layer_set's fallback).
+Exponentials and tanh are NumPy's, on whole chunks: its SIMD exp/tanh are ~10× faster than the scalar
+libm call a Numba loop makes without SVML (bench/RESULTS.md).
+
+Threads: the GEMMs run on as many as the BLAS is told (OPENBLAS_NUM_THREADS, torch's count in the
+benchmark); the fused loops on the calling thread. Both choices were measured on the 2-core test
+machine (bench/RESULTS.md): Numba's parallel loops cost ~80 µs per call to start (decoding a token ran
+5× slower than the reference's), and OpenBLAS's threads spin for a while after each GEMM, so a loop
+run in parallel right after one fought them for the cores and ran 2.5× slower than on one thread.
+Compiled once per dtype on first use and cached on disk (cache=True): bench/RESULTS.md gives the
+first-run and warm start-up times.
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from .layer_sets import layer_set
+from .layers import GELU_A, GELU_C, LAYERNORM_EPS, AttentionCache, GeluCache, merge_qkv_grads, split_heads
+
+# LLVM may reassociate sums (so reductions vectorise) and contract a*b+c into one FMA, but keeps IEEE
+# infinities and NaNs ("nnan"/"ninf" are left out): the causal mask is −inf, and a NaN from a diverged
+# run must stay visible rather than be optimised away.
+FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
+LOGIT_CHUNK = 1 << 20               # logits held at once by the LM loss (4 MB in float32): fits in L2/L3
+
+
+
+def rows(x):
+    """x (..., C) as a C-contiguous (N, C) array: a view when x is already contiguous."""
+    return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+# ----------------------------------------------------------------------------- embedding
+@njit(cache=True)
+def scatter_add_rows(dweight, ids, dout):
+    """dweight[ids[n]] += dout[n] for every n, in order n = 0, 1, … (repeated ids accumulate)."""
+    for n in range(ids.shape[0]):
+        for c in range(dweight.shape[1]):
+            dweight[ids[n], c] += dout[n, c]
+
+
+def embedding_backward(dout, cache, dweight=None):
+    """layers.embedding_backward: dweight[n] += dout over every (b, t) whose id is n, in place in the
+    given dweight (the tied head's dwte), so no (N, C) temporary is added to it."""
+    ids, shape = cache
+    dweight = np.zeros(shape, dtype=dout.dtype) if dweight is None else dweight
+    scatter_add_rows(dweight, np.ascontiguousarray(ids).reshape(-1), rows(dout))
+    return dweight
+
+
+# ----------------------------------------------------------------------------- layernorm
+class LayernormCache(NamedTuple):
+    x: object                       # (N, C): xhat is recomputed from x, mean, rstd in the backward
+    mean: object                    # (N,)
+    rstd: object                    # (N,)
+    weight: object
+
+
+@njit(cache=True, fastmath=FAST)
+def layernorm_rows_forward(x, weight, bias, eps, y, mean, rstd):
+    N, C = x.shape
+    for n in range(N):
+        mu = 0.0                    # float64 accumulators, whatever the dtype
+        for c in range(C):
+            mu += x[n, c]
+        mu /= C
+        var = 0.0
+        for c in range(C):
+            xc = x[n, c] - mu
+            var += xc * xc
+        var /= C
+        r = 1.0 / math.sqrt(var + eps)
+        for c in range(C):
+            y[n, c] = (x[n, c] - mu) * r * weight[c] + bias[c]
+        mean[n] = mu
+        rstd[n] = r
+
+
+def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
+    """layers.layernorm_forward: y = (x - mean) / sqrt(var + eps) * weight + bias, one pass per row."""
+    x2 = rows(x)
+    y = np.empty_like(x2)
+    mean = np.empty(x2.shape[0], dtype=x.dtype)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    layernorm_rows_forward(x2, weight, bias, eps, y, mean, rstd)
+    return y.reshape(x.shape), LayernormCache(x2, mean, rstd, weight)
+
+
+@njit(cache=True, fastmath=FAST)
+def layernorm_rows_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    N, C = x.shape
+    for n in range(N):
+        dxhat_mean = 0.0
+        dxhat_xhat_mean = 0.0
+        for c in range(C):
+            xhat = (x[n, c] - mean[n]) * rstd[n]
+            dxhat = dy[n, c] * weight[c]
+            dxhat_mean += dxhat
+            dxhat_xhat_mean += dxhat * xhat
+            dweight[c] += dy[n, c] * xhat
+            dbias[c] += dy[n, c]
+        dxhat_mean /= C
+        dxhat_xhat_mean /= C
+        for c in range(C):
+            xhat = (x[n, c] - mean[n]) * rstd[n]
+            dxhat = dy[n, c] * weight[c]
+            dx[n, c] = (dxhat - dxhat_mean - xhat * dxhat_xhat_mean) * rstd[n]
+
+
+def layernorm_backward(dy, cache):
+    """layers.layernorm_backward: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+    dxhat = dy * weight; dweight = Σ dy·xhat, dbias = Σ dy (float64 sums).  -> (dx, dweight, dbias)"""
+    x, mean, rstd, weight = cache
+    dy2 = rows(dy)
+    dx = np.empty_like(dy2)
+    dweight, dbias = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    layernorm_rows_backward(dy2, x, mean, rstd, weight, dx, dweight, dbias)
+    return dx.reshape(dy.shape), dweight.astype(dy.dtype), dbias.astype(dy.dtype)
+
+
+# ----------------------------------------------------------------------------- gelu
+@njit(cache=True, fastmath=FAST)
+def gelu_flat_tanh_argument(x, t):
+    for i in range(x.shape[0]):
+        t[i] = GELU_C * (x[i] + GELU_A * x[i] * x[i] * x[i])
+
+
+@njit(cache=True, fastmath=FAST)
+def gelu_flat_forward(x, t, y):
+    for i in range(x.shape[0]):
+        y[i] = 0.5 * x[i] * (1.0 + t[i])
+
+
+def gelu_forward(x):
+    """layers.gelu_forward: y = 0.5 x (1 + t), t = tanh(√(2/π) (x + 0.044715 x³))."""
+    x = np.ascontiguousarray(x)
+    y, t = np.empty_like(x), np.empty_like(x)
+    gelu_flat_tanh_argument(x.reshape(-1), t.reshape(-1))
+    np.tanh(t, out=t)
+    gelu_flat_forward(x.reshape(-1), t.reshape(-1), y.reshape(-1))
+    return y, GeluCache(x, t)
+
+
+@njit(cache=True, fastmath=FAST)
+def gelu_flat_backward(dy, x, t, dx):
+    for i in range(x.shape[0]):
+        dx[i] = dy[i] * (0.5 * (1.0 + t[i])
+                         + 0.5 * x[i] * (1.0 - t[i] * t[i]) * GELU_C * (1.0 + 3.0 * GELU_A * x[i] * x[i]))
+
+
+def gelu_backward(dy, cache):
+    """layers.gelu_backward: dy/dx = 0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²)."""
+    x, t = cache
+    dy = np.ascontiguousarray(dy)
+    dx = np.empty_like(x)
+    gelu_flat_backward(dy.reshape(-1), x.reshape(-1), t.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+# ----------------------------------------------------------------------------- attention
+@njit(cache=True, fastmath=FAST)
+def causal_scores_shift(att, scale, n_query):
+    """In place on att (N, n_key), row r = query r % n_query: att·scale − row max over the keys it may
+    see (j ≤ i + P, P = n_key − n_query earlier positions), −inf for the keys in its future, so that
+    np.exp turns the row into unnormalised softmax weights with exact zeros in the future."""
+    n_key = att.shape[1]
+    for r in range(att.shape[0]):
+        seen = r % n_query + n_key - n_query + 1          # keys 0 .. seen−1 are visible
+        row_max = -np.inf
+        for j in range(seen):
+            row_max = max(row_max, att[r, j])
+        for j in range(seen):
+            att[r, j] = (att[r, j] - row_max) * scale
+        for j in range(seen, n_key):
+            att[r, j] = -np.inf
+
+
+@njit(cache=True, fastmath=FAST)
+def normalise_rows(att):
+    for r in range(att.shape[0]):
+        total = 0.0
+        for j in range(att.shape[1]):
+            total += att[r, j]
+        inverse = 1.0 / total
+        for j in range(att.shape[1]):
+            att[r, j] *= inverse
+
+
+def heads_view(out, n_head):
+    """out (B, T, H·hd) seen as (B, H, T, hd): a GEMM writing there writes merge_heads' layout."""
+    B, T, C = out.shape
+    return out.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+class KVBuffer(np.ndarray):
+    """Keys or values (B, H, capacity, hd) whose first `filled` positions are in use: the KV cache
+    holds views of its front, and a decoded token's keys are written after them in place."""
+    filled = 0
+
+
+def extended(past, new):
+    """past (B, H, P, hd) then new (B, H, T, hd) along the positions -> a (B, H, P + T, hd) view of a
+    KVBuffer. In place after P when past is the front of one with room that nothing else has been
+    appended to (a cache branched from an older state gets a copy); else a new buffer with room for
+    as many positions again, so a generation copies its keys log-many times, not at every token."""
+    P, T = past.shape[2], new.shape[2]
+    buffer = past.base
+    if not (isinstance(buffer, KVBuffer) and buffer.filled == P and buffer.shape[2] >= P + T):
+        B, H, _, hd = past.shape
+        buffer = np.empty((B, H, 2 * (P + T), hd), dtype=new.dtype).view(KVBuffer)
+        buffer[:, :, :P] = past
+    buffer[:, :, P:P + T] = new
+    buffer.filled = P + T
+    return buffer[:, :, :P + T]
+
+
+def attention_forward(qkv, n_head, past=None):
+    """layers.attention_forward: softmax(q kᵀ / √hd + mask) v, with the scale, causal mask and row max
+    fused into one pass over the scores and y written straight into the (B, T, C) output.
+    qkv (B, T, 3C) -> out (B, T, C); `past` = (k, v) as in layers.py, extended in place (KVBuffer)."""
+    # Contiguous heads: NumPy's batched matmul on split_heads' strided views skips BLAS (25× slower
+    # at d_model 256, bench/RESULTS.md); the copies cost one pass over qkv.
+    q, k, v = (np.ascontiguousarray(t) for t in split_heads(qkv, n_head))
+    if past is not None:
+        k, v = extended(past[0], k), extended(past[1], v)
+    B, H, T, hd = q.shape
+    att = q @ np.asarray(k).transpose(0, 1, 3, 2)                      # (B, H, T, P+T)
+    flat = att.reshape(-1, att.shape[-1])
+    causal_scores_shift(flat, 1.0 / math.sqrt(hd), T)
+    np.exp(att, out=att)
+    normalise_rows(flat)
+    out = np.empty((B, T, H * hd), dtype=qkv.dtype)
+    np.matmul(att, np.asarray(v), out=heads_view(out, n_head))
+    return out, AttentionCache(q, k, v, att)
+
+
+@njit(cache=True, fastmath=FAST)
+def softmax_rows_backward(datt, att, scale):
+    """In place on datt (N, T): dS = att ∘ (datt − rowsum(datt ∘ att)) · scale, over the visible keys
+    j ≤ i; the masked ones have att = 0 and get 0."""
+    T = att.shape[1]
+    for r in range(att.shape[0]):
+        seen = r % T + 1
+        dot = 0.0
+        for j in range(seen):
+            dot += datt[r, j] * att[r, j]
+        for j in range(seen):
+            datt[r, j] = att[r, j] * (datt[r, j] - dot) * scale
+        for j in range(seen, T):
+            datt[r, j] = 0.0
+
+
+def attention_backward(dout, cache):
+    """layers.attention_backward: dv = attᵀ dy; datt = dy vᵀ; dS = att ∘ (datt − rowsum(datt ∘ att));
+    dq = dS k / √hd; dk = dSᵀ q / √hd, the softmax's backward fused into one pass per row."""
+    q, k, v, att = cache.q, cache.k, cache.v, cache.att    # its dropout field: never set here
+    B, H, T, hd = q.shape
+    dy = np.ascontiguousarray(heads_view(dout, H))       # contiguous, for BLAS (see attention_forward)
+    dv = att.transpose(0, 1, 3, 2) @ dy
+    datt = dy @ v.transpose(0, 1, 3, 2)
+    softmax_rows_backward(datt.reshape(-1, T), att.reshape(-1, T), 1.0 / math.sqrt(hd))
+    dq = datt @ k
+    dk = datt.transpose(0, 1, 3, 2) @ q
+    return merge_qkv_grads(dq, dk, dv)
+
+
+# ----------------------------------------------------------------------------- the LM loss
+class LmLossCache(NamedTuple):
+    z: object                       # (N, C): each chunk's logits are recomputed from z and wte
+    wte: object
+    lse: object                     # (N,) log-sum-exp of each row's logits
+    targets: object                 # (N,) with −1 meaning "no target here"
+    chunks: list                    # the vocabulary ranges [v0, v1) the forward used
+
+
+def vocabulary_chunks(N, V, width=None):
+    """Column ranges [v0, v1) of `width` columns; by default LOGIT_CHUNK logits' worth (at least 256
+    columns, so the GEMMs stay efficient)."""
+    width = min(V, max(256, LOGIT_CHUNK // max(N, 1))) if width is None else width
+    return [(v0, min(V, v0 + width)) for v0 in range(0, V, width)]
+
+
+def chunk_logits(z, wte, v0, v1, buffer):
+    """z @ wte[v0:v1]ᵀ (N, v1 − v0) into the front of `buffer`, kept contiguous for the GEMM."""
+    logits = buffer[:z.shape[0] * (v1 - v0)].reshape(z.shape[0], v1 - v0)
+    return np.matmul(z, wte[v0:v1].T, out=logits)
+
+
+def target_rows(targets, v0, v1):
+    """The rows whose target lies in [v0, v1), and the target's column within the chunk."""
+    inside = np.flatnonzero((targets >= v0) & (targets < v1))
+    return inside, targets[inside] - v0
+
+
+def lm_loss_forward(z, wte, targets, chunk_width=None):
+    """layers.lm_loss_forward: nll = lse − logits[target], lse = log Σ_v exp(logits), logits = z @ wteᵀ,
+    a vocabulary chunk at a time. Per row, the online log-sum-exp (flash attention's, over the
+    vocabulary): m' = max(m, rowmax chunk); s = s·e^(m−m') + Σ e^(chunk − m').
+    z (B, T, C), wte (V, C), targets (B, T) -> nll (B, T) (0 where the target is −1);
+    chunk_width: columns per chunk (vocabulary_chunks' default)."""
+    z2, targets2 = rows(z), np.ascontiguousarray(targets).reshape(-1)
+    chunks = vocabulary_chunks(z2.shape[0], wte.shape[0], chunk_width)
+    N = z2.shape[0]
+    buffer = np.empty(N * (chunks[0][1] - chunks[0][0]), dtype=z.dtype)
+    row_max = np.full(N, -np.inf, dtype=z.dtype)
+    sumexp = np.zeros(N, dtype=z.dtype)
+    picked = np.zeros(N, dtype=z.dtype)                     # logits[n, target[n]]
+    for v0, v1 in chunks:
+        logits = chunk_logits(z2, wte, v0, v1, buffer)
+        inside, columns = target_rows(targets2, v0, v1)
+        picked[inside] = logits[inside, columns]
+        new_max = np.maximum(row_max, logits.max(1))
+        logits -= new_max[:, None]
+        np.exp(logits, out=logits)
+        sumexp *= np.exp(row_max - new_max)
+        sumexp += logits.sum(1)
+        row_max = new_max
+    lse = row_max + np.log(sumexp)
+    nll = np.where(targets2 >= 0, lse - picked, 0).astype(z.dtype)
+    return nll.reshape(targets.shape), LmLossCache(z2, wte, lse, targets2, chunks)
+
+
+def lm_loss_backward(dnll, cache):
+    """layers.lm_loss_backward: dlogits = (softmax(logits) − onehot(target)) · dnll, chunk by chunk,
+    each consumed at once: dz += dlogits @ wte[chunk], dwte[chunk] = dlogitsᵀ @ z.   -> (dz, dwte)"""
+    z, wte, lse, targets, chunks = cache
+    weight = np.where(targets >= 0, np.ascontiguousarray(dnll).reshape(-1), 0).astype(z.dtype)
+    buffer = np.empty(z.shape[0] * (chunks[0][1] - chunks[0][0]), dtype=z.dtype)
+    dz = np.zeros_like(z)
+    dz_chunk = np.empty_like(z)
+    dwte = np.empty_like(wte)
+    for v0, v1 in chunks:
+        dlogits = chunk_logits(z, wte, v0, v1, buffer)
+        dlogits -= lse[:, None]
+        np.exp(dlogits, out=dlogits)                        # softmax
+        dlogits *= weight[:, None]
+        inside, columns = target_rows(targets, v0, v1)
+        dlogits[inside, columns] -= weight[inside]
+        np.matmul(dlogits.T, z, out=dwte[v0:v1])
+        dz += np.matmul(dlogits, wte[v0:v1], out=dz_chunk)
+    return dz.reshape(*dnll.shape, z.shape[1]), dwte
+
+
+# ----------------------------------------------------------------------------- AdamW
+@njit(cache=True, fastmath=FAST)
+def adamw_flat(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    bias1 = 1.0 - beta1 ** step
+    bias2 = 1.0 - beta2 ** step
+    for i in range(p.shape[0]):
+        m[i] = beta1 * m[i] + (1.0 - beta1) * g[i]
+        v[i] = beta2 * v[i] + (1.0 - beta2) * (g[i] * g[i])
+        p[i] = p[i] * (1.0 - lr * weight_decay) - (lr / bias1) * m[i] / (math.sqrt(v[i] / bias2) + eps)
+
+
+def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+    """optim.adamw_update for one tensor in place, one pass over p, g, m, v:
+    m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;  θ = θ(1 − lr·wd) − lr·m̂ / (√v̂ + ε)."""
+    for name, a in (("p", p), ("m", m), ("v", v)):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"adamw_update updates {name} in place and needs it C-contiguous")
+    adamw_flat(p.reshape(-1), np.ascontiguousarray(g).reshape(-1), m.reshape(-1), v.reshape(-1),
+               float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), float(step))
+
+
+@njit(cache=True, fastmath=FAST)
+def sum_of_squares_flat(g):
+    total = 0.0                     # float64, whatever the dtype
+    for i in range(g.shape[0]):
+        total += g[i] * g[i]
+    return total
+
+
+def sum_of_squares(g):
+    """optim.sum_of_squares: Σ g² in float64, one pass over g and no g² temporary (GPT-2 small's would
+    be 500 MB per step)."""
+    return sum_of_squares_flat(np.ascontiguousarray(g).reshape(-1))
+
+
+LAYERS = layer_set(
+    embedding_backward=embedding_backward,
+    lm_loss_forward=lm_loss_forward, lm_loss_backward=lm_loss_backward,
+    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
+    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
+    attention_forward=attention_forward, attention_backward=attention_backward,
+    adamw_update=adamw_update, sum_of_squares=sum_of_squares)
