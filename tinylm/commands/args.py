@@ -69,3 +69,14 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default in (None, False):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_layer_set_arguments(p, switch_note=""):
+    """--device, --no-kernels and --reference: which layer set a command's model runs on."""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels) (default: cpu)")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
+                   help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
+    p.add_argument("--reference", action="store_true",
+                   help="on the CPU, run layers.py's NumPy layers instead of the fused ones of cpu_layers.py "
+                        f"(same checkpoints{switch_note})")

@@ -6,7 +6,7 @@ metrics.jsonl and (with --plot) loss.png to --out. Ctrl-C saves and exits; --res
 bit-for-bit."""
 from tinylm.config import DTYPES, MIXERS
 
-from .args import at_least, positive, rate
+from .args import add_layer_set_arguments, at_least, positive, rate
 from .terminal import note, progress_wanted
 
 DEFAULT_OUT = "runs/default"
@@ -53,13 +53,7 @@ def add_parser(sub):
     p.add_argument("--stop-at", type=positive(int), metavar="STEP",
                    help="save and stop after this step, keeping the --steps schedule (resume later)")
     p.add_argument("--plot", action="store_true", help="write OUT/loss.png (train and validation loss)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels) (default: cpu)")
-    p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
-                   help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
-    p.add_argument("--reference", action="store_true",
-                   help="on the CPU, run layers.py's NumPy layers instead of the fused ones of cpu_layers.py "
-                        "(same checkpoints; a run may switch sets on --resume)")
+    add_layer_set_arguments(p, "; a run may switch sets on --resume")
     p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     defaults = flat_settings(TrainConfig())
     for name, (flag, kind, text) in FLAGS.items():

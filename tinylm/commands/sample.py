@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from .args import at_least, positive, probability
+from .args import add_layer_set_arguments, at_least, positive, probability
 from .pretrain import DEFAULT_OUT
 from .terminal import note
 
@@ -32,13 +32,7 @@ def add_parser(sub):
     p.add_argument("--num-samples", type=positive(int), default=1, help="independent samples, one after another")
     p.add_argument("--seed", type=at_least(0), default=0, help="sampling seed: the same seed, the same text")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each token (slow; O(T²))")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu (NumPy) or cuda (CuPy, every layer on the Numba kernels)")
-    p.add_argument("--no-kernels", dest="kernels", action="store_false", default=None,
-                   help="with --device cuda: run every layer on CuPy/cuBLAS instead of the Numba kernels (the baseline)")
-    p.add_argument("--reference", action="store_true",
-                   help="on the CPU, run layers.py's NumPy layers instead of the fused ones of cpu_layers.py "
-                        "(same checkpoints)")
+    add_layer_set_arguments(p)
     p.set_defaults(func=run)
 
 
