@@ -2,7 +2,7 @@
 
     python bench/attention_cpu.py [--seqs 512 1024 2048 4096 8192 16384] [--heads 1] [--head-dim 64]
 
-Both run the model's layer pair (tinylm.layers.attention_* and tinylm.flash_attention.flash_attention_*)
+Both run the model's layer pair (tinylm.core.layers.attention_* and tinylm.core.flash_attention.flash_attention_*)
 on qkv (1, T, 3·heads·head_dim) float32, causal. Peak memory is tracemalloc's peak over the call
 (NumPy reports its array buffers to tracemalloc) minus what was allocated before it: the
 temporaries and the cache the backward keeps, not the inputs.
@@ -17,8 +17,8 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tinylm.flash_attention import flash_attention_backward, flash_attention_forward  # noqa: E402
-from tinylm.layers import attention_backward, attention_forward  # noqa: E402
+from tinylm.core.flash_attention import flash_attention_backward, flash_attention_forward  # noqa: E402
+from tinylm.core.layers import attention_backward, attention_forward  # noqa: E402
 
 
 def measure(fn):

@@ -43,9 +43,9 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm import GPT, GPTConfig, adamw_init  # noqa: E402
-from tinylm.backend import keep_freed_memory  # noqa: E402
-from tinylm.optim import Schedule  # noqa: E402
-from tinylm.train import train_step  # noqa: E402
+from tinylm.core.backend import keep_freed_memory  # noqa: E402
+from tinylm.core.optim import Schedule  # noqa: E402
+from tinylm.train.loop import train_step  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm.commands.demo import cell  # noqa: E402
-from tinylm.pipeline import mean_and_sd  # noqa: E402
+from tinylm.rlhf.pipeline import mean_and_sd  # noqa: E402
 
 
 def mean_sd(values):

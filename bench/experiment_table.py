@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tinylm.experiments import EXPERIMENTS  # noqa: E402
+from tinylm.experiments.rlhf_curves import EXPERIMENTS  # noqa: E402
 
 
 def main(argv):

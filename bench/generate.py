@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm import GPT, GPTConfig  # noqa: E402
-from tinylm.generate import generate_steps  # noqa: E402
+from tinylm.core.generate import generate_steps  # noqa: E402
 
 
 def timed_steps(model, prompt, n, use_cache):

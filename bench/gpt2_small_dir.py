@@ -13,7 +13,7 @@ import os
 import sys
 
 from tinylm import GPT, GPTConfig
-from tinylm.tokenizer import BPETokenizer, bytes_to_unicode
+from tinylm.core.tokenizer import BPETokenizer, bytes_to_unicode
 
 
 def main(out):

@@ -1,4 +1,4 @@
-"""The attention rows: kernels.flash_attention, the unfused CuPy layer of tinylm.layers and torch's
+"""The attention rows: kernels.flash_attention, the unfused CuPy layer of tinylm.core.layers and torch's
 scaled_dot_product_attention, forward and forward+backward, checked on some heads against float64."""
 import traceback
 
@@ -9,7 +9,7 @@ from gpu_harness import MIB, TorchDevice, host, indexable, is_oom, one_line, ran
 
 def attention_inputs(run, T, seed):
     """q, k, v, do (B, H, T, hd) float32, and the same numbers laid out for the unfused layer."""
-    from tinylm.layers import merge_heads, merge_qkv_grads
+    from tinylm.core.layers import merge_heads, merge_qkv_grads
     B, H, hd = run.sizes["heads"]
     q, k, v, do = random_arrays(run.dev.xp, seed, *[(B, H, T, hd)] * 4)
     return dict(q=q, k=k, v=v, do=do, qkv=merge_qkv_grads(q, k, v), dout=merge_heads(do), H=H)
@@ -28,8 +28,8 @@ def heads_index(heads):
 
 
 def attention_reference(run, x, heads):
-    """float64 o, dq, dk, dv of the checked heads, each (n, T, hd): tinylm.layers' attention, one head at a time."""
-    from tinylm.layers import attention_backward, attention_forward, merge_heads, merge_qkv_grads, split_heads
+    """float64 o, dq, dk, dv of the checked heads, each (n, T, hd): tinylm.core.layers' attention, one head at a time."""
+    from tinylm.core.layers import attention_backward, attention_forward, merge_heads, merge_qkv_grads, split_heads
 
     def pick(a):
         return a[heads_index(heads)][:, None].astype(np.float64)                   # (n, 1, T, hd)
@@ -56,7 +56,7 @@ def attention_method(run, method, x):
             return [o, *flash_attention_backward(q, k, v, o, lse, do, causal=True)]
         return run.dev, forward, forward_backward
     if method == "cupy unfused":
-        from tinylm.layers import attention_backward, attention_forward, split_heads
+        from tinylm.core.layers import attention_backward, attention_forward, split_heads
         B, _, T, hd = q.shape
 
         def heads(y):

@@ -1,7 +1,7 @@
 """The sections of bench/gpu_check.sh; bench/kernels_gpu.py runs each in its own subprocess:
 
     env        GPU, driver, CUDA runtime, library versions as imported, NVVM, a one-element Numba kernel
-    baselines  cuBLAS SGEMM (cupy.matmul, CUPY_TF32 unset), the unfused CuPy attention (tinylm.layers),
+    baselines  cuBLAS SGEMM (cupy.matmul, CUPY_TF32 unset), the unfused CuPy attention (tinylm.core.layers),
                torch's scaled_dot_product_attention in float32 with TF32 off
     matmul     kernels.matmul at 1024³, 2048³, 4096³ and the two transposes at 4096
     ladder     the SGEMM ladder of bench/gpu_ladder.py, every rung at 4096³ (cuBLAS is in baselines)

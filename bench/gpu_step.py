@@ -38,7 +38,7 @@ def train_rows(run, name, config, batch, steps):
 
     def timed(kernels, step_estimate_s=0.0):
         """Median of `steps` steps after a warm-up, fewer when half the time left would not hold them;
-        MFU: the step's model FLOPs (tinylm.counting) per second over the device's FP32 peak."""
+        MFU: the step's model FLOPs (tinylm.core.counting) per second over the device's FP32 peak."""
         n = max(1, min(steps, int(0.5 * run.time_left() / max(step_estimate_s, 1e-3)) - 1))
         ms = 1e3 * seconds_per_step(config, batch, device, steps=n, kernels=kernels)
         tflops = step_flops / (ms / 1e3) / 1e12
@@ -63,7 +63,7 @@ def train_rows(run, name, config, batch, steps):
 
 def section_train(run):
     from tinylm import GPTConfig
-    from tinylm.backend import keep_freed_memory
+    from tinylm.core.backend import keep_freed_memory
     keep_freed_memory()                                   # as bench/train_step.py does for its CPU number
     s = run.sizes
     core = GPTConfig(**s["core"])

@@ -2,11 +2,11 @@
 
     pip install -e '.[test,mutation]'
     python bench/mutation.py                    # the modules of [tool.mutmut] only_mutate
-    python bench/mutation.py layers model       # some of them
-    python bench/mutation.py --resume layers    # carry on an interrupted run
+    python bench/mutation.py core.layers core.model     # some of them
+    python bench/mutation.py --resume core.layers       # carry on an interrupted run
 
 Each module gets its own copy of the checkout (WORKDIR/<module>/) whose pyproject mutates only
-tinylm/<module>.py and selects only the test files in TESTS[module]. A mutant then costs the first
+tinylm/<module>.py (a dotted name: core.layers is tinylm/core/layers.py) and selects only the test files in TESTS[module]. A mutant then costs the first
 failing test of a few files, and a survivor re-runs those files, not the whole suite (that is what
 made one run of all ten modules take hours). The price: a mutant caught only by some other module's
 tests counts as a survivor here. Prints one line per module and each survivor's name; inspect one
@@ -35,23 +35,24 @@ COPY = ("tinylm", "tests", "kernels", "bench", "pyproject.toml")
 # The test files about each module: its unit tests, and those that check it end to end (the model's
 # gradient checks see every layer; the Hugging Face fixture sees layernorm's eps and GELU's constants).
 TESTS = {
-    "layers": ["test_layers.py", "test_hf.py", "test_model.py"],
-    "model": ["test_model.py", "test_hf.py", "test_mixers.py", "test_checkpoint.py", "test_optim_counting.py",
-              "test_faults.py", "test_flash_attention.py", "test_generate.py", "test_ssm.py"],
-    "optim": ["test_optim_defaults.py", "test_optim_counting.py", "test_train_units.py", "test_data_train.py",
-              "test_rlhf_units.py"],
-    "flash_attention": ["test_flash_attention.py"],
-    "ssm": ["test_ssm.py", "test_mixers.py", "test_generate.py"],
-    "reward": ["test_reward_model.py", "test_reward_read.py", "test_rlhf_units.py", "test_rlhf.py"],
-    "rlhf": ["test_rlhf_units.py", "test_rlhf_baseline.py", "test_rlhf_learning.py", "test_rlhf.py"],
-    "train": ["test_train_units.py", "test_train_loop.py", "test_pretrain.py", "test_data_train.py",
-              "test_faults.py", "test_cli_pretrain.py", "test_checkpoint.py"],
-    "train_config": ["test_train_units.py", "test_data_train.py", "test_train_loop.py", "test_cli_pretrain.py",
-                     "test_pretrain.py"],
-    "run_log": ["test_train_units.py", "test_train_loop.py", "test_faults.py"],
-    "metrics": ["test_train_loop.py", "test_scaling.py"],
-    "generate": ["test_generate.py"],
-    "tokenizer": ["test_tokenizer.py"],
+    "core.layers": ["test_layers.py", "test_hf.py", "test_model.py"],
+    "core.model": ["test_model.py", "test_hf.py", "test_mixers.py", "test_checkpoint.py", "test_optim_counting.py",
+                        "test_faults.py", "test_flash_attention.py", "test_generate.py", "test_ssm.py"],
+    # train_step (the one guarded step every loop takes) lives in optim.py too
+    "core.optim": ["test_optim_defaults.py", "test_optim_counting.py", "test_train_units.py", "test_data_train.py",
+                   "test_rlhf_units.py", "test_train_loop.py", "test_faults.py"],
+    "core.flash_attention": ["test_flash_attention.py"],
+    "core.ssm": ["test_ssm.py", "test_mixers.py", "test_generate.py"],
+    "rlhf.reward": ["test_reward_model.py", "test_reward_read.py", "test_rlhf_units.py", "test_rlhf.py"],
+    "rlhf.policy": ["test_rlhf_units.py", "test_rlhf_baseline.py", "test_rlhf_learning.py", "test_rlhf.py"],
+    "train.loop": ["test_train_units.py", "test_train_loop.py", "test_pretrain.py", "test_data_train.py",
+                   "test_faults.py", "test_cli_pretrain.py", "test_checkpoint.py"],
+    "train.train_config": ["test_train_units.py", "test_data_train.py", "test_train_loop.py",
+                           "test_cli_pretrain.py", "test_pretrain.py"],
+    "train.run_log": ["test_train_units.py", "test_train_loop.py", "test_faults.py"],
+    "train.metrics": ["test_train_loop.py", "test_scaling.py"],
+    "core.generate": ["test_generate.py"],
+    "core.tokenizer": ["test_tokenizer.py"],
 }
 
 
@@ -64,6 +65,11 @@ def pyproject():
     """pyproject.toml's text and its [tool.mutmut] table."""
     text = open(os.path.join(ROOT, "pyproject.toml")).read()
     return text, toml_loads(text)["tool"]["mutmut"]
+
+
+def module_path(module):
+    """'core.layers' -> 'tinylm/core/layers.py'."""
+    return "tinylm/" + module.replace(".", "/") + ".py"
 
 
 def prepare(module, work, resume):
@@ -80,7 +86,7 @@ def prepare(module, work, resume):
             shutil.copy(src, dst)
     text, base = pyproject()
     head = text[:text.index("[tool.mutmut]")]
-    cfg = {**base, "only_mutate": [f"tinylm/{module}.py"],
+    cfg = {**base, "only_mutate": [module_path(module)],
            "pytest_add_cli_args_test_selection": [f"tests/{t}" for t in TESTS[module]]}
     body = "".join(f"{k} = {toml_list(v) if isinstance(v, list) else json.dumps(v)}\n" for k, v in cfg.items())
     open(os.path.join(work, "pyproject.toml"), "w").write(head + "[tool.mutmut]\n" + body)
@@ -95,7 +101,7 @@ def results(work):
 def parse_args(argv=None):
     """The command line; no module named means every module of [tool.mutmut] only_mutate."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = [os.path.basename(m)[:-3] for m in pyproject()[1]["only_mutate"]]
+    names = [m[len("tinylm/"):-len(".py")].replace("/", ".") for m in pyproject()[1]["only_mutate"]]
     # checked by hand: argparse tests an empty or default list as one value against `choices`
     ap.add_argument("modules", nargs="*", metavar="MODULE", help="any of: " + ", ".join(names))
     ap.add_argument("--workdir", default=os.path.join(ROOT, "mutation"), help="where the copies go")

@@ -1,5 +1,5 @@
 """Sequence-length scaling of the three token mixers at the sizes bench/RESULTS.md records: the
-`tinylm attention-cost` command (tinylm/attention_cost.py) with larger defaults.
+`tinylm attention-cost` command (tinylm/experiments/attention_cost.py) with larger defaults.
 
     python bench/seq_scaling.py [any `tinylm attention-cost` flag, e.g. --t-max 8192]
 

@@ -14,10 +14,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tinylm import GPT, GPTConfig, adamw_init, flops_per_token  # noqa: E402
-from tinylm.backend import DEVICES, keep_freed_memory  # noqa: E402
-from tinylm.model import ATTENTIONS  # noqa: E402
-from tinylm.optim import Schedule  # noqa: E402
-from tinylm.train import train_step  # noqa: E402
+from tinylm.core.backend import DEVICES, keep_freed_memory  # noqa: E402
+from tinylm.core.model import ATTENTIONS  # noqa: E402
+from tinylm.core.optim import Schedule  # noqa: E402
+from tinylm.train.loop import train_step  # noqa: E402
 
 
 def matmul_gflops(n=2048, repeats=5, dtype="float32"):

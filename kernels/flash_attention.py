@@ -1,5 +1,5 @@
 """Flash attention forward and backward as Numba CUDA kernels (float32), the GPU twins of
-tinylm/flash_attention.py's `flash_forward` / `flash_backward` — same algorithm, same names
+tinylm/core/flash_attention.py's `flash_forward` / `flash_backward` — same algorithm, same names
 (m, l, acc, L = lse, D), and tested against them (tests/test_flash_kernel.py).
 
 Work partition (FlashAttention-2): one thread block per (tile of ROWS rows, head, batch). The block
@@ -421,7 +421,7 @@ def launch_shape(q, tiles):
 
 def flash_attention_forward(q, k, v, causal=True, blocks=None):
     """q, k, v (B, H, T, hd) float32 -> o (B, H, T, hd), lse (B, H, T).
-    Matches tinylm.flash_attention.flash_forward. blocks: None (DEFAULT_TILES) or a Tiles 4-tuple."""
+    Matches tinylm.core.flash_attention.flash_forward. blocks: None (DEFAULT_TILES) or a Tiles 4-tuple."""
     check_qkv(q=q, k=k, v=v)
     B, H, T, hd = q.shape
     tiles, _, (forward_kernel, _, _) = kernels_for(hd, blocks)
@@ -432,7 +432,7 @@ def flash_attention_forward(q, k, v, causal=True, blocks=None):
 
 
 def flash_attention_backward(q, k, v, o, lse, do, causal=True, blocks=None):
-    """Gradients of sum(do · o) -> dq, dk, dv (B, H, T, hd). Matches tinylm.flash_attention.flash_backward."""
+    """Gradients of sum(do · o) -> dq, dk, dv (B, H, T, hd). Matches tinylm.core.flash_attention.flash_backward."""
     check_qkv(q=q, k=k, v=v, o=o, do=do, lse=lse)
     B, H, T, hd = q.shape
     _, tiles, (_, dk_dv_kernel, dq_kernel) = kernels_for(hd, blocks)

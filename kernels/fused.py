@@ -1,10 +1,10 @@
 """The small fused kernels a GPU training step needs besides matmul and attention, float32, each
 the twin of a NumPy function it is tested against:
 
-    layernorm_forward / layernorm_backward   tinylm.layers.layernorm_forward / _backward
-    gelu_forward / gelu_backward             tinylm.layers.gelu_forward / _backward
-    softmax_cross_entropy                    tinylm.layers.cross_entropy_forward + _backward, fused
-    adamw_update                             tinylm.optim.adamw_step, for one tensor
+    layernorm_forward / layernorm_backward   tinylm.core.layers.layernorm_forward / _backward
+    gelu_forward / gelu_backward             tinylm.core.layers.gelu_forward / _backward
+    softmax_cross_entropy                    tinylm.core.layers.cross_entropy_forward + _backward, fused
+    adamw_update                             tinylm.core.optim.adamw_step, for one tensor
 
 "Fused": one kernel reads its inputs once and writes its outputs once, where the NumPy code makes
 a temporary array per operation (gelu alone makes ~10 passes over memory): these kernels are
@@ -24,7 +24,7 @@ from .launch import C1, C2, check_float32, empty, n_blocks, zeros
 THREADS = 128                        # per row block (a power of two, for the tree reduction)
 ELEMENTWISE_THREADS = 256
 _row_kernels = {}
-# The constants tinylm.layers shares (kernels/ imports nothing from tinylm, so they are written
+# The constants tinylm.core.layers shares (kernels/ imports nothing from tinylm, so they are written
 # twice; tests/test_kernels.py asserts both copies agree). NumPy float32 globals are float32
 # constants on the device: a Python float would promote the arithmetic to float64.
 LAYERNORM_EPS = 1e-5
@@ -217,7 +217,7 @@ def adamw_kernel(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
 
 def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, threads=ELEMENTWISE_THREADS):
     """One AdamW step for one tensor, in place on p, m, v (contiguous); `step` counts from 1.
-    weight_decay is this tensor's (0 for the ones tinylm.optim.decays exempts)."""
+    weight_decay is this tensor's (0 for the ones tinylm.core.optim.decays exempts)."""
     check_float32(p=p, g=g, m=m, v=v)
     beta1, beta2 = betas
     scalars = [np.float32(s) for s in (lr, beta1, beta2, eps, weight_decay, 1 - beta1 ** step, 1 - beta2 ** step)]

@@ -1,5 +1,5 @@
-"""C = op(A) @ op(B) in float32: a warp-tiled SGEMM, the GPU twin of the `@` in tinylm/layers.py's
-linear_forward / linear_backward (tinylm/kernel_layers.py routes the model's linear layers and LM
+"""C = op(A) @ op(B) in float32: a warp-tiled SGEMM, the GPU twin of the `@` in tinylm/core/layers.py's
+linear_forward / linear_backward (tinylm/core/kernel_layers.py routes the model's linear layers and LM
 head here). bench/gpu_ladder.py builds up to it one idea at a time, as siboehm's SGEMM worklog does.
 
 The block computes one BM×BN tile of C, walking K in slices of BK. Its warps each own a WM×WN

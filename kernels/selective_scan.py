@@ -1,5 +1,5 @@
-"""The selective scan of tinylm/ssm.py as Numba CUDA kernels, float32, forward and backward; each
-call must agree with tinylm.ssm.selective_scan_forward / selective_scan_backward (tested within
+"""The selective scan of tinylm/core/ssm.py as Numba CUDA kernels, float32, forward and backward; each
+call must agree with tinylm.core.ssm.selective_scan_forward / selective_scan_backward (tested within
 1e-5 under the CUDA simulator by tests/test_selective_scan_kernel.py).
 
 One thread per (batch row b, channel e) walks the T positions in order, keeping its N states
@@ -30,7 +30,7 @@ THREADS = 128
 
 
 def check_inputs(u, delta, A_log, Bm, Cm, D):
-    """float32, shapes as in tinylm.ssm.selective_scan_forward, d_state at most MAX_STATE."""
+    """float32, shapes as in tinylm.core.ssm.selective_scan_forward, d_state at most MAX_STATE."""
     for name, x in dict(u=u, delta=delta, A_log=A_log, Bm=Bm, Cm=Cm, D=D).items():
         if x.dtype != np.float32:
             raise ValueError(f"{name} must be float32 (the kernel's only dtype), got {x.dtype}")
@@ -116,7 +116,7 @@ def n_blocks(n, threads):
 
 
 def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None, threads=THREADS):
-    """Same arguments as tinylm.ssm.selective_scan_forward (float32 NumPy arrays under the
+    """Same arguments as tinylm.core.ssm.selective_scan_forward (float32 NumPy arrays under the
     simulator, CuPy arrays on a GPU). -> y (B, T, E), hs (B, T, E, N): every state, for the backward
     (hs[:, -1] is the state to carry on at generation). One thread per (b, e), `threads` per block."""
     xp, A, h0 = prepare(u, delta, A_log, Bm, Cm, D, h0)
@@ -128,7 +128,7 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None, threads=THREADS)
 
 
 def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None, threads=THREADS):
-    """-> (du, ddelta, dA_log, dBm, dCm, dD), as tinylm.ssm.selective_scan_backward returns them."""
+    """-> (du, ddelta, dA_log, dBm, dCm, dD), as tinylm.core.ssm.selective_scan_backward returns them."""
     xp, A, h0 = prepare(u, delta, A_log, Bm, Cm, D, h0)
     if dy.dtype != np.float32 or dy.shape != u.shape:
         raise ValueError(f"dy must be float32 of u's shape {tuple(u.shape)}, got {dy.dtype} {tuple(dy.shape)}")

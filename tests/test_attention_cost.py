@@ -1,10 +1,10 @@
-"""`tinylm attention-cost` (tinylm/attention_cost.py): the slopes are the exponent of a power law,
+"""`tinylm attention-cost` (tinylm/experiments/attention_cost.py): the slopes are the exponent of a power law,
 the command prints a time and a memory row per T and a slope line per mixer, bad input is one line."""
 import math
 
 import pytest
 
-from tinylm.attention_cost import MIXERS, slopes
+from tinylm.experiments.attention_cost import MIXERS, slopes
 from tinylm.cli import main
 
 

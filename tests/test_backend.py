@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig
-from tinylm.backend import matmul, scatter_add
+from tinylm.core.backend import matmul, scatter_add
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_import_tinylm_needs_no_cupy_and_no_numba():
-    code = ("import sys, tinylm, tinylm.flash_attention; "
+    code = ("import sys, tinylm, tinylm.core.flash_attention; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cupy', 'numba', 'kernels') "
             "or m.startswith('tinylm.kernels.')))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -43,7 +43,7 @@ def test_matmul_transposes_and_scatter_add_accumulates():
 def test_auto_attention_never_runs_the_blocked_flash_on_cupy():
     """On CuPy without kernels "auto" stays naive (cuBLAS) at every T; on NumPy it switches at
     FLASH_MIN_T; explicit "flash" is honoured everywhere."""
-    from tinylm.model import FLASH_MIN_T, layers_for
+    from tinylm.core.model import FLASH_MIN_T, layers_for
     auto, flash = GPTConfig(attention="auto"), GPTConfig(attention="flash")
     cupy_layers, numpy_layers = layers_for("cuda", False, "float32"), layers_for("cpu", False, "float32")
     assert not auto.uses_flash(10**6, cupy_layers.auto_flash_from) and flash.uses_flash(8, cupy_layers.auto_flash_from)
@@ -55,7 +55,7 @@ def test_grad_norm_reads_the_device_once():
     """Clipping syncs the host once per step, not once per parameter: a float() of a device array is
     a sync, so count them on an ndarray subclass that stands in for CuPy's. Checked: the former
     sum of per-parameter float()s reads 4 times here."""
-    from tinylm.optim import clip_grad_norm
+    from tinylm.core.optim import clip_grad_norm
     reads = []
 
     class DeviceArray(np.ndarray):
@@ -71,7 +71,7 @@ def test_grad_norm_reads_the_device_once():
 def test_lm_head_multiplies_by_wte_through_trans_b():
     """No wte.T view (a strided read for a GEMM kernel) and no copy: the head hands wte itself to the
     GEMM with trans_b, and its gradient comes back in wte's (V, C) layout."""
-    from tinylm.layers import lm_head_backward, lm_head_forward
+    from tinylm.core.layers import lm_head_backward, lm_head_forward
     calls = []
 
     def gemm(a, b, trans_a=False, trans_b=False):
@@ -92,7 +92,7 @@ def test_causal_mask_is_built_in_its_dtype():
     """The T×T mask costs its own float32 bytes at its peak, not a float64 array first and a cast.
     Checked: the former xp.where(future, -inf, 0.0).astype(dtype) peaks at 3× the mask's size."""
     import tracemalloc
-    from tinylm.layers import causal_mask
+    from tinylm.core.layers import causal_mask
     tracemalloc.start()
     mask = causal_mask(np, 512, 512, np.float32)
     peak = tracemalloc.get_traced_memory()[1]

@@ -77,17 +77,18 @@ def test_mutation_copy_mutates_one_module_against_its_own_existing_tests(tmp_pat
         pytest.skip("Python 3.10 without the toml package (mutmut's extra brings it)")
     root = os.path.join(os.path.dirname(__file__), "..")
     listed = loads(open(os.path.join(root, "pyproject.toml")).read())["tool"]["mutmut"]["only_mutate"]
-    assert sorted(os.path.basename(m)[:-3] for m in listed) == sorted(mutation.TESTS)
+    assert sorted(mutation.module_path(m) for m in mutation.TESTS) == sorted(listed)
     for files in mutation.TESTS.values():
         assert files and all(os.path.exists(os.path.join(root, "tests", f)) for f in files), files
-    assert mutation.parse_args([]).modules == [os.path.basename(m)[:-3] for m in listed]     # all, by default
-    assert mutation.parse_args(["ssm", "layers"]).modules == ["ssm", "layers"]
+    assert [mutation.module_path(m) for m in mutation.parse_args([]).modules] == listed     # all, by default
+    assert mutation.parse_args(["core.ssm", "core.layers"]).modules == ["core.ssm", "core.layers"]
     with pytest.raises(SystemExit):
-        mutation.parse_args(["ssm", "nope"])
-    mutation.prepare("ssm", str(tmp_path / "ssm"), resume=False)
+        mutation.parse_args(["core.ssm", "ssm"])        # a module is named by its package too
+    mutation.prepare("core.ssm", str(tmp_path / "ssm"), resume=False)
     cfg = loads((tmp_path / "ssm" / "pyproject.toml").read_text())["tool"]["mutmut"]
-    assert cfg["only_mutate"] == ["tinylm/ssm.py"]
+    assert cfg["only_mutate"] == ["tinylm/core/ssm.py"]
     assert cfg["pytest_add_cli_args_test_selection"] == ["tests/test_ssm.py", "tests/test_mixers.py",
                                                          "tests/test_generate.py"]
     assert cfg["do_not_mutate_patterns"] == [r"^\s*xp = array_module\(\w+\)\s*$"]   # escapes survive
-    assert (tmp_path / "ssm" / "tinylm" / "ssm.py").read_text() == open(os.path.join(root, "tinylm", "ssm.py")).read()
+    assert (tmp_path / "ssm" / "tinylm" / "core" / "ssm.py").read_text() == \
+        open(os.path.join(root, "tinylm", "core", "ssm.py")).read()

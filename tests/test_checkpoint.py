@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig
-from tinylm.checkpoint import FORMAT_VERSION, latest_checkpoint, load_model, save_weights
+from tinylm.train.checkpoint import FORMAT_VERSION, latest_checkpoint, load_model, save_weights
 from tinylm.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tinylm.checkpoint import latest_checkpoint
+from tinylm.train.checkpoint import latest_checkpoint
 from tinylm.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

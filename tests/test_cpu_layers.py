@@ -1,4 +1,4 @@
-"""The fast CPU layer set (tinylm/cpu_layers.py) tied to the reference (layer_sets.REFERENCE, the pairs
+"""The fast CPU layer set (tinylm/core/cpu_layers.py) tied to the reference (layer_sets.REFERENCE, the pairs
 of layers.py): each pair against its reference over shapes (ragged lengths included), float32 and
 float64; the whole model, loss and every gradient, after a forward+backward and after 5 AdamW steps,
 for both mixers; finite differences on the fast set; and a planted bug the tie must catch."""
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinylm import cpu_layers, layers, optim
-from tinylm.gradcheck import check_gradients
-from tinylm.layer_sets import REFERENCE
-from tinylm.model import GPT, GPTConfig
+from tinylm.core import cpu_layers, layers, optim
+from tinylm.core.gradcheck import check_gradients
+from tinylm.core.layer_sets import REFERENCE
+from tinylm.core.model import GPT, GPTConfig
 
 DTYPES = ["float32", "float64"]
 # float64: the fused loops sum in another order than NumPy's pairwise sums, nothing more.
@@ -206,7 +206,7 @@ def test_fast_set_names_only_what_it_provides_the_rest_is_the_reference():
     assert provided == {"embedding_backward", "lm_loss_forward", "lm_loss_backward", "layernorm_forward",
                         "layernorm_backward", "gelu_forward", "gelu_backward", "attention_forward",
                         "attention_backward", "adamw_update", "sum_of_squares"}
-    assert all(getattr(cpu_layers.LAYERS, f).__module__ == "tinylm.cpu_layers" for f in provided)
+    assert all(getattr(cpu_layers.LAYERS, f).__module__ == "tinylm.core.cpu_layers" for f in provided)
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -292,7 +292,7 @@ def test_the_tie_catches_a_planted_bug_in_a_fast_layer():
 # ----------------------------------------------------------------------------- the CLI and resuming
 def test_reference_flag_reaches_the_model_through_pretrain_and_sample(tmp_path):
     """`--reference` builds layers.py's set; without it the CLI runs the fast set."""
-    from tinylm import train
+    from tinylm.train import loop as train
     from tinylm.cli import build_parser
     for command in (["pretrain"], ["sample", str(tmp_path)]):
         assert build_parser().parse_args(command + ["--reference"]).reference is True
@@ -305,8 +305,8 @@ def test_a_run_resumes_bit_for_bit_within_a_set_and_may_switch_sets(tmp_path):
     """6 steps straight = 3 + 3 resumed on the same set, weight for weight; resumed on the other set
     instead, the run continues from the same checkpoint to weights within rounding of the straight
     run's (and not identical: the other set did run)."""
-    from tinylm.checkpoint import load_model
-    from tinylm.train import pretrain
+    from tinylm.train.checkpoint import load_model
+    from tinylm.train.loop import pretrain
     from test_pretrain import TINY
     data = tmp_path / "data.txt"
     data.write_text(" ".join(np.random.default_rng(0).choice("the quick brown fox jumps".split(), 600)))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig, adamw_init
-from tinylm.data import Dataset, default_corpus, load_text
-from tinylm.optim import Schedule
-from tinylm.train import train_step
-from tinylm.train_config import TrainConfig, with_settings
+from tinylm.train.data import Dataset, default_corpus, load_text
+from tinylm.core.optim import Schedule
+from tinylm.train.loop import train_step
+from tinylm.train.train_config import TrainConfig, with_settings
 
 
 def test_batches_are_shifted_windows_and_seeded():

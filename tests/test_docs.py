@@ -3,7 +3,7 @@ test it cites exists, and every command it shows runs and prints what the page s
 
 Conventions the pages follow (docs/index.md says them too):
 - a reference is a Markdown link whose text ends in the symbol and whose target is `file#Lnn`:
-  [`GPT.loss_and_grads`](../tinylm/model.py#L351) — line nn must define that symbol (`def`/`class`);
+  [`GPT.loss_and_grads`](../tinylm/core/model.py#L351) — line nn must define that symbol (`def`/`class`);
 - a command block is a ```console fence: lines starting with `$ ` are commands, the other lines are
   output. The pages are run in order in one temporary directory (a later page may use what an earlier
   one made, as a reader following the tour would), `tinylm` meaning this checkout's `python -m tinylm`

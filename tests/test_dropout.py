@@ -8,12 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinylm import GPT, GPTConfig
-from tinylm import model as model_module
-from tinylm.checkpoint import load_model
+from tinylm.core import model as model_module
+from tinylm.train.checkpoint import load_model
 from tinylm.cli import main
-from tinylm.gradcheck import check_gradients
-from tinylm.layers import attention_backward, attention_forward, dropout_backward, dropout_forward
-from tinylm.model import Dropout
+from tinylm.core.gradcheck import check_gradients
+from tinylm.core.layers import attention_backward, attention_forward, dropout_backward, dropout_forward
+from tinylm.core.model import Dropout
 
 from test_layers import assert_close, project  # noqa: E402  (tests/ is on sys.path)
 

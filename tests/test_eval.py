@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from tinylm import GPT, GPTConfig
 from tinylm.cli import main
-from tinylm.data import cache_dir, load_ids
-from tinylm.metrics import sliding_window_loss
-from tinylm.tokenizer import BPETokenizer
+from tinylm.train.data import cache_dir, load_ids
+from tinylm.train.metrics import sliding_window_loss
+from tinylm.core.tokenizer import BPETokenizer
 
 from test_tokenizer import MERGES, write_bpe  # noqa: E402  (tests/ is on sys.path)
 

@@ -1,4 +1,4 @@
-"""The experiments (tinylm/experiments.py) on micro configs: equal samples and comparisons across
+"""The experiments (tinylm/experiments/rlhf_curves.py) on micro configs: equal samples and comparisons across
 methods, the schema the tables and plots read, and the over-optimisation curve's arithmetic."""
 import json
 from dataclasses import replace
@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 
 from tinylm.cli import main
-from tinylm.environment import PretrainConfig
-from tinylm.experiments import (QUICK_COMPARE, QUICK_GOODHART, CompareConfig, GoodhartConfig, peak_and_fall,
+from tinylm.rlhf.environment import PretrainConfig
+from tinylm.experiments.rlhf_curves import (QUICK_COMPARE, QUICK_GOODHART, CompareConfig, GoodhartConfig, peak_and_fall,
                                 run_compare, run_goodhart, windowed)
-from tinylm.rlhf import PolicyConfig, RewardConfig
+from tinylm.rlhf.policy import PolicyConfig, RewardConfig
 
 MICRO = replace(QUICK_COMPARE.demo, pretrain=PretrainConfig(steps=100), pair_instructions=300,
                 heldout_pair_instructions=40, reward=RewardConfig(epochs=1),
@@ -59,8 +59,8 @@ def test_experiment_commands_refuse_existing_outputs_before_any_work(tmp_path, c
 
 
 def test_the_labeller_as_reward_scores_each_sequence_and_counts_its_queries():
-    from tinylm.environment import TOKENIZER, LabellerReward, encode_prompts
-    from tinylm.reward import pack
+    from tinylm.rlhf.environment import TOKENIZER, LabellerReward, encode_prompts
+    from tinylm.rlhf.reward import pack
     instructions = [("rev", "cab"), ("rev", "cab"), ("srt", "ca"), ("len", "abc")]
     responses = [TOKENIZER.encode(r) for r in ("bac", "abc", "ac:", "4")]
     batch = pack(encode_prompts(instructions), responses)
@@ -70,7 +70,7 @@ def test_the_labeller_as_reward_scores_each_sequence_and_counts_its_queries():
 
 
 def test_label_budgets_buy_pairs_for_the_rm_and_dpo_and_queries_for_the_direct_run():
-    from tinylm.experiments import LabelsConfig, run_labels
+    from tinylm.experiments.rlhf_curves import LabelsConfig, run_labels
     results = run_labels(LabelsConfig(demo=MICRO, budgets=(64,), direct_prompts_per_step=2), [0], progress=False)
     b = results["seeds"]["0"]["budgets"]["64"]
     assert b["direct_queries"] == 64 and b["direct_steps"] == 8 and 0 < b["pairs"] <= 64

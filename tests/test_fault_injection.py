@@ -18,8 +18,8 @@ import time
 import numpy as np
 from safetensors.numpy import load_file
 
-from tinylm.checkpoint import latest_checkpoint
-from tinylm.run_log import read_metrics
+from tinylm.train.checkpoint import latest_checkpoint
+from tinylm.train.run_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60

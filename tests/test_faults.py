@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tinylm import checkpoint
-from tinylm.checkpoint import RunLock, latest_checkpoint
+from tinylm.train import checkpoint
+from tinylm.train.checkpoint import RunLock, latest_checkpoint
 from tinylm.cli import main
 from tinylm.commands.terminal import os_error_sentence, progress_wanted
-from tinylm.run_log import read_metrics
+from tinylm.train.run_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "8", "--n-ctx", "8", "--batch-size", "2", "--warmup", "1",
@@ -78,7 +78,7 @@ def test_one_writer_per_run(run, capsys):
     with RunLock(str(run)):                                    # another process training in it
         one_line(capsys, resume(run), "another tinylm process is training in")
     # a killed holder leaves no stale lock: the kernel drops a flock with its process
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tinylm.checkpoint import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tinylm.train.checkpoint import RunLock\n"
                                f"with RunLock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig
-from tinylm.checkpoint import latest_checkpoint, load_model, read_trainer_state
+from tinylm.train.checkpoint import latest_checkpoint, load_model, read_trainer_state
 from tinylm.cli import main
 
 from test_tokenizer import MERGES, write_bpe  # noqa: E402  (tests/ is on sys.path)

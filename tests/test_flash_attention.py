@@ -8,10 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinylm import GPT, GPTConfig
-from tinylm.flash_attention import (flash_attention_backward, flash_attention_forward, flash_backward,
+from tinylm.core.flash_attention import (flash_attention_backward, flash_attention_forward, flash_backward,
                                     flash_forward)
-from tinylm.gradcheck import check_gradients
-from tinylm.layers import attention_backward, attention_forward
+from tinylm.core.gradcheck import check_gradients
+from tinylm.core.layers import attention_backward, attention_forward
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -110,7 +110,7 @@ def test_model_with_flash_matches_naive():
 
 
 def test_auto_uses_flash_only_for_long_sequences():
-    from tinylm.model import FLASH_MIN_T
+    from tinylm.core.model import FLASH_MIN_T
     config = GPTConfig(attention="auto")
     assert not config.uses_flash(FLASH_MIN_T - 1) and config.uses_flash(FLASH_MIN_T)
     assert GPTConfig(attention="flash").uses_flash(1) and not GPTConfig(attention="naive").uses_flash(10**6)
@@ -123,7 +123,7 @@ def test_attention_option_is_validated():
 
 def count_tiles(monkeypatch):
     """Count block_scores calls: one per (query block, key block) tile the loops visit."""
-    import tinylm.flash_attention as fa
+    import tinylm.core.flash_attention as fa
     calls, inner = [], fa.block_scores
 
     def spy(q_i, k_j, i0, j0, scale, causal):

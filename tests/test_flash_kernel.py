@@ -1,4 +1,4 @@
-"""kernels/flash_attention.py against tinylm/flash_attention.py (NumPy, float64), forward and
+"""kernels/flash_attention.py against tinylm/core/flash_attention.py (NumPy, float64), forward and
 backward, on tiny ragged shapes under the CUDA simulator (tests/conftest.py sets
 NUMBA_ENABLE_CUDASIM=1 unless told otherwise; on a GPU the same tests pass CuPy arrays).
 
@@ -17,8 +17,8 @@ from numba import config
 from tinylm.kernels.flash_attention import (DEFAULT_TILES, HEAD_DIMS, Tiles, check_tiles, flash_attention_backward,
                                             flash_attention_forward, head_dim_bucket, kernels_and_signatures,
                                             launch_threads, padded_strides)
-from tinylm.backend import to_numpy
-from tinylm.flash_attention import flash_backward, flash_forward
+from tinylm.core.backend import to_numpy
+from tinylm.core.flash_attention import flash_backward, flash_forward
 
 SMALL = Tiles(8, 4, 4, 2)        # 8 threads; each owns 2 rows × 2 keys, a row split over 2 threads
 

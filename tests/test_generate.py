@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from tinylm import GPT, GPTConfig
-from tinylm.generate import filter_logits, generate, generate_steps, sample_next, stream_text
+from tinylm.core.generate import filter_logits, generate, generate_steps, sample_next, stream_text
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tinylm import GPT, layers
+from tinylm import GPT
+from tinylm.core import layers
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")
 REFERENCE = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny_logits.npz"))

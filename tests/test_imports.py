@@ -1,7 +1,7 @@
 """No import cycles inside tinylm/: dependencies point one way (commands -> train/pipeline ->
 model -> layers -> backend, config a leaf). Imports inside functions count too: a lazy import
 hides a cycle from Python's loader, not from the reader. On main at e5b9e85 this test failed with
-tinylm.model -> tinylm.hf -> tinylm.model."""
+tinylm.core.model -> tinylm.core.hf -> tinylm.core.model."""
 import ast
 import os
 
@@ -67,7 +67,7 @@ def find_cycle(graph):
 
 def test_tinylm_has_no_import_cycle():
     graph = import_graph(os.path.join(ROOT, "tinylm"), "tinylm")
-    assert "tinylm.hf" in graph["tinylm.model"]          # the graph sees real edges
+    assert "tinylm.core.hf" in graph["tinylm.core.model"]          # the graph sees real edges
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -82,3 +82,49 @@ def test_the_check_catches_a_planted_cycle(tmp_path):
     assert find_cycle(import_graph(str(pkg), "pkg")) == ["pkg.hf", "pkg.model", "pkg.hf"]
     (pkg / "hf.py").write_text("from pkg import config\n")
     assert find_cycle(import_graph(str(pkg), "pkg")) is None
+
+
+# The folders show the layers (README, "How the code is laid out"): each may import only the ones
+# to its right. kernels/ is the CUDA half of core (tinylm.kernels); the top package (tinylm/__init__,
+# cli, __main__) and commands/ may import everything.
+MAY_IMPORT = {
+    "core": {"core", "kernels"},
+    "kernels": {"kernels"},
+    "train": {"train", "core", "kernels"},
+    "rlhf": {"rlhf", "core", "kernels"},
+    "experiments": {"experiments", "train", "rlhf", "core", "kernels"},
+}
+
+
+def layer_of(module):
+    """'core' for tinylm.core.model, '' for tinylm itself and its top-level modules."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in MAY_IMPORT) else ""
+
+
+def wrong_way_imports(graph):
+    """[(module, imported)] that break MAY_IMPORT."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        allowed = MAY_IMPORT.get(layer_of(module))
+        if allowed is None:                            # the top package and commands/
+            continue
+        found += [(module, t) for t in sorted(targets) if layer_of(t) not in allowed]
+    return found
+
+
+def test_imports_point_one_way_core_train_rlhf_experiments_commands():
+    graph = import_graph(os.path.join(ROOT, "tinylm"), "tinylm")
+    assert {layer_of(m) for m in graph} >= {"core", "train", "rlhf", "experiments", "commands"}
+    assert wrong_way_imports(graph) == []
+
+
+def test_the_direction_check_catches_core_importing_train(tmp_path):
+    pkg = tmp_path / "tinylm"
+    for folder in ("core", "train"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train" / "loop.py").write_text("from ..core.model import GPT\n")
+    (pkg / "core" / "model.py").write_text("GPT = 1\n\ndef fit():\n    from ..train.loop import GPT\n")
+    assert wrong_way_imports(import_graph(str(pkg), "tinylm")) == [("tinylm.core.model", "tinylm.train.loop")]

@@ -1,14 +1,14 @@
-"""The LM judge (tinylm/judge.py): verdict reading, call counting, and that judge labels train a
+"""The LM judge (tinylm/rlhf/judge.py): verdict reading, call counting, and that judge labels train a
 reward model. A judge reading its verdict backwards (planted: swap VERDICTS' meaning) fails
 test_read_verdict_hand_built and test_judge_labels_train_a_reward_model."""
 import numpy as np
 
 from tinylm import GPT, GPTConfig
-from tinylm.judge import VERDICTS, JudgedExamples, LMJudge, judged_text, read_verdict
-from tinylm.environment import TOKENIZER, encode_prompts, label_pairs
-from tinylm.reward import RewardModel
-from tinylm.rlhf import reward_model_accuracy, train_reward_model
-from tinylm.world import Labeller, World, answer, score
+from tinylm.rlhf.judge import VERDICTS, JudgedExamples, LMJudge, judged_text, read_verdict
+from tinylm.rlhf.environment import TOKENIZER, encode_prompts, label_pairs
+from tinylm.rlhf.reward import RewardModel
+from tinylm.rlhf.policy import reward_model_accuracy, train_reward_model
+from tinylm.rlhf.world import Labeller, World, answer, score
 
 ONE, TWO = (TOKENIZER.encode(v)[0] for v in VERDICTS)
 

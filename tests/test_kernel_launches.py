@@ -17,8 +17,8 @@ from numba import config
 
 from tinylm import GPT, GPTConfig
 from tinylm.kernels.launch import recording_launches
-from tinylm.optim import Schedule, adamw_init
-from tinylm.train import train_step
+from tinylm.core.optim import Schedule, adamw_init
+from tinylm.core.optim import train_step
 
 pytestmark = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="counts launches under the CUDA simulator")
 

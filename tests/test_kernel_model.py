@@ -11,8 +11,8 @@ import pytest
 from numba import config as numba_config
 
 from tinylm import GPT, GPTConfig
-from tinylm.backend import to_numpy
-from tinylm.optim import adamw_init, adamw_step, clip_grad_norm
+from tinylm.core.backend import to_numpy
+from tinylm.core.optim import adamw_init, adamw_step, clip_grad_norm
 
 DEVICE = "cpu" if numba_config.ENABLE_CUDASIM else "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and importlib.util.find_spec("cupy") is None,
@@ -52,13 +52,13 @@ def test_kernel_path_matches_the_numpy_model(mixer):
     config = GPTConfig(**TINY, mixer=mixer)
     kernel_model = kernel_gpt(config, seed=1)
     reference = GPT(GPTConfig(**TINY, mixer=mixer, dtype="float64"), params=kernel_model.numpy_params())
-    assert kernel_model.layers.flash_attention_forward.__module__ == "tinylm.kernel_layers"
+    assert kernel_model.layers.flash_attention_forward.__module__ == "tinylm.core.kernel_layers"
     assert_same_loss_and_grads(kernel_model, reference, *batch(0))
 
 
 def test_checker_catches_a_kernel_layer_bug(monkeypatch):
     """The comparison above can fail: a GELU kernel whose gradient is 1% off is seen."""
-    from tinylm import kernel_layers
+    from tinylm.core import kernel_layers
     config = GPTConfig(**{**TINY, "n_layer": 1})
     reference = GPT(GPTConfig(**{**TINY, "n_layer": 1}, dtype="float64"), seed=1)
     kernel_model = kernel_gpt(config, params=reference.numpy_params())
@@ -74,7 +74,7 @@ def test_a_kernel_training_step_matches_the_numpy_step():
     config = GPTConfig(**{**TINY, "n_layer": 1})
     kernel_model = kernel_gpt(config, seed=2)
     reference = GPT(GPTConfig(**{**TINY, "n_layer": 1}, dtype="float64"), params=kernel_model.numpy_params())
-    assert kernel_model.layers.adamw_update.__module__ == "tinylm.kernel_layers"
+    assert kernel_model.layers.adamw_update.__module__ == "tinylm.core.kernel_layers"
     for model in (kernel_model, reference):
         _, grads = model.loss_and_grads(*(model.xp.asarray(a) for a in batch(3)))
         clip_grad_norm(grads, 0.05)

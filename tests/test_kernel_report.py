@@ -19,8 +19,8 @@ from numba.core import sigutils
 from tinylm import GPT, GPTConfig
 from tinylm.kernels import ptx_check, report
 from tinylm.kernels.launch import kernel_name, recording_launches
-from tinylm.optim import Schedule, adamw_init
-from tinylm.train import train_step
+from tinylm.core.optim import Schedule, adamw_init
+from tinylm.core.optim import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=12, d_state=3, d_conv=3, expand=1)

@@ -12,11 +12,11 @@ from numba import config
 
 from tinylm.kernels import fused, ptx_check
 from tinylm.kernels.matmul import matmul
-from tinylm.backend import to_numpy
-from tinylm import layers
-from tinylm.layers import (cross_entropy_backward, cross_entropy_forward, gelu_backward, gelu_forward,
+from tinylm.core.backend import to_numpy
+from tinylm.core import layers
+from tinylm.core.layers import (cross_entropy_backward, cross_entropy_forward, gelu_backward, gelu_forward,
                            layernorm_backward, layernorm_forward)
-from tinylm.optim import adamw_init, adamw_step
+from tinylm.core.optim import adamw_init, adamw_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_TILE = (16, 32, 16, 16, 32, 1, 1)  # one warp: the simulator runs one Python thread per CUDA thread
@@ -195,7 +195,7 @@ def test_kernels_compile_to_ptx_without_float64():
 def test_kernel_linear_and_head_layers_match_numpy():
     """kernel_layers' linear and tied LM head (kernels.matmul as the layers' gemm, wte read through
     trans_b) against layers.py's, forward and backward."""
-    from tinylm import kernel_layers
+    from tinylm.core import kernel_layers
     rng = np.random.default_rng(5)
     (x, x64), (w, w64), (b, b64), (dy, dy64) = data(rng, 2, 5, 6), data(rng, 6, 7), data(rng, 7), data(rng, 2, 5, 7)
     y_ref, cache_ref = layers.linear_forward(x64, w64, b64)

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinylm.gradcheck import check_gradients
-from tinylm.layers import (attention_backward, attention_forward, causal_mask, cross_entropy_backward,
+from tinylm.core.gradcheck import check_gradients
+from tinylm.core.layers import (attention_backward, attention_forward, causal_mask, cross_entropy_backward,
                            cross_entropy_forward, embedding_backward, embedding_forward, gelu_backward,
                            gelu_forward, layernorm_backward, layernorm_forward, linear_backward,
                            linear_forward, reward_head_backward, reward_head_forward)
@@ -201,7 +201,7 @@ def test_checker_catches_missing_layernorm_term():
 
 
 def test_numerical_grad_refuses_float32():
-    from tinylm.gradcheck import numerical_grad
+    from tinylm.core.gradcheck import numerical_grad
     with pytest.raises(ValueError, match="float64"):
         numerical_grad(lambda: 0.0, np.zeros(3, np.float32))
 

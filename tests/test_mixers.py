@@ -10,10 +10,10 @@ model.py edit."""
 import numpy as np
 import pytest
 
-from tinylm.gradcheck import check_gradients
-from tinylm.model import GPT, GPTConfig
-from tinylm.optim import Schedule, adamw_init
-from tinylm.train import train_step
+from tinylm.core.gradcheck import check_gradients
+from tinylm.core.model import GPT, GPTConfig
+from tinylm.core.optim import Schedule, adamw_init
+from tinylm.core.optim import train_step
 
 
 def running_mean_forward(x):

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinylm import GPT, GPTConfig
-from tinylm.gradcheck import check_gradients
+from tinylm.core.gradcheck import check_gradients
 
 
 @st.composite
@@ -223,7 +223,7 @@ def test_checker_catches_10_percent_error_in_every_parameter_gradient(mixer, see
 def test_check_tensors_lists_at_most_eight_of_each_kind_then_dots():
     """One message for a broken set of tensors: each kind names up to 8, ", "-separated, with " ..."
     only when more were left out; kinds joined by "; "; a NaN names its tensor."""
-    from tinylm.model import check_tensors
+    from tinylm.core.model import check_tensors
     shapes = {f"t{i}": (2,) for i in range(9)}
 
     def message(params):
@@ -293,7 +293,7 @@ def test_init_is_gpt2s_seeded_and_in_the_configs_dtype():
     """N(0, 0.02) weights, 0.02/√(2·n_layer) for the two residual projections, zero biases, unit
     LayerNorm gains; the default seed is 0 and the seed is used; the ssm's parameters come from
     ssm_init_param (A_log = log(1..N))."""
-    from tinylm.model import init_params
+    from tinylm.core.model import init_params
     config = GPTConfig(vocab_size=64, n_ctx=16, n_layer=3, n_head=2, d_model=64, dtype="float32")
     params = init_params(config)
     assert {p.dtype for p in params.values()} == {np.dtype(np.float32)}
@@ -314,9 +314,9 @@ def test_init_is_gpt2s_seeded_and_in_the_configs_dtype():
 
 
 def test_model_seed_device_and_kernels_settings_are_kept_and_checked():
-    from tinylm import cpu_layers, kernel_layers
-    from tinylm.config import FLASH_MIN_T
-    from tinylm.model import ARRAY_LAYERS, layers_for
+    from tinylm.core import cpu_layers, kernel_layers
+    from tinylm.core.config import FLASH_MIN_T
+    from tinylm.core.model import ARRAY_LAYERS, layers_for
     config = GPTConfig(**SMALL)
     default = GPT(config)
     assert (default.device, default.kernels, default.layers) == ("cpu", False, cpu_layers.LAYERS)
@@ -339,7 +339,7 @@ def test_model_seed_device_and_kernels_settings_are_kept_and_checked():
 def test_auto_attention_switches_at_the_layer_sets_threshold_on_positions():
     """"auto" runs flash from layers.auto_flash_from positions T on; the switch reads T (not the
     width 3C of c_attn's output) and the model's own layer set's threshold."""
-    from tinylm.flash_attention import flash_attention_backward
+    from tinylm.core.flash_attention import flash_attention_backward
     model = GPT(GPTConfig(**{**SMALL, "d_model": 8}))          # 3C = 24 > T
     attention_backward = model.layers.attention_backward       # the set's naive attention
     idx = np.array([[1, 2, 3, 4]])
@@ -353,7 +353,7 @@ def test_auto_attention_switches_at_the_layer_sets_threshold_on_positions():
 
 def test_ssm_mixer_runs_on_the_models_layer_set():
     """The ssm blocks call the model's layers (the kernels when kernels=True), not the module default."""
-    from tinylm.layers import linear_forward
+    from tinylm.core.layers import linear_forward
     model = GPT(GPTConfig(vocab_size=8, n_ctx=4, n_layer=1, n_head=1, d_model=4, mixer="ssm"))
     calls = []
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig, adamw_init, adamw_step, clip_grad_norm, count_params, flops_per_token
-from tinylm.model import param_shapes
-from tinylm.optim import decays, grad_norm
+from tinylm.core.model import param_shapes
+from tinylm.core.optim import decays, grad_norm
 
 
 def test_gpt2_small_parameter_counts_match_the_published_totals():

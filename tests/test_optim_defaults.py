@@ -1,9 +1,9 @@
 """AdamW's defaults, the decay rule, the error message and gradient clipping at its edges: each test
-kills a mutant that survived `mutmut run "tinylm.optim*"` (see TESTING.md)."""
+kills a mutant that survived `mutmut run "tinylm.core.optim*"` (see TESTING.md)."""
 import numpy as np
 import pytest
 
-from tinylm.optim import adamw_init, adamw_step, adamw_update, clip_grad_norm, decays
+from tinylm.core.optim import adamw_init, adamw_step, adamw_update, clip_grad_norm, decays
 
 
 def test_adamw_update_defaults_are_eps_1e_8_and_no_weight_decay():
@@ -49,7 +49,7 @@ def test_clipping_leaves_a_norm_equal_to_max_norm_untouched_and_never_exceeds_it
 def test_grad_norm_accumulates_float32_squares_in_float64():
     """One large gradient beside a million small ones: summed in float32 the norm is off by ~4e-8
     (relative); grad_norm's float64 sums keep it to float64 rounding."""
-    from tinylm.optim import grad_norm
+    from tinylm.core.optim import grad_norm
     g = np.full(1_000_001, 0.1, dtype=np.float32)
     g[0] = 1e4
     exact = np.sqrt((g * g).astype(np.float64).sum())         # float32 squares, float64 sum

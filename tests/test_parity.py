@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig
-from tinylm.generate import generate
-from tinylm.hf import hf_config
-from tinylm.optim import adamw_init, adamw_step, clip_grad_norm, decays
-from tinylm.reward import RewardModel, Sequences, bradley_terry_loss_and_grads
-from tinylm.rlhf import Preferences, dpo_loss_and_grads, policy_loss_and_grads, response_targets, sequence_logprobs
+from tinylm.core.generate import generate
+from tinylm.core.hf import hf_config
+from tinylm.core.optim import adamw_init, adamw_step, clip_grad_norm, decays
+from tinylm.rlhf.reward import RewardModel, Sequences, bradley_terry_loss_and_grads
+from tinylm.rlhf.policy import Preferences, dpo_loss_and_grads, policy_loss_and_grads, response_targets, sequence_logprobs
 
 
 def reference_library(name):
@@ -367,7 +367,7 @@ def test_eval_of_a_hugging_face_directory_equals_transformers_perplexity(tmp_pat
     """`tinylm eval` on a directory transformers wrote (float32, as the guide runs it) against the
     guide's loop on the same tokens: loss and perplexity to 1e-4 relative, the same token count."""
     from tinylm.commands.eval import evaluate
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.core.tokenizer import load_tokenizer
     torch.manual_seed(1)
     transformers.GPT2LMHeadModel(gpt2_config(CONFIG, initializer_range=0.3)).eval().save_pretrained(tmp_path / "gpt2")
     write_tiny_bpe(tmp_path / "gpt2")
@@ -388,7 +388,7 @@ def test_a_fine_tuned_gpt2_exports_back_to_transformers_with_the_same_logits(tmp
     """transformers save_pretrained -> `tinylm pretrain --init-from` (20 steps, float64) -> `tinylm
     export-hf` -> transformers from_pretrained: the fine-tuned weights, not the starting ones, and
     the same logits as tinylm's run."""
-    from tinylm.checkpoint import load_model
+    from tinylm.train.checkpoint import load_model
     from tinylm.cli import main
     torch.manual_seed(2)
     start = transformers.GPT2LMHeadModel(gpt2_config(CONFIG, initializer_range=0.3)).double().eval()

@@ -8,9 +8,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from tinylm import GPT
-from tinylm.checkpoint import latest_checkpoint, load_model, load_training_checkpoint, save_checkpoint
-from tinylm.run_log import read_metrics
-from tinylm.train import pretrain
+from tinylm.train.checkpoint import latest_checkpoint, load_model, load_training_checkpoint, save_checkpoint
+from tinylm.train.run_log import read_metrics
+from tinylm.train.loop import pretrain
 
 TINY = dict(n_layer=2, n_head=2, d_model=16, n_ctx=16, batch_size=4, lr=3e-3, warmup_steps=3, eval_every=5,
             eval_batches=2, checkpoint_every=5)

@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tinylm import GPT, GPTConfig
-from tinylm.reward import HEAD_FILE, RewardModel, Sequences, bradley_terry_loss_and_grads, pairwise_accuracy
+from tinylm.rlhf.reward import HEAD_FILE, RewardModel, Sequences, bradley_terry_loss_and_grads, pairwise_accuracy
 
 
 def scored_model(dtype):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tinylm import GPT, GPTConfig
-from tinylm.reward import RewardModel
+from tinylm.rlhf.reward import RewardModel
 
 V = 11
 

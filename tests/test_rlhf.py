@@ -9,11 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinylm import GPT, GPTConfig
-from tinylm.gradcheck import check_gradients
-from tinylm.optim import adamw_init
-from tinylm.reward import (RewardModel, bradley_terry_backward, bradley_terry_forward,
+from tinylm.core.gradcheck import check_gradients
+from tinylm.core.optim import adamw_init
+from tinylm.rlhf.reward import (RewardModel, bradley_terry_backward, bradley_terry_forward,
                            bradley_terry_loss_and_grads, pack)
-from tinylm.rlhf import (PolicyConfig, Preferences, check_prompts, dpo_loss_and_grads, policy_loss_and_grads,
+from tinylm.rlhf.policy import (PolicyConfig, Preferences, check_prompts, dpo_loss_and_grads, policy_loss_and_grads,
                          policy_step, policy_token_weights, response_targets, sequence_logprobs,
                          reward_model_accuracy, train_dpo, train_reward_model, train_reward_model_early_stopping)
 

@@ -4,7 +4,7 @@ the /(k − 1), divides by k, or keeps each sample's own reward fails here."""
 import numpy as np
 import pytest
 
-from tinylm.rlhf import leave_one_out_baseline
+from tinylm.rlhf.policy import leave_one_out_baseline
 
 
 @pytest.mark.parametrize("rewards, expected", [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tinylm.cli import main
-from tinylm.rlhf import Preferences
+from tinylm.rlhf.policy import Preferences
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_policy_and_dpo_write_their_diagnostics_and_plot_them(algorithm, steps, 
     """metrics.jsonl per step (TRL's diagnostics): the policy's reward, KL, β (adaptive here: it
     moves) and clip fraction; DPO's chosen/rejected log-probs, implicit rewards, margin and accuracy,
     starting at ln 2 with margin 0."""
-    from tinylm.run_log import read_metrics
+    from tinylm.train.run_log import read_metrics
     out = tmp_path / "policy"
     assert main(["rlhf", "policy", "--model", steps["base"], "--reward", steps["rm"], "--out", str(out), "--steps", "3",
                  "--prompts-per-step", "4", "--algorithm", algorithm, "--ppo-epochs", "2", "--kl-target", "0.5",
@@ -110,7 +110,7 @@ def test_bad_pairs_files_are_refused_without_writing(steps, tmp_path, capsys):
 
 
 def test_nan_reward_model_is_refused_without_writing(steps, tmp_path, capsys):
-    from tinylm.reward import RewardModel
+    from tinylm.rlhf.reward import RewardModel
     rm = RewardModel.load(steps["rm"])
     rm.params["reward_bias"][...] = np.nan
     rm.save(str(tmp_path / "nan-rm"))
@@ -186,8 +186,8 @@ def test_every_rlhf_and_demo_flag_has_help_with_its_default():
 
 
 def test_demo_refuses_bad_output_paths_before_any_work(tmp_path, monkeypatch, capsys):
-    import tinylm.pipeline
-    monkeypatch.setattr(tinylm.pipeline, "run_seeds", lambda *a, **k: pytest.fail("the run started"))
+    import tinylm.rlhf.pipeline
+    monkeypatch.setattr(tinylm.rlhf.pipeline, "run_seeds", lambda *a, **k: pytest.fail("the run started"))
     a_file = tmp_path / "file"
     a_file.write_text("")
     for argv, message in ((["--plot", str(a_file)], "is not a writable folder"),
@@ -217,7 +217,7 @@ def test_seed_lists():
 def test_several_seeds_report_mean_and_sd(monkeypatch):
     """run_seeds on stand-in per-seed results: the top-level numbers are the means, `_sd` the
     sample standard deviations, and each seed's own results stay under `seeds`."""
-    import tinylm.pipeline as pipeline
+    import tinylm.rlhf.pipeline as pipeline
 
     def fake_run(cfg, progress=True):
         x = float(cfg.seed)

@@ -6,11 +6,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tinylm import environment, pipeline
-from tinylm.optim import adamw_init
-from tinylm.reward import RewardModel
-from tinylm.rlhf import PolicyConfig, policy_step, train_reward_model
-from tinylm.world import Labeller, World
+from tinylm.rlhf import environment, pipeline
+from tinylm.core.optim import adamw_init
+from tinylm.rlhf.reward import RewardModel
+from tinylm.rlhf.policy import PolicyConfig, policy_step, train_reward_model
+from tinylm.rlhf.world import Labeller, World
 
 
 class Negated:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinylm.gradcheck import check_gradients
-from tinylm.rlhf import (PolicyConfig, adaptive_kl_beta, best_of_n, clipped_loss_and_grads,
+from tinylm.core.gradcheck import check_gradients
+from tinylm.rlhf.policy import (PolicyConfig, adaptive_kl_beta, best_of_n, clipped_loss_and_grads,
                          clipped_surrogate_backward, clipped_surrogate_forward, group_normalised_advantages,
                          policy_loss_and_grads, policy_token_weights)
 from test_rlhf import V, sequence_batch, tiny  # noqa: E402  (tests/ is on sys.path)
@@ -125,7 +125,7 @@ def test_best_of_n_keeps_the_highest_scored_sample_of_each_prompt():
     rng = np.random.default_rng(0)
     best = best_of_n(model, ScoreLastToken(), prompts, 8, 3, 1.0, rng, eot_id=V)   # eot never sampled
     again = np.random.default_rng(0)
-    from tinylm.rlhf import sample_responses
+    from tinylm.rlhf.policy import sample_responses
     samples = sample_responses(model, [p for p in prompts for _ in range(8)], 3, 1.0, again, V)
     for i, response in enumerate(best):
         assert response[-1] == max(s[-1] for s in samples[8 * i:8 * i + 8])
@@ -135,8 +135,8 @@ def test_best_of_n_keeps_the_highest_scored_sample_of_each_prompt():
 def test_sft_is_cross_entropy_on_the_response_tokens_only_and_lowers_it():
     """The first step's loss is the mean −log p over the demonstrations' tokens (the prompts carry
     none of it); training lowers it; a demonstration count that does not match is refused."""
-    from tinylm.reward import pack
-    from tinylm.rlhf import response_targets, train_sft
+    from tinylm.rlhf.reward import pack
+    from tinylm.rlhf.policy import response_targets, train_sft
     model = tiny(3)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, V, size=2) for _ in range(6)]
@@ -152,7 +152,7 @@ def test_sft_is_cross_entropy_on_the_response_tokens_only_and_lowers_it():
 
 
 def test_demonstrations_are_the_right_answers_ending_in_end_of_text():
-    from tinylm.environment import TOKENIZER, demonstrations, successes
+    from tinylm.rlhf.environment import TOKENIZER, demonstrations, successes
     instructions = [("rev", "cab"), ("len", "ab"), ("upp", "de")]
     prompts, responses = demonstrations(instructions)
     assert [TOKENIZER.decode(r) for r in responses] == ["bac", "2", "DE"]

@@ -7,12 +7,12 @@ import types
 import numpy as np
 import pytest
 
-import tinylm.optim as optim
-import tinylm.rlhf as rlhf
+import tinylm.core.optim as optim
+import tinylm.rlhf.policy as rlhf
 from tinylm import GPT, GPTConfig
-from tinylm.model import ARRAY_LAYERS
-from tinylm.reward import RewardModel, pairwise_accuracy
-from tinylm.rlhf import (PolicyConfig, Preferences, optimise_on_pairs, reward_model_accuracy,
+from tinylm.core.model import ARRAY_LAYERS
+from tinylm.rlhf.reward import RewardModel, pairwise_accuracy
+from tinylm.rlhf.policy import (PolicyConfig, Preferences, optimise_on_pairs, reward_model_accuracy,
                          train_dpo, train_reward_model, train_reward_model_early_stopping)
 
 V = 9
@@ -194,14 +194,14 @@ def test_sampling_follows_the_temperature_and_the_rng_it_is_given():
     sample = lambda t, seed: [r.tolist() for r in rlhf.sample_responses(policy, prompts, 8, t, np.random.default_rng(seed), V - 1)]
     assert sample(1.0, 3) == sample(1.0, 3)
     assert sample(1.0, 3) != sample(1.0, 4)
-    from tinylm.generate import generate
+    from tinylm.core.generate import generate
     greedy = [generate(policy, p[None], 8, temperature=0, eot_id=V - 1)[0, len(p):].tolist() for p in prompts]
     cut = [g[:g.index(V - 1) + 1] if V - 1 in g else g for g in greedy]
     assert sample(1e-6, 3) == sample(1e-6, 4) == cut
 
 
 def test_a_policy_step_is_reproducible_from_its_rng_and_clips_at_norm_1(monkeypatch):
-    from tinylm.optim import adamw_init
+    from tinylm.core.optim import adamw_init
     norms = []
     monkeypatch.setattr(optim, "clip_grad_norm", lambda grads, max_norm, *squares: norms.append(max_norm) or 1.0)
     policy = tiny_lm(n_ctx=12)
@@ -280,8 +280,8 @@ def test_a_policy_step_reports_the_mean_reward_of_its_samples_their_kl_and_advan
     """The returned reward is the reward model's mean score of the very responses returned; the
     advantages are r − b with the leave-one-out baseline over each prompt's k samples; kl is a
     finite number (0 at the first step, the policy being the reference)."""
-    from tinylm.optim import adamw_init
-    from tinylm.reward import pack
+    from tinylm.core.optim import adamw_init
+    from tinylm.rlhf.reward import pack
     policy = tiny_lm(n_ctx=12, dtype="float64")
     rm = tiny_rm()
     prompts = [np.array([1, 2]), np.array([3, 4])]

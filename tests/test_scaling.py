@@ -1,4 +1,4 @@
-"""The scaling-law sweep (tinylm/scaling.py, `tinylm scaling`): the fits recover known laws, the
+"""The scaling-law sweep (tinylm/experiments/scaling.py, `tinylm scaling`): the fits recover known laws, the
 frontier is the lower envelope, finished runs survive failures and interruptions and are skipped
 on a rerun, bad input fails before any training, and --quick runs end to end. The joint L(N, D) fit
 recovers a known law, catches the bias of a fixed-D L(N) fit, and fails when its Jacobian is wrong."""
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from tinylm import count_params
-from tinylm import scaling
-from tinylm.metrics import perplexity
-from tinylm.scaling import (DEFAULT_SIZES, QUICK, QUICK_DATA_SIZES, QUICK_SIZES, SweepSettings, best_per_point,
+from tinylm.experiments import scaling
+from tinylm.train.metrics import perplexity
+from tinylm.experiments.scaling import (DEFAULT_SIZES, QUICK, QUICK_DATA_SIZES, QUICK_SIZES, SweepSettings, best_per_point,
                             check_sweep, compute_optimal, fit_joint, fit_sweep, fit_with_irreducible, frontier,
                             model_config, plan, power_law_fit, read_runs, sweep)
 

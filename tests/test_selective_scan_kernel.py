@@ -1,4 +1,4 @@
-"""kernels/selective_scan.py against the NumPy scan of tinylm/ssm.py within 1e-5 (float32 kernel,
+"""kernels/selective_scan.py against the NumPy scan of tinylm/core/ssm.py within 1e-5 (float32 kernel,
 float64 reference), forward and backward, on tiny shapes: under the CUDA simulator by default
 (tests/conftest.py), on a real GPU with NUMBA_ENABLE_CUDASIM=0 (CuPy arrays, as bench/gpu_check.sh
 runs tests/test_kernels.py). Its PTX is checked for float64 by kernels/ptx_check.py."""
@@ -7,7 +7,7 @@ import pytest
 
 from test_kernels import close, device  # noqa: E402  (tests/ is on sys.path)
 from tinylm.kernels.selective_scan import selective_scan_backward, selective_scan_forward
-from tinylm import ssm
+from tinylm.core import ssm
 
 
 def scan_inputs(rng, B, T, E, N):

@@ -1,4 +1,4 @@
-"""The selective state-space mixer (tinylm/ssm.py): every layer's backward against central
+"""The selective state-space mixer (tinylm/core/ssm.py): every layer's backward against central
 differences, the whole ssm model's gradients, causality, generation from a fixed-size state that
 matches the full forward, its parameter and FLOP counts, and clear errors."""
 import numpy as np
@@ -7,12 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinylm import GPT, GPTConfig, count_params, flops_per_token
-from tinylm.gradcheck import check_gradients
-from tinylm.model import param_shapes
-from tinylm.optim import decays
-from tinylm.layer_sets import REFERENCE
+from tinylm.core.gradcheck import check_gradients
+from tinylm.core.model import param_shapes
+from tinylm.core.optim import decays
+from tinylm.core.layer_sets import REFERENCE
 from test_layers import TOL, assert_close, project  # noqa: E402  (tests/ is on sys.path)
-from tinylm.ssm import (causal_conv_backward, causal_conv_forward, selective_scan_backward,
+from tinylm.core.ssm import (causal_conv_backward, causal_conv_forward, selective_scan_backward,
                         selective_scan_forward, silu_backward, silu_forward, softplus_backward,
                         softplus_forward, ssm_init_param, ssm_mixer_backward, ssm_mixer_forward,
                         ssm_param_shapes, dt_rank)
@@ -255,8 +255,8 @@ def test_save_pretrained_refuses_an_ssm_model(tmp_path):
 
 
 def test_generate_with_the_ssm_state_matches_generation_without_cache():
-    """tinylm.generate drives the ssm through the same KV-cache interface as attention."""
-    from tinylm.generate import generate
+    """tinylm.core.generate drives the ssm through the same KV-cache interface as attention."""
+    from tinylm.core.generate import generate
     config = GPTConfig(vocab_size=20, n_ctx=12, n_layer=2, n_head=1, d_model=8, mixer="ssm", dtype="float64")
     model, _ = perturbed_model(config, 5)
     prompt = np.array([[1, 2, 3], [4, 5, 6]])

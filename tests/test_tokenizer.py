@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinylm.tokenizer import BPETokenizer, ByteTokenizer, bytes_to_unicode, load_tokenizer
+from tinylm.core.tokenizer import BPETokenizer, ByteTokenizer, bytes_to_unicode, load_tokenizer
 
 
 @given(st.text())

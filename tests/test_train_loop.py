@@ -14,16 +14,16 @@ import types
 import numpy as np
 import pytest
 
-import tinylm.train as train
+import tinylm.train.loop as train
 from tinylm import GPT
-from tinylm.checkpoint import latest_checkpoint, load_model
-from tinylm.data import Dataset
-from tinylm.tokenizer import ByteTokenizer
-from tinylm.metrics import estimate_loss
-from tinylm.optim import Schedule
-from tinylm.run_log import METRICS, PLOT, plot_metrics, read_metrics
-from tinylm.train import StopFlag, pretrain
-from tinylm.train_config import TrainConfig
+from tinylm.train.checkpoint import latest_checkpoint, load_model
+from tinylm.train.data import Dataset
+from tinylm.core.tokenizer import ByteTokenizer
+from tinylm.train.metrics import estimate_loss
+from tinylm.core.optim import Schedule
+from tinylm.train.run_log import METRICS, PLOT, plot_metrics, read_metrics
+from tinylm.train.loop import StopFlag, pretrain
+from tinylm.train.train_config import TrainConfig
 from test_pretrain import TINY, text_file, tiny  # noqa: F401, E402  (text_file is a fixture)
 
 TOKENS_PER_STEP = TINY["batch_size"] * TINY["n_ctx"]
@@ -42,7 +42,7 @@ def eval_records(out):
 
 
 class FakeClock:
-    """Stands in for time.perf_counter in tinylm.train: step k starts at 5000 + k and lasts
+    """Stands in for time.perf_counter in tinylm.train.loop: step k starts at 5000 + k and lasts
     0.01234567·(1 + k mod 3) seconds, so every number derived from the step time is known."""
 
     def __init__(self):

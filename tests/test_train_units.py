@@ -9,16 +9,16 @@ import os
 import numpy as np
 import pytest
 
-import tinylm.optim as optim
-import tinylm.train as train
+import tinylm.core.optim as optim
+import tinylm.train.loop as train
 from tinylm import GPT, GPTConfig
-from tinylm.checkpoint import STATE, latest_checkpoint
-from tinylm.optim import Schedule, adamw_init
-from tinylm.run_log import read_metrics
-from tinylm.tokenizer import ByteTokenizer
-from tinylm.train import (check_out_dir, check_stop_at, data_fingerprint, nan_stop_message, new_run, pretrain,
+from tinylm.train.checkpoint import STATE, latest_checkpoint
+from tinylm.core.optim import Schedule, adamw_init
+from tinylm.train.run_log import read_metrics
+from tinylm.core.tokenizer import ByteTokenizer
+from tinylm.train.loop import (check_out_dir, check_stop_at, data_fingerprint, nan_stop_message, new_run, pretrain,
                           resumed_run, run_dataset, starting_point, train_step)
-from tinylm.train_config import TrainConfig, default_model, with_settings
+from tinylm.train.train_config import TrainConfig, default_model, with_settings
 from test_pretrain import text_file, tiny  # noqa: F401  (text_file is a fixture)
 
 

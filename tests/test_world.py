@@ -1,9 +1,9 @@
-"""The labeller of the synthetic world (tinylm/world.py): graded scores, ties without a label,
+"""The labeller of the synthetic world (tinylm/rlhf/world.py): graded scores, ties without a label,
 label noise at its stated rate, and a held-out split disjoint from the training letters."""
 import numpy as np
 import pytest
 
-from tinylm.world import LETTERS, Labeller, World, answer, edit_distance, instruction, score
+from tinylm.rlhf.world import LETTERS, Labeller, World, answer, edit_distance, instruction, score
 
 
 def test_answers_and_prompt_text_follow_each_task():

@@ -16,9 +16,9 @@ if not (_here / "kernels").is_dir() and (_checkout_kernels / "matmul.py").is_fil
     _spec.submodule_search_locations = [str(_checkout_kernels)]
     kernels = _sys.modules[_spec.name] = _util.module_from_spec(_spec)
 
-from .counting import count_params, flops_per_token
-from .model import GPT, GPTConfig, KVCache
-from .optim import adamw_init, adamw_step, clip_grad_norm
+from .core.counting import count_params, flops_per_token
+from .core.model import GPT, GPTConfig, KVCache
+from .core.optim import adamw_init, adamw_step, clip_grad_norm
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "count_params", "flops_per_token",
            "adamw_init", "adamw_step", "clip_grad_norm"]

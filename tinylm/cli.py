@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-from .backend import keep_freed_memory
+from .core.backend import keep_freed_memory
 from .commands.terminal import os_error_sentence
 
 COMMANDS = ["tinylm.commands.check", "tinylm.commands.pretrain", "tinylm.commands.sample",

@@ -30,8 +30,8 @@ def add_parser(sub):
 def run(args):
     import numpy as np
 
-    from tinylm.attention_cost import report, sweep_lengths
-    from tinylm.config import GPTConfig
+    from tinylm.experiments.attention_cost import report, sweep_lengths
+    from tinylm.core.config import GPTConfig
 
     if args.t_max < args.t_min:
         raise ValueError(f"--t-max ({args.t_max}) must be >= --t-min ({args.t_min})")

@@ -16,7 +16,7 @@ def add_parser(sub):
 
 def run(args):
     from tinylm import GPT, GPTConfig, count_params, flops_per_token
-    from tinylm.gradcheck import check_gradients
+    from tinylm.core.gradcheck import check_gradients
 
     config = GPTConfig(vocab_size=20, n_ctx=8, n_layer=2, n_head=2, d_model=8, dtype="float64")
     model = GPT(config, seed=args.seed)

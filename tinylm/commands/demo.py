@@ -69,7 +69,7 @@ def check_outputs(args):
 def run(args):
     from dataclasses import replace
 
-    from tinylm.pipeline import QUICK, DemoConfig, run_seeds
+    from tinylm.rlhf.pipeline import QUICK, DemoConfig, run_seeds
 
     check_outputs(args)
     cfg = replace(QUICK if args.quick else DemoConfig(), experiments=tuple(dict.fromkeys(args.experiment)))

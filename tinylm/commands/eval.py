@@ -6,7 +6,7 @@ every token but the first is scored once, with at least n_ctx − stride tokens 
 import json
 import math
 
-from tinylm.config import DTYPES
+from tinylm.core.config import DTYPES
 
 from .args import DefaultsHelpFormatter, positive
 from .terminal import note, progress_wanted
@@ -28,10 +28,10 @@ def add_parser(sub):
 
 def evaluate(path, data, stride=None, dtype=None, progress=False):
     """-> dict: loss (nats/token), perplexity, bits_per_byte, tokens, bytes, stride, and where from."""
-    from tinylm.checkpoint import load_model
-    from tinylm.data import load_ids
-    from tinylm.metrics import perplexity, sliding_window_loss
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.train.checkpoint import load_model
+    from tinylm.train.data import load_ids
+    from tinylm.train.metrics import perplexity, sliding_window_loss
+    from tinylm.core.tokenizer import load_tokenizer
     model, ckpt_dir, _ = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(ckpt_dir, model.config.vocab_size)
     ids = load_ids(data, tokenizer)

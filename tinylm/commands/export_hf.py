@@ -18,8 +18,8 @@ def add_parser(sub):
 
 
 def run(args):
-    from tinylm.checkpoint import TMP, load_model
-    from tinylm.tokenizer import tokenizer_files
+    from tinylm.train.checkpoint import TMP, load_model
+    from tinylm.core.tokenizer import tokenizer_files
     if os.path.lexists(args.out):
         raise ValueError(f"{args.out!r} already exists: choose a new path (nothing is overwritten)")
     parent = os.path.dirname(os.path.abspath(args.out))

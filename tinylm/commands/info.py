@@ -15,9 +15,9 @@ def add_parser(sub):
 
 def run(args):
     from tinylm import count_params, flops_per_token
-    from tinylm.checkpoint import STATE, load_model
-    from tinylm.metrics import loss_text
-    from tinylm.train_config import TrainConfig, flat_settings
+    from tinylm.train.checkpoint import STATE, load_model
+    from tinylm.train.metrics import loss_text
+    from tinylm.train.train_config import TrainConfig, flat_settings
     model, ckpt_dir, state = load_model(args.checkpoint)
     train = state and TrainConfig.from_dict(state["train_config"], f"{ckpt_dir}/{STATE}: train_config")
     cfg = model.config

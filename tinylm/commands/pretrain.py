@@ -4,7 +4,7 @@ learning rate and gradient clipping, or fine-tune one with --init-from (a Huggin
 directory, a run or a checkpoint: its shape and tokenizer come with it). Writes checkpoints,
 metrics.jsonl and (with --plot) loss.png to --out. Ctrl-C saves and exits; --resume continues
 bit-for-bit."""
-from tinylm.config import DTYPES, MIXERS
+from tinylm.core.config import DTYPES, MIXERS
 
 from .args import add_layer_set_arguments, at_least, positive, rate
 from .terminal import note, progress_wanted
@@ -45,7 +45,7 @@ CHOICES = {"mixer": MIXERS, "dtype": DTYPES}
 
 
 def add_parser(sub):
-    from tinylm.train_config import TrainConfig, flat_settings
+    from tinylm.train.train_config import TrainConfig, flat_settings
     p = sub.add_parser("pretrain", help="train a model on text (default: built-in corpus), with checkpoints",
                        description=__doc__)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default: {DEFAULT_OUT})")
@@ -65,9 +65,9 @@ def add_parser(sub):
 
 
 def run(args):
-    from tinylm.metrics import loss_text
-    from tinylm.train import pretrain
-    from tinylm.train_config import TrainConfig, with_settings
+    from tinylm.train.metrics import loss_text
+    from tinylm.train.loop import pretrain
+    from tinylm.train.train_config import TrainConfig, with_settings
     settings = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     if not args.resume:
         for warning in with_settings(TrainConfig(), settings).warnings():

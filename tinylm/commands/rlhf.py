@@ -27,7 +27,7 @@ import shutil
 import numpy as np
 
 from tinylm.commands.args import DefaultsHelpFormatter, at_least, fraction, positive
-from tinylm.rlhf import ALGORITHMS, BASELINES
+from tinylm.rlhf.policy import ALGORITHMS, BASELINES
 
 POLICY_PANELS = (("mean RM score", ("reward",)), ("KL(policy ‖ reference), nats", ("kl",)),
                  ("labeller success", ("success",)), ("β and clip fraction", ("beta", "clip_fraction")))
@@ -174,13 +174,13 @@ def save_atomically(path, save, message=None):
 
 
 def world_and_rng(args):
-    from tinylm.world import World
+    from tinylm.rlhf.world import World
     return World(seed=0), np.random.default_rng(args.seed)
 
 
 def save_with_metrics(path, save, records, panels, plot):
     """save_atomically(path, save) with metrics.jsonl (and metrics.png if plot) in the directory."""
-    from tinylm.run_log import METRICS, plot_panels, write_metrics
+    from tinylm.train.run_log import METRICS, plot_panels, write_metrics
 
     def save_all(tmp):
         save(tmp)
@@ -192,14 +192,14 @@ def save_with_metrics(path, save, records, panels, plot):
 
 def load_lm(path):
     """A Hugging Face GPT-2 directory, a ckpt-* directory or a `tinylm pretrain` run (its latest)."""
-    from tinylm.checkpoint import load_model
+    from tinylm.train.checkpoint import load_model
     return load_model(path)[0]
 
 
 # ----------------------------------------------------------------------------- steps
 def run_base(args):
-    from tinylm.environment import PretrainConfig, pretrain_base
-    from tinylm.pipeline import DemoConfig
+    from tinylm.rlhf.environment import PretrainConfig, pretrain_base
+    from tinylm.rlhf.pipeline import DemoConfig
     fresh(args.out)
     world, rng = world_and_rng(args)
     model = pretrain_base(world, DemoConfig().model, PretrainConfig(steps=args.steps), args.seed, rng)
@@ -207,8 +207,8 @@ def run_base(args):
 
 
 def run_pairs(args):
-    from tinylm.environment import make_pairs
-    from tinylm.world import Labeller
+    from tinylm.rlhf.environment import make_pairs
+    from tinylm.rlhf.world import Labeller
     fresh(args.out)
     world, rng = world_and_rng(args)
     model = load_lm(args.model)
@@ -220,8 +220,8 @@ def run_pairs(args):
 
 
 def run_reward(args):
-    from tinylm.reward import RewardModel
-    from tinylm.rlhf import Preferences, reward_model_accuracy, train_reward_model
+    from tinylm.rlhf.reward import RewardModel
+    from tinylm.rlhf.policy import Preferences, reward_model_accuracy, train_reward_model
     fresh(args.out)
     _, rng = world_and_rng(args)
     pairs = Preferences.load(args.pairs)
@@ -237,9 +237,9 @@ def run_reward(args):
 def run_judge(args):
     from dataclasses import replace
 
-    from tinylm.environment import PretrainConfig
-    from tinylm.pipeline import DemoConfig, relabel, train_judge
-    from tinylm.rlhf import Preferences
+    from tinylm.rlhf.environment import PretrainConfig
+    from tinylm.rlhf.pipeline import DemoConfig, relabel, train_judge
+    from tinylm.rlhf.policy import Preferences
     fresh(args.out)
     pairs = Preferences.load(args.pairs)
     world, rng = world_and_rng(args)
@@ -252,10 +252,10 @@ def run_judge(args):
 
 
 def run_policy(args):
-    from tinylm.environment import WorldTasks, reference_responses
-    from tinylm.reward import RewardModel
-    from tinylm.rlhf import PolicyConfig, Preferences, train_policy
-    from tinylm.world import Labeller
+    from tinylm.rlhf.environment import WorldTasks, reference_responses
+    from tinylm.rlhf.reward import RewardModel
+    from tinylm.rlhf.policy import PolicyConfig, Preferences, train_policy
+    from tinylm.rlhf.world import Labeller
     fresh(args.out)
     pcfg = PolicyConfig(beta=args.beta, samples_per_prompt=args.samples_per_prompt, baseline=args.baseline,
                         prompts_per_step=args.prompts_per_step, temperature=args.temperature, lr=args.lr,
@@ -278,8 +278,8 @@ def run_policy(args):
 
 
 def run_sft(args):
-    from tinylm.environment import demonstrations
-    from tinylm.rlhf import train_sft
+    from tinylm.rlhf.environment import demonstrations
+    from tinylm.rlhf.policy import train_sft
     fresh(args.out)
     world, rng = world_and_rng(args)
     model = load_lm(args.model)
@@ -290,7 +290,7 @@ def run_sft(args):
 
 
 def run_dpo(args):
-    from tinylm.rlhf import Preferences, train_dpo
+    from tinylm.rlhf.policy import Preferences, train_dpo
     fresh(args.out)
     _, rng = world_and_rng(args)
     pairs = Preferences.load(args.pairs)
@@ -307,11 +307,11 @@ def run_dpo(args):
 
 
 def run_experiment(args, name):
-    """One experiment of tinylm.experiments (its default or --quick config, over --seeds): print its
+    """One experiment of tinylm.experiments.rlhf_curves (its default or --quick config, over --seeds): print its
     table, write its JSON and its plot."""
     import json
 
-    from tinylm.experiments import EXPERIMENTS
+    from tinylm.experiments.rlhf_curves import EXPERIMENTS
     for path in filter(None, (args.json, args.plot)):
         fresh(path)
     experiment = EXPERIMENTS[name]
@@ -342,8 +342,8 @@ EXPERIMENT_STEPS = (run_compare, run_goodhart, run_labels)
 
 
 def run_eval(args):
-    from tinylm.environment import evaluate
-    from tinylm.reward import RewardModel
+    from tinylm.rlhf.environment import evaluate
+    from tinylm.rlhf.reward import RewardModel
     world, rng = world_and_rng(args)
     model, reference, rm = load_lm(args.model), load_lm(args.reference), RewardModel.load(args.reward)
     rm.check_vocab(model.config)

@@ -37,9 +37,9 @@ def add_parser(sub):
 
 
 def run(args):
-    from tinylm.checkpoint import load_model
-    from tinylm.generate import generate_steps, stream_text
-    from tinylm.tokenizer import load_tokenizer
+    from tinylm.train.checkpoint import load_model
+    from tinylm.core.generate import generate_steps, stream_text
+    from tinylm.core.tokenizer import load_tokenizer
     if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
         raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
     model, ckpt_dir, state = load_model(args.checkpoint, device=args.device, kernels=args.kernels,

@@ -6,7 +6,7 @@ import sys
 from dataclasses import replace
 
 from tinylm.commands.args import at_least, positive
-from tinylm.scaling import DEFAULT_DATA_SIZES, DEFAULT_SIZES, QUICK, QUICK_DATA_SIZES, QUICK_SIZES, SweepSettings
+from tinylm.experiments.scaling import DEFAULT_DATA_SIZES, DEFAULT_SIZES, QUICK, QUICK_DATA_SIZES, QUICK_SIZES, SweepSettings
 
 DEFAULT = SweepSettings()
 
@@ -104,8 +104,8 @@ def run(args):
 
     from tinylm.commands.terminal import progress_wanted
 
-    from tinylm.data import load_text
-    from tinylm.scaling import check_sweep, fit_sweep, plan, plot, sweep, write_fits
+    from tinylm.train.data import load_text
+    from tinylm.experiments.scaling import check_sweep, fit_sweep, plan, plot, sweep, write_fits
 
     mixers = ["attention", "ssm"] if args.mixer == "both" else [args.mixer]
     settings = QUICK if args.quick else DEFAULT

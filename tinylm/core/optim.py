@@ -136,3 +136,12 @@ def optimizer_step(model, grads, state, schedule, grad_clip=1.0, weight_decay=0.
     if stepped:
         adamw_step(model.params, grads, state, lr, weight_decay=weight_decay, update=model.layers.adamw_update)
     return Step(loss, norm, lr, stepped)
+
+
+def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mask=None, weight_decay=0.1,
+               dropout=None):
+    """One next-token step on a batch: loss_and_grads (with model.Dropout `dropout`, if any) ->
+    optimizer_step (clip, AdamW at the schedule's rate; nothing moves if the loss or gradient norm
+    is not finite) -> optim.Step."""
+    loss, grads = model.loss_and_grads(idx, targets, loss_mask, dropout)
+    return optimizer_step(model, grads, opt_state, schedule, grad_clip, weight_decay, loss)

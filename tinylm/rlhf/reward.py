@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import to_numpy
-from .layers import reward_head_backward, reward_head_forward
-from .model import GPT
+from ..core.backend import to_numpy
+from ..core.layers import reward_head_backward, reward_head_forward
+from ..core.model import GPT
 
 HEAD_FILE = "reward_head.safetensors"
 

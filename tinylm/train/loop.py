@@ -18,20 +18,11 @@ from .checkpoint import (LOCK, POINTER, STATE, RunLock, clean_stale, latest_chec
                          load_training_checkpoint, no_symlink, read_trainer_state, save_checkpoint)
 from .data import Dataset, load_ids
 from .metrics import estimate_loss, perplexity
-from .model import GPT, Dropout
-from .optim import adamw_init, optimizer_step
+from ..core.model import GPT, Dropout
+from ..core.optim import adamw_init, train_step
 from .run_log import METRICS, PLOT, MetricsLog, plot_metrics
-from .tokenizer import ByteTokenizer, load_tokenizer, tokenizer_files
+from ..core.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_files
 from .train_config import SHAPE_SETTINGS, TrainConfig, resumed_config, with_settings
-
-
-def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mask=None, weight_decay=0.1,
-               dropout=None):
-    """One next-token step on a batch: loss_and_grads (with model.Dropout `dropout`, if any) ->
-    optimizer_step (clip, AdamW at the schedule's rate; nothing moves if the loss or gradient norm
-    is not finite) -> optim.Step."""
-    loss, grads = model.loss_and_grads(idx, targets, loss_mask, dropout)
-    return optimizer_step(model, grads, opt_state, schedule, grad_clip, weight_decay, loss)
 
 
 # ----------------------------------------------------------------------------- the pretraining loop

@@ -12,12 +12,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .environment import (TOKENIZER, LabellerReward, PretrainConfig, WorldTasks, encode_prompts, evaluate, make_pairs,
+from ..rlhf.environment import (TOKENIZER, LabellerReward, PretrainConfig, WorldTasks, encode_prompts, evaluate, make_pairs,
                           pretrain_base, reference_responses, successes)
-from .pipeline import DemoConfig, mean_and_sd, prepare, train_demo_rm
-from .reward import pack
-from .rlhf import PolicyConfig, RewardConfig, best_of_n, train_dpo, train_policy
-from .world import Labeller, World
+from ..rlhf.pipeline import DemoConfig, mean_and_sd, prepare, train_demo_rm
+from ..rlhf.reward import pack
+from ..rlhf.policy import PolicyConfig, RewardConfig, best_of_n, train_dpo, train_policy
+from ..rlhf.world import Labeller, World
 
 COMPARE_RUNS = {
     "reinforce_loo": {},

@@ -43,8 +43,8 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from .backend import to_numpy
-from .optim import Schedule, adamw_init, optimizer_step
+from ..core.backend import to_numpy
+from ..core.optim import Schedule, adamw_init, optimizer_step
 from .reward import (Sequences, bradley_terry_backward, bradley_terry_forward, bradley_terry_loss_and_grads, pack,
                      pairwise_accuracy, stack_padded)
 
@@ -134,7 +134,7 @@ def check_prompts(prompts, max_new_tokens, config):
 def sample_responses(policy, prompts, max_new_tokens, temperature, rng, eot_id):
     """One sampled response per prompt: the generated ids up to and including the first eot_id
     (the policy also learns when to stop). Prompts of equal length are sampled as one batch."""
-    from .generate import generate
+    from ..core.generate import generate
     check_prompts(prompts, max_new_tokens, policy.config)
     responses = [None] * len(prompts)
     for n in sorted({len(p) for p in prompts}):

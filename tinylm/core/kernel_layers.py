@@ -22,8 +22,8 @@ from numba import config as numba_config
 
 from . import layers
 from .backend import array_module
-from .kernels import flash_attention as flash, fused, selective_scan
-from .kernels.matmul import matmul
+from ..kernels import flash_attention as flash, fused, selective_scan
+from ..kernels.matmul import matmul
 from .layer_sets import layer_set
 from .layers import merge_heads, merge_qkv_grads, split_heads
 

@@ -30,13 +30,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .counting import count_params, flops_per_token
-from .data import Dataset, load_text
-from .metrics import estimate_loss, perplexity
-from .model import GPT, MIXERS, GPTConfig
-from .optim import Schedule, adamw_init
-from .tokenizer import ByteTokenizer
-from .train import train_step
+from ..core.counting import count_params, flops_per_token
+from ..train.data import Dataset, load_text
+from ..train.metrics import estimate_loss, perplexity
+from ..core.model import GPT, MIXERS, GPTConfig
+from ..core.optim import Schedule, adamw_init, train_step
+from ..core.tokenizer import ByteTokenizer
 
 CSV_NAME = "runs.csv"
 FIELDS = ["run", "mixer", "n_layer", "d_model", "n_head", "params", "tokens", "lr", "flops", "val_loss",

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .backend import to_numpy
-from .model import GPT
-from .optim import Schedule, adamw_init
+from ..core.backend import to_numpy
+from ..core.model import GPT
+from ..core.optim import Schedule, adamw_init, train_step
 from .reward import pack
-from .rlhf import Preferences, response_targets, sample_responses
-from .tokenizer import ByteTokenizer
-from .train import train_step
+from .policy import Preferences, response_targets, sample_responses
+from ..core.tokenizer import ByteTokenizer
 from .world import Labeller, answer, instruction, score
 
 TOKENIZER = ByteTokenizer()

@@ -3,9 +3,9 @@ flags) apply to it, and which of them --resume may change."""
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .config import GPTConfig, check_int, config_from_dict
-from .optim import Schedule
-from .tokenizer import ByteTokenizer
+from ..core.config import GPTConfig, check_int, config_from_dict
+from ..core.optim import Schedule
+from ..core.tokenizer import ByteTokenizer
 
 
 def default_model():

@@ -9,7 +9,7 @@ import tracemalloc
 
 import numpy as np
 
-from .model import GPT, GPTConfig
+from ..core.model import GPT, GPTConfig
 
 MIXERS = {"naive attention": dict(mixer="attention", attention="naive"),
           "flash attention": dict(mixer="attention", attention="flash"),

@@ -4,7 +4,7 @@ Convention (as in llm.c): `name_forward(inputs, params) -> (out, cache)` saves e
 backward needs; `name_backward(dout, cache)` returns the gradients of the inputs and parameters,
 in the order they were passed to the forward. B = batch, T = time, C = d_model, H = heads,
 V = vocabulary. Every function works on NumPy or CuPy arrays alike. Each cache is a NamedTuple.
-`Layers` (at the end) names every pair the model calls, once; tinylm/layer_sets.py registers this
+`Layers` (at the end) names every pair the model calls, once; tinylm/core/layer_sets.py registers this
 module's pairs as the reference set, which the fused CPU set (cpu_layers.py) and the Numba CUDA set
 (kernel_layers.py) replace pair by pair.
 """
@@ -371,7 +371,7 @@ def reward_head_backward(dr, cache):
 class Layers(NamedTuple):
     """Every layer pair the model calls, each with this module's contract, plus the one policy that
     differs between sets: the field list, written once. The model holds one set, chosen once at
-    construction (model.layers_for) from the registry of tinylm/layer_sets.py: layer_sets.REFERENCE
+    construction (model.layers_for) from the registry of tinylm/core/layer_sets.py: layer_sets.REFERENCE
     (this module's pairs, on NumPy or CuPy arrays) or a set made by layer_set(**provided) from it.
     Parameters are float arrays; adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay)
     updates one tensor in place."""

@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from .backend import to_numpy
-from .config import GPTConfig
-from .model import GPT, check_tensors, param_shapes
+from ..core.backend import to_numpy
+from ..core.config import GPTConfig
+from ..core.model import GPT, check_tensors, param_shapes
 
 FORMAT_VERSION = 1
 POINTER = "checkpoint.json"

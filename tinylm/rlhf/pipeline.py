@@ -18,9 +18,9 @@ import numpy as np
 from .environment import (TOKENIZER, PretrainConfig, WorldTasks, demonstrations, evaluate, examples, label_pairs,
                           make_pairs, pretrain_base, reference_responses, true_order)
 from .judge import JudgedExamples, LMJudge
-from .model import GPTConfig
+from ..core.model import GPTConfig
 from .reward import RewardModel
-from .rlhf import (DPOConfig, PolicyConfig, RewardConfig, SFTConfig, reward_model_accuracy, train_dpo, train_policy,
+from .policy import (DPOConfig, PolicyConfig, RewardConfig, SFTConfig, reward_model_accuracy, train_dpo, train_policy,
                    train_reward_model_early_stopping, train_sft)
 from .world import Labeller, World
 
