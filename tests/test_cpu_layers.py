@@ -205,7 +205,7 @@ def test_fast_set_names_only_what_it_provides_the_rest_is_the_reference():
     provided = {f for f in REFERENCE._fields if getattr(cpu_layers.LAYERS, f) is not getattr(REFERENCE, f)}
     assert provided == {"embedding_backward", "lm_loss_forward", "lm_loss_backward", "layernorm_forward",
                         "layernorm_backward", "gelu_forward", "gelu_backward", "attention_forward",
-                        "attention_backward", "adamw_update", "sum_of_squares"}
+                        "attention_backward", "adamw_update", "sum_of_squares", "block_decode"}
     assert all(getattr(cpu_layers.LAYERS, f).__module__ == "tinylm.core.cpu_layers" for f in provided)
 
 
@@ -257,6 +257,43 @@ def test_fast_model_matches_reference_before_and_after_five_adamw_steps(mixer, d
         optim.optimizer_step(reference, grads_ref, states[reference], optim.Schedule.constant(1e-2))
     assert_models_agree(fast, reference, idx, targets, *tol)
     assert not np.array_equal(fast.params["wte.weight"], GPT(fast.config).params["wte.weight"])  # it trained
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_decode_matches_the_reference_token_by_token(dtype):
+    """Greedy generation with the KV cache on the fast set (cpu_layers.block_decode, one call per block
+    and token) gives the reference's tokens and logits, over enough tokens that the KV buffers grow
+    twice, for a batch of prompts; the fused step is what runs, and a decode from an older cache state
+    (a branch) gets the reference's logits too."""
+    from tinylm.core.generate import generate_steps
+    config = GPTConfig(vocab_size=37, n_ctx=48, d_model=24, n_layer=2, n_head=3, dtype=dtype)
+    fast, reference = GPT(config, seed=2), GPT(config, seed=2, reference=True)
+    rng = np.random.default_rng(2)
+    for p in fast.params.values():          # away from the init, so the logits are not all alike
+        p += rng.normal(size=p.shape).astype(dtype) * 0.2
+    reference.params = {k: v.copy() for k, v in fast.params.items()}
+    prompt = rng.integers(0, 37, size=(2, 3))
+    calls = []
+    fast.layers = fast.layers._replace(block_decode=lambda *a: calls.append(1) or cpu_layers.block_decode(*a))
+    steps = list(generate_steps(fast, prompt, 40, temperature=0))
+    steps_ref = list(generate_steps(reference, prompt, 40, temperature=0))
+    assert len(calls) == 39 * config.n_layer                  # every token after the prompt's
+    for (tokens, logits), (tokens_ref, logits_ref) in zip(steps, steps_ref):
+        np.testing.assert_array_equal(tokens, tokens_ref)
+        assert_close(logits, logits_ref, dtype, "logits")
+    cache, cache_ref = fast.new_kv_cache(), reference.new_kv_cache()
+    fast.forward(prompt, cache), reference.forward(prompt, cache_ref)
+    for t in range(5):
+        fast.forward(prompt[:, :1], cache), reference.forward(prompt[:, :1], cache_ref)
+        if t == 1:
+            older = (list(cache.layers), cache.length)
+    branch = fast.new_kv_cache()
+    branch.layers, branch.length = older
+    branch_ref = reference.new_kv_cache()
+    branch_ref.layers, branch_ref.length = [tuple(a[:, :, :older[1]] for a in s) for s in cache_ref.layers], older[1]
+    newest = [s[0].copy() for s in cache.layers]
+    assert_close(fast.forward(prompt[:, 1:2], branch), reference.forward(prompt[:, 1:2], branch_ref), dtype, "branch")
+    assert all(np.array_equal(s[0], k) for s, k in zip(cache.layers, newest))   # the newer state intact
 
 
 def test_fast_model_gradients_match_finite_differences():

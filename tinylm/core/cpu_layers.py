@@ -221,17 +221,25 @@ class KVBuffer(np.ndarray):
     filled = 0
 
 
-def extended(past, new):
-    """past (B, H, P, hd) then new (B, H, T, hd) along the positions -> a (B, H, P + T, hd) view of a
-    KVBuffer. In place after P when past is the front of one with room that nothing else has been
-    appended to (a cache branched from an older state gets a copy); else a new buffer with room for
-    as many positions again, so a generation copies its keys log-many times, not at every token."""
-    P, T = past.shape[2], new.shape[2]
+def with_room(past, T):
+    """A KVBuffer whose first P positions are past (B, H, P, hd) and which has room for T more: past's
+    own buffer when past is its front and nothing else has been appended to it (a cache branched from
+    an older state gets a copy); else a new one with room for as many positions again, so a
+    generation copies its keys log-many times, not at every token."""
+    P = past.shape[2]
     buffer = past.base
     if not (isinstance(buffer, KVBuffer) and buffer.filled == P and buffer.shape[2] >= P + T):
         B, H, _, hd = past.shape
-        buffer = np.empty((B, H, 2 * (P + T), hd), dtype=new.dtype).view(KVBuffer)
+        buffer = np.empty((B, H, 2 * (P + T), hd), dtype=past.dtype).view(KVBuffer)
         buffer[:, :, :P] = past
+    return buffer
+
+
+def extended(past, new):
+    """past (B, H, P, hd) then new (B, H, T, hd) along the positions -> a (B, H, P + T, hd) view of a
+    KVBuffer (with_room's: in place after P where it can be)."""
+    P, T = past.shape[2], new.shape[2]
+    buffer = with_room(past, T)
     buffer[:, :, P:P + T] = new
     buffer.filled = P + T
     return buffer[:, :, :P + T]
@@ -399,10 +407,119 @@ def sum_of_squares(g):
     return sum_of_squares_flat(np.ascontiguousarray(g).reshape(-1))
 
 
+# ----------------------------------------------------------------------------- one-token decode step
+@njit(cache=True, fastmath=FAST)
+def layernorm_row(x, weight, bias, eps, y):
+    """layernorm_rows_forward for one row x (C,) -> y (C,)."""
+    C = x.shape[0]
+    mu = 0.0
+    for c in range(C):
+        mu += x[c]
+    mu /= C
+    var = 0.0
+    for c in range(C):
+        var += (x[c] - mu) * (x[c] - mu)
+    r = 1.0 / math.sqrt(var / C + eps)
+    for c in range(C):
+        y[c] = (x[c] - mu) * r * weight[c] + bias[c]
+
+
+@njit(cache=True, fastmath=FAST)
+def vector_matrix(x, weight, bias, y):
+    """y = x @ weight + bias for one row: x (I,), weight (I, O) -> y (O,). Row by row of weight
+    (y += x[i] · weight[i]), so every pass is contiguous and vectorises; at one row this is bound by
+    reading weight, which a serial loop does as fast as BLAS's gemv (bench/RESULTS.md)."""
+    for o in range(y.shape[0]):
+        y[o] = bias[o]
+    for i in range(weight.shape[0]):
+        xi = x[i]
+        for o in range(y.shape[0]):
+            y[o] += xi * weight[i, o]
+
+
+@njit(cache=True, fastmath=FAST)
+def attend_one(q, k, v, P, scale, scores, y):
+    """One query against keys 0..P of one head: y = softmax(q kᵀ · scale) v.
+    q (hd,), k and v (capacity, hd) with positions 0..P in use, scores (≥ P + 1,) scratch."""
+    hd = q.shape[0]
+    row_max = -np.inf
+    for j in range(P + 1):
+        dot = q[0] * k[j, 0]            # in the arrays' dtype, as BLAS's q kᵀ: float32 SIMD lanes
+        for d in range(1, hd):
+            dot += q[d] * k[j, d]
+        scores[j] = dot
+        row_max = max(row_max, dot)
+    total = 0.0
+    for j in range(P + 1):
+        scores[j] = math.exp((scores[j] - row_max) * scale)
+        total += scores[j]
+    inverse = 1.0 / total
+    for j in range(P + 1):
+        scores[j] *= inverse            # stored in the dtype, so the sum below runs in it too
+    for d in range(hd):
+        y[d] = 0.0
+    for j in range(P + 1):
+        for d in range(hd):
+            y[d] += scores[j] * v[j, d]
+
+
+@njit(cache=True, fastmath=FAST)
+def decode_block_rows(x, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, c_proj_weight, c_proj_bias,
+                      ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_proj_weight, mlp_proj_bias,
+                      k_buffer, v_buffer, P, eps, out):
+    """One pre-LN block for one new token per row, the cache's positions 0..P−1 already in
+    k_buffer/v_buffer (B, H, capacity, hd); writes the new keys and values at position P.
+    x (B, C) -> out (B, C) = x1 + mlp(ln_2(x1)), x1 = x + c_proj(attention(c_attn(ln_1(x))))."""
+    B, C = x.shape
+    H, hd = k_buffer.shape[1], k_buffer.shape[3]
+    a, y, x1 = np.empty(C, x.dtype), np.empty(C, x.dtype), np.empty(C, x.dtype)
+    qkv, m = np.empty(3 * C, x.dtype), np.empty(c_fc_weight.shape[1], x.dtype)
+    scores = np.empty(P + 1, x.dtype)
+    scale = 1.0 / math.sqrt(hd)
+    for b in range(B):
+        layernorm_row(x[b], ln_1_weight, ln_1_bias, eps, a)
+        vector_matrix(a, c_attn_weight, c_attn_bias, qkv)             # q | k | v, heads side by side
+        for h in range(H):
+            for d in range(hd):
+                k_buffer[b, h, P, d] = qkv[C + h * hd + d]
+                v_buffer[b, h, P, d] = qkv[2 * C + h * hd + d]
+            attend_one(qkv[h * hd:(h + 1) * hd], k_buffer[b, h], v_buffer[b, h], P, scale, scores,
+                       y[h * hd:(h + 1) * hd])
+        vector_matrix(y, c_proj_weight, c_proj_bias, x1)
+        for c in range(C):
+            x1[c] += x[b, c]
+        layernorm_row(x1, ln_2_weight, ln_2_bias, eps, a)
+        vector_matrix(a, c_fc_weight, c_fc_bias, m)
+        for i in range(m.shape[0]):                                  # GELU (gelu_forward's tanh form)
+            m[i] = 0.5 * m[i] * (1.0 + math.tanh(GELU_C * (m[i] + GELU_A * m[i] * m[i] * m[i])))
+        vector_matrix(m, mlp_proj_weight, mlp_proj_bias, out[b])
+        for c in range(C):
+            out[b, c] += x1[c]
+
+
+def block_decode(x, params, prefix, past):
+    """model.block_forward for one new token per row with a KV cache, fused into one compiled call (the
+    per-layer path costs ~15 Python calls per block, most of a token's time at small widths).
+    x (B, 1, C); params: the model's, this block's under `prefix` ("h.3."); past (k, v), each
+    (B, H, P, hd), as attention_forward returns them. -> (out (B, 1, C), (k, v) with P + 1 positions), as block_forward's state."""
+    k, v = (with_room(t, 1) for t in past)
+    P = past[0].shape[2]
+    p = [params[prefix + name] for name in BLOCK_PARAMS]
+    out = np.empty_like(x)
+    decode_block_rows(x[:, 0], *p, np.asarray(k), np.asarray(v), P, LAYERNORM_EPS, out[:, 0])
+    k.filled = v.filled = P + 1
+    return out, (k[:, :, :P + 1], v[:, :, :P + 1])
+
+
+BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
 LAYERS = layer_set(
     embedding_backward=embedding_backward,
     lm_loss_forward=lm_loss_forward, lm_loss_backward=lm_loss_backward,
     layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     attention_forward=attention_forward, attention_backward=attention_backward,
-    adamw_update=adamw_update, sum_of_squares=sum_of_squares)
+    adamw_update=adamw_update, sum_of_squares=sum_of_squares, block_decode=block_decode)

@@ -28,7 +28,7 @@ REFERENCE = Layers(
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
     adamw_update=adamw_update, sum_of_squares=sum_of_squares,
-    auto_flash_from=FLASH_MIN_T)
+    auto_flash_from=FLASH_MIN_T, block_decode=None)
 
 
 def layer_set(**provided):

@@ -395,3 +395,5 @@ class Layers(NamedTuple):
     adamw_update: Callable
     sum_of_squares: Callable              # Σ g² of one gradient (float64), for the clipping norm
     auto_flash_from: float                # attention="auto" runs flash from this T on (inf: never)
+    block_decode: Callable                # a whole block for one new token with a KV cache, or None:
+                                          # the model composes the pairs above (model.block_forward)

@@ -276,8 +276,13 @@ class GPT:
     def block_forward(self, x, i, past=None, dropout=None):
         """One pre-LN block: x + mixer(ln_1(x)), then + mlp(ln_2(·)).   x (B, T, C)
         Returns (x, cache, the mixer's state for the KV cache). With a Dropout (training), each
-        branch is dropped before its residual add (GPT-2's resid_pdrop)."""
+        branch is dropped before its residual add (GPT-2's resid_pdrop). Decoding one token with a
+        KV cache, a set with a fused block_decode (cpu_layers) runs the whole block in one call; the
+        cache it returns is then None (inference only)."""
         L, p, h = self.layers, self.params, f"h.{i}."
+        if past is not None and x.shape[1] == 1 and L.block_decode is not None and self.config.mixer == "attention":
+            x, state = L.block_decode(x, p, h, past)
+            return x, None, state
         a, c_ln1 = L.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
         a, c_mix, state = self.mixer_forward(a, i, past, dropout)
         a, c_drop_mix = drop_forward(a, dropout, self.xp)
