@@ -112,15 +112,17 @@ def test_decoding_extends_the_kv_cache_in_place_and_a_branch_gets_a_copy():
 
 @given(B=st.integers(1, 3), T=st.integers(1, 20), C=st.integers(1, 12), V=st.integers(1, 300),
        width=st.one_of(st.none(), st.integers(1, 40)), seed=seeds, dtype=st.sampled_from(DTYPES),
-       scale=st.sampled_from([1.0, 30.0]))
-def test_lm_loss_pair_matches_reference_in_any_vocabulary_chunks(B, T, C, V, width, seed, dtype, scale):
+       scale=st.sampled_from([1.0, 30.0]), keep=st.booleans())
+def test_lm_loss_pair_matches_reference_in_any_vocabulary_chunks(B, T, C, V, width, seed, dtype, scale, keep):
     """The fused head + cross-entropy, in one chunk or many (width columns each, the last ragged), with
-    ignored positions (−1), large logits (scale 30) and signed per-position weights (RL's)."""
+    ignored positions (−1), large logits (scale 30) and signed per-position weights (RL's); the
+    logits kept for the backward or recomputed there (keep_up_to 0); a second backward agrees."""
     rng = np.random.default_rng(seed)
     z, wte = normal(rng, (B, T, C), dtype, scale / np.sqrt(C)), normal(rng, (V, C), dtype)
     targets = rng.integers(-1, V, size=(B, T))                  # −1: ignored positions
     dnll = normal(rng, (B, T), dtype)
-    nll, cache = cpu_layers.lm_loss_forward(z, wte, targets, width)
+    nll, cache = cpu_layers.lm_loss_forward(z, wte, targets, width, None if keep else 0)
+    assert (cache.kept is not None) == keep
     nll_ref, cache_ref = layers.lm_loss_forward(z, wte, targets)
     assert nll.dtype == z.dtype and nll.shape == targets.shape
     assert_close(nll, nll_ref, dtype, "nll")
@@ -131,11 +133,12 @@ def test_lm_loss_pair_matches_reference_in_any_vocabulary_chunks(B, T, C, V, wid
     assert_close(dz, dz_ref, dtype, "dz")
     assert_close(dwte, dwte_ref, dtype, "dwte")
     assert np.all(dz[targets < 0] == 0)
+    assert np.array_equal(cpu_layers.lm_loss_backward(dnll, cache)[1], dwte)
 
 
 def test_lm_loss_never_holds_more_than_a_chunk_of_logits():
-    """GPT-2's vocabulary: the forward's and backward's largest temporary is one chunk (LOGIT_CHUNK
-    logits), not B·T×V; the peak is read from NumPy's allocation tracing."""
+    """GPT-2's vocabulary, more logits than KEPT_LOGITS: the forward's and backward's largest temporary
+    is one chunk (LOGIT_CHUNK logits), not B·T×V; the peak is read from NumPy's allocation tracing."""
     import tracemalloc
     rng = np.random.default_rng(0)
     N, C, V = 1024, 16, 50257
@@ -149,7 +152,7 @@ def test_lm_loss_never_holds_more_than_a_chunk_of_logits():
     backward_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     logits_bytes, chunk_bytes = N * V * 4, cpu_layers.LOGIT_CHUNK * 4
-    assert len(cache.chunks) > 1
+    assert len(cache.chunks) > 1 and cache.kept is None and N * V > cpu_layers.KEPT_LOGITS
     assert forward_peak < chunk_bytes * 1.5 < logits_bytes / 10
     assert backward_peak < wte.nbytes + chunk_bytes * 1.5            # dwte itself, plus one chunk
 

@@ -8,9 +8,10 @@ What changes is how memory is walked, not the math. A NumPy expression such as
 a full-size temporary for each; here a layer is one loop over rows (or elements) that reads its inputs
 once and writes its outputs once. GEMMs stay on BLAS.
 
-    LM head + loss  the logits z @ wteᵀ in vocabulary chunks, never all B·T×V at once: an online
-                    log-sum-exp per row in the forward; the backward recomputes each chunk's logits,
-                    turns them into dlogits in place, and hands them to the dz and dwte GEMMs
+    LM head + loss  the logits z @ wteᵀ in vocabulary chunks: an online log-sum-exp per row in the
+                    forward; the backward turns each chunk into dlogits and hands it to the dz and
+                    dwte GEMMs. Up to KEPT_LOGITS logits the forward keeps its chunks for that; above,
+                    the backward recomputes each, and no more than a chunk is ever held
     layernorm       forward: mean, variance, normalise, scale in one pass per row; the backward's two
                     row reductions and dweight/dbias in one pass
     GELU            the tanh argument, NumPy's SIMD tanh, the output; the backward in one pass
@@ -45,6 +46,8 @@ from .layers import GELU_A, GELU_C, LAYERNORM_EPS, AttentionCache, GeluCache, me
 # run must stay visible rather than be optimised away.
 FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
 LOGIT_CHUNK = 1 << 20               # logits held at once by the LM loss (4 MB in float32): fits in L2/L3
+KEPT_LOGITS = 1 << 25               # up to this many (128 MB in float32) the LM loss keeps its logits for
+                                    # the backward instead of recomputing them (lm_loss_forward)
 
 
 
@@ -297,11 +300,13 @@ def attention_backward(dout, cache):
 
 # ----------------------------------------------------------------------------- the LM loss
 class LmLossCache(NamedTuple):
-    z: object                       # (N, C): each chunk's logits are recomputed from z and wte
+    z: object                       # (N, C)
     wte: object
     lse: object                     # (N,) log-sum-exp of each row's logits
     targets: object                 # (N,) with −1 meaning "no target here"
     chunks: list                    # the vocabulary ranges [v0, v1) the forward used
+    kept: object                    # the chunks' exp(logits − row_max), chunk after chunk, or None:
+    row_maxes: list                 # ... the backward recomputes each chunk's logits from z and wte
 
 
 def vocabulary_chunks(N, V, width=None):
@@ -311,9 +316,9 @@ def vocabulary_chunks(N, V, width=None):
     return [(v0, min(V, v0 + width)) for v0 in range(0, V, width)]
 
 
-def chunk_logits(z, wte, v0, v1, buffer):
-    """z @ wte[v0:v1]ᵀ (N, v1 − v0) into the front of `buffer`, kept contiguous for the GEMM."""
-    logits = buffer[:z.shape[0] * (v1 - v0)].reshape(z.shape[0], v1 - v0)
+def chunk_logits(z, wte, v0, v1, buffer, at=0):
+    """z @ wte[v0:v1]ᵀ (N, v1 − v0) into `buffer` from element `at` on, kept contiguous for the GEMM."""
+    logits = buffer[at:at + z.shape[0] * (v1 - v0)].reshape(z.shape[0], v1 - v0)
     return np.matmul(z, wte[v0:v1].T, out=logits)
 
 
@@ -323,21 +328,26 @@ def target_rows(targets, v0, v1):
     return inside, targets[inside] - v0
 
 
-def lm_loss_forward(z, wte, targets, chunk_width=None):
+def lm_loss_forward(z, wte, targets, chunk_width=None, keep_up_to=None):
     """layers.lm_loss_forward: nll = lse − logits[target], lse = log Σ_v exp(logits), logits = z @ wteᵀ,
     a vocabulary chunk at a time. Per row, the online log-sum-exp (flash attention's, over the
     vocabulary): m' = max(m, rowmax chunk); s = s·e^(m−m') + Σ e^(chunk − m').
     z (B, T, C), wte (V, C), targets (B, T) -> nll (B, T) (0 where the target is −1);
-    chunk_width: columns per chunk (vocabulary_chunks' default)."""
+    chunk_width: columns per chunk (vocabulary_chunks' default). Up to keep_up_to logits (KEPT_LOGITS)
+    the chunks' e^(chunk − m') are kept for the backward, which then needs no logits GEMM of its own
+    (at GPT-2 small, 512 positions: 103 MB kept, one 39.5-GFLOP GEMM saved); above it the backward
+    recomputes them and only a chunk is ever held."""
     z2, targets2 = rows(z), np.ascontiguousarray(targets).reshape(-1)
     chunks = vocabulary_chunks(z2.shape[0], wte.shape[0], chunk_width)
-    N = z2.shape[0]
-    buffer = np.empty(N * (chunks[0][1] - chunks[0][0]), dtype=z.dtype)
+    N, V = z2.shape[0], wte.shape[0]
+    keep = N * V <= (KEPT_LOGITS if keep_up_to is None else keep_up_to)
+    buffer = np.empty(N * (V if keep else chunks[0][1] - chunks[0][0]), dtype=z.dtype)
     row_max = np.full(N, -np.inf, dtype=z.dtype)
+    row_maxes = []
     sumexp = np.zeros(N, dtype=z.dtype)
     picked = np.zeros(N, dtype=z.dtype)                     # logits[n, target[n]]
     for v0, v1 in chunks:
-        logits = chunk_logits(z2, wte, v0, v1, buffer)
+        logits = chunk_logits(z2, wte, v0, v1, buffer, N * v0 if keep else 0)
         inside, columns = target_rows(targets2, v0, v1)
         picked[inside] = logits[inside, columns]
         new_max = np.maximum(row_max, logits.max(1))
@@ -346,25 +356,35 @@ def lm_loss_forward(z, wte, targets, chunk_width=None):
         sumexp *= np.exp(row_max - new_max)
         sumexp += logits.sum(1)
         row_max = new_max
+        row_maxes.append(row_max)
     lse = row_max + np.log(sumexp)
     nll = np.where(targets2 >= 0, lse - picked, 0).astype(z.dtype)
-    return nll.reshape(targets.shape), LmLossCache(z2, wte, lse, targets2, chunks)
+    return nll.reshape(targets.shape), LmLossCache(z2, wte, lse, targets2, chunks, buffer if keep else None,
+                                                   row_maxes)
 
 
 def lm_loss_backward(dnll, cache):
     """layers.lm_loss_backward: dlogits = (softmax(logits) − onehot(target)) · dnll, chunk by chunk,
-    each consumed at once: dz += dlogits @ wte[chunk], dwte[chunk] = dlogitsᵀ @ z.   -> (dz, dwte)"""
-    z, wte, lse, targets, chunks = cache
+    each consumed at once: dz += dlogits @ wte[chunk], dwte[chunk] = dlogitsᵀ @ z. softmax is
+    e^(logits − lse): recomputed from the chunk's logits, or from the kept e^(logits − m) as
+    e^(logits − m) · e^(m − lse).   -> (dz, dwte)"""
+    z, wte, lse, targets, chunks, kept, row_maxes = cache
     weight = np.where(targets >= 0, np.ascontiguousarray(dnll).reshape(-1), 0).astype(z.dtype)
-    buffer = np.empty(z.shape[0] * (chunks[0][1] - chunks[0][0]), dtype=z.dtype)
+    N = z.shape[0]
+    buffer = np.empty(N * (chunks[0][1] - chunks[0][0]), dtype=z.dtype)
     dz = np.zeros_like(z)
     dz_chunk = np.empty_like(z)
     dwte = np.empty_like(wte)
-    for v0, v1 in chunks:
-        dlogits = chunk_logits(z, wte, v0, v1, buffer)
-        dlogits -= lse[:, None]
-        np.exp(dlogits, out=dlogits)                        # softmax
-        dlogits *= weight[:, None]
+    for (v0, v1), row_max in zip(chunks, row_maxes):
+        if kept is None:
+            dlogits = chunk_logits(z, wte, v0, v1, buffer)
+            dlogits -= lse[:, None]
+            np.exp(dlogits, out=dlogits)                    # softmax
+            dlogits *= weight[:, None]
+        else:
+            dlogits = buffer[:N * (v1 - v0)].reshape(N, v1 - v0)
+            np.multiply(kept[N * v0:N * v1].reshape(N, v1 - v0), (np.exp(row_max - lse) * weight)[:, None],
+                        out=dlogits)                         # softmax · weight, the cache left as it was
         inside, columns = target_rows(targets, v0, v1)
         dlogits[inside, columns] -= weight[inside]
         np.matmul(dlogits.T, z, out=dwte[v0:v1])
