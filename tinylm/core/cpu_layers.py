@@ -19,6 +19,8 @@ once and writes its outputs once. GEMMs stay on BLAS.
                     copies; scale, causal mask and softmax fused, no T×T mask
     embedding       the backward's scatter-add straight into the tied head's dwte, no dense temporary
     AdamW           one pass per tensor over p, g, m, v; the clipping norm's Σ g² without a g² copy
+    decode step     one new token per row with a KV cache: a whole block (layernorm, qkv, attention
+                    over the cached keys, proj, MLP) in one compiled call instead of ~15 Python calls
 
 The linear layers, flash attention and the selective scan are the reference's (layer_set's fallback).
 Exponentials and tanh are NumPy's, on whole chunks: its SIMD exp/tanh are ~10× faster than the scalar
