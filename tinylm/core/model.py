@@ -14,7 +14,7 @@ state-space layer of ssm.py. Parameters are named as Hugging Face's GPT-2 keys w
 `model.params` (an ssm model's `h.{i}.ssm.*` have no GPT-2 counterpart).
 """
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -24,6 +24,16 @@ from .hf import load_hf, save_hf
 from .layer_sets import REFERENCE as ARRAY_LAYERS
 from .layers import dropout_backward, dropout_forward, embedding_forward
 from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
+
+
+class Placement(NamedTuple):
+    """Where a model runs and on which layer set: chosen together, so passed on together (training,
+    checkpoint loading and the commands take one Placement, not three arguments). device "cpu"
+    (NumPy) or "cuda" (CuPy); kernels: every layer on the Numba CUDA kernels (None: the device's
+    default, True on "cuda"); reference: on the CPU, layers.py's readable set instead of cpu_layers.py's."""
+    device: str = "cpu"
+    kernels: Optional[bool] = None
+    reference: bool = False
 
 
 def layers_for(device, kernels, dtype, reference=False):
@@ -414,8 +424,12 @@ class GPT:
 
     # ------------------------------------------------------------------ copies and checkpoints
     def copy(self):
-        return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()},
-                   kernels=self.kernels, reference=self.reference)
+        return GPT(self.config, params={k: v.copy() for k, v in self.params.items()}, **self.placement._asdict())
+
+    @property
+    def placement(self):
+        """The Placement this model was built with (kernels resolved to True or False)."""
+        return Placement(self.device, self.kernels, self.reference)
 
     def numpy_params(self):
         return {k: to_numpy(v) for k, v in self.params.items()}
