@@ -68,6 +68,8 @@ def test_head_dim_buckets_and_tile_checks():
         head_dim_bucket(129)
     with pytest.raises(ValueError, match="thread_cols dividing"):
         check_tiles((8, 4, 4, 3), 32)
+    with pytest.raises(ValueError, match="power of two ≤ 32"):   # a row would span two warps
+        check_tiles((64, 64, 1, 64), 64)
     for HD, pair in DEFAULT_TILES.items():          # the tiles the GPU runs divide evenly too
         for tiles in pair:
             assert check_tiles(tiles, HD) == tiles
@@ -119,7 +121,6 @@ def warp_accesses(HD, tiles, strides):
             record("P·V A = P[r, k]", [(ty + RY * a) * COLSP + k for ty, tx in warp])
             for n in range(TN):
                 record("P store", [(ty + RY * a) * COLSP + tx + CX * n for ty, tx in warp])
-            record("row-max partials", [(ty + RY * a) * CX + tx for ty, tx in warp])
         for n in range(TN):
             record("scores B[c, k]", [(tx + CX * n) * HDP + k for ty, tx in warp])
         for e in range(TD):
