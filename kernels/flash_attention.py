@@ -17,6 +17,11 @@ accumulating there needs a float atomicAdd per (key block, i, d) — T/COLS adds
 summation order that changes from run to run (non-deterministic gradients). The separate pass
 recomputes S and dP (the backward's 5 tile products become 7) but sums each dQ_i in a fixed order.
 
+The forward overlaps the next K/V tile's loads with math using one shared buffer per operand: the
+next K tile is stored while P·V runs (Ks is free once the scores are made), the next V tile while
+the next scores run, two barriers a tile. A second buffer each (true double buffering) does not fit:
+hd64 would need 45,056 + 17,408 bytes, past the 48 KB of static shared memory.
+
 Causal: a query tile stops at the last key tile that reaches its diagonal, a key tile starts at the
 first query tile that reaches it — tiles entirely above the diagonal are never loaded. The −inf /
 zero mask is applied only in tiles that cross the diagonal or the end of the sequence.
@@ -223,10 +228,15 @@ def make_kernels(HD, tiles, padded):
         for a in range(TM):
             m[a], l[a] = float32(-math.inf), float32(0.0)
         keys_end = min(T, row0 + ROWS) if causal else T            # causal: later keys are unseen
+        # Loads overlap math, with one buffer per operand and two barriers a tile: Ks is free once
+        # every thread has its scores (barrier 1), so the next K tile is stored while P·V runs;
+        # Vs and Ps are free after P·V (barrier 2), so the next V tile is stored while the next
+        # scores run. Each store is seen by the reads after the following barrier.
+        load_rows(Ks, k, b, h, 0, COLS, T, hd, float32(1.0))
+        load_rows(Vs, v, b, h, 0, COLS, T, hd, float32(1.0))
+        cuda.syncthreads()
         for j0 in range(0, keys_end, COLS):
-            load_rows(Ks, k, b, h, j0, COLS, T, hd, float32(1.0))
-            load_rows(Vs, v, b, h, j0, COLS, T, hd, float32(1.0))
-            cuda.syncthreads()
+            has_next = j0 + COLS < keys_end                         # the same in every thread
             zero(s, TM, TN)
             scores(Qs, Ks, s)
             crosses = j0 + COLS > T or (causal and j0 + COLS - 1 > row0)
@@ -247,9 +257,13 @@ def make_kernels(HD, tiles, padded):
                     l[a] += p                       # this thread's share of the row sum
                     Ps[ty + RY * a, tx + CX * n] = p
                 m[a] = m_new
-            cuda.syncthreads()
+            cuda.syncthreads()                      # barrier 1: Ps written, Ks read
+            if has_next:
+                load_rows(Ks, k, b, h, j0 + COLS, COLS, T, hd, float32(1.0))
             times_tile(Ps, Vs, acc)
-            cuda.syncthreads()                      # tiles used up before they are replaced
+            cuda.syncthreads()                      # barrier 2: Ps and Vs read, next Ks stored
+            if has_next:
+                load_rows(Vs, v, b, h, j0 + COLS, COLS, T, hd, float32(1.0))
         for a in range(TM):
             l[a] = row_sum(l[a])                    # the threads' shares, once, at the end
             i = row0 + ty + RY * a
