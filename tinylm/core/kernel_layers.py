@@ -9,19 +9,23 @@ NumPy/CuPy layers (GPT(config, kernels=True)):
     flash attention      kernels.flash_attention_*   (attention="auto" picks it at every T)
     cross-entropy        kernels.softmax_cross_entropy: one pass gives nll and the unit-weight gradient
     selective scan       kernels.selective_scan_*
-    AdamW                kernels.adamw_update
+    AdamW                kernels.adamw_update (one tensor); the optimizer step: kernels.sum_of_squares and
+                         kernels.adamw_flat over one flat Arena of every parameter (clip_and_adamw)
 
 Naive attention (generation with a KV cache, or attention="naive") and the embedding's backward stay
 the reference's (layers.py), on the array library. The arrays are CuPy on a GPU, or NumPy under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1),
 which runs the same kernels on the CPU, one Python thread per CUDA thread.
 """
+import contextlib
+import math
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 from numba import config as numba_config
 
-from . import layers
-from .backend import array_module
+from . import layers, optim
+from .backend import array_module, to_numpy
 from ..kernels import flash_attention as flash, fused, selective_scan
 from ..kernels.matmul import matmul
 from .layer_sets import layer_set
@@ -34,6 +38,7 @@ MATMUL_LAUNCH = {"tile": (16, 32, 16, 16, 32, 1, 1)} if SIMULATOR else {}   # on
 FLASH_LAUNCH = {"blocks": flash.Tiles(8, 4, 4, 2)} if SIMULATOR else {}   # 8 threads
 ROW_LAUNCH = {"threads": 2} if SIMULATOR else {}
 ELEMENTWISE_LAUNCH = {"threads": 32} if SIMULATOR else {}
+REDUCE_LAUNCH = {"threads": 2, "blocks": 4} if SIMULATOR else {}
 
 
 def check_usable(device, dtype):
@@ -170,6 +175,139 @@ def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay
     fused.adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay, **ELEMENTWISE_LAUNCH)
 
 
+# ----------------------------------------------------------------------------- the optimizer step
+# Reads from the device to the host made by the kernel path's optimizer step, each through to_host:
+# counting_host_reads() lists them (tests/test_kernel_launches.py asserts one per training step).
+_host_reads = []
+
+
+def to_host(x, what):
+    """A NumPy copy of device array x: the host waits for the device here (a synchronisation)."""
+    for reads in _host_reads:
+        reads.append(what)
+    return to_numpy(x)
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Yield a list that receives the name of every to_host read made inside the block."""
+    reads = []
+    _host_reads.append(reads)
+    try:
+        yield reads
+    finally:
+        _host_reads.remove(reads)
+
+
+ALIGN = 64          # floats (256 bytes): every tensor's view starts aligned, so matmul keeps its LDG.128
+
+
+class Arena(NamedTuple):
+    """Every parameter, its gradient and both moments as views of four flat float32 buffers (N,), so
+    one launch updates them all. Numba kernels take arrays, not pointer tables (and the simulator has
+    no raw pointers), so the tensors are moved into one buffer instead. The decayed tensors come
+    first: weight decay is `i < n_decay`, no per-element mask. Gaps between tensors (the alignment)
+    stay zero in p, g, m and v, where AdamW leaves them zero."""
+    p: object
+    g: object
+    m: object
+    v: object
+    n_decay: int
+    slices: dict                    # name -> (start, stop) in the flat buffers
+    views: tuple                    # (params views, m views, v views): the dicts' arrays, if unchanged
+    hyper: object                   # (8,) float32, fused.LR ... MAX_NORM, written by the host per step
+    stats: object                   # (2,) float32, fused.SUM_SQ and LOSS, read by the host once per step
+
+
+def make_arena(params, state):
+    """Move params and state's moments into a new Arena and point the dicts at its views (in place:
+    model.params and state["m"], state["v"] keep their keys and order; the values are copied once)."""
+    xp = array_module(next(iter(params.values())))
+    names = sorted(params, key=lambda k: not optim.decays(k, params[k].shape))    # stable: decayed first
+    slices, n, n_decay = {}, 0, 0
+    for name in names:
+        slices[name] = (n, n + params[name].size)
+        n = -(-(n + params[name].size) // ALIGN) * ALIGN
+        if optim.decays(name, params[name].shape):
+            n_decay = n
+    flats = [xp.zeros(n, dtype=np.float32) for _ in range(4)]
+    views = []
+    for flat, tensors in zip((flats[0], flats[2], flats[3]), (params, state["m"], state["v"])):
+        for name, (start, stop) in slices.items():
+            flat[start:stop] = tensors[name].reshape(-1)
+            tensors[name] = flat[start:stop].reshape(params[name].shape)
+        views.append(dict(tensors))
+    return Arena(*flats, n_decay, slices, tuple(views),
+                 xp.zeros(8, dtype=np.float32), xp.zeros(2, dtype=np.float32))
+
+
+_arenas = weakref.WeakKeyDictionary()       # model -> its Arena, gone with the model
+
+
+def arena_for(model, state):
+    """The model's Arena, made anew when params or moments are not its views any more (a first step,
+    a resumed state, params assigned from outside)."""
+    arena = _arenas.get(model)
+    dicts = (model.params, state["m"], state["v"])
+    if arena is None or any(set(d) != set(views) or any(d[k] is not views[k] for k in d)
+                            for d, views in zip(dicts, arena.views)):
+        arena = _arenas[model] = make_arena(model.params, state)
+    return arena
+
+
+def hyperparameters(lr, step, grad_clip, weight_decay, betas=(0.9, 0.95), eps=1e-8):
+    """The host side of fused.adamw_flat's hyper (8,): the bias corrections in float64 as
+    optim.adamw_update computes them, then rounded to float32 once."""
+    beta1, beta2 = betas
+    hyper = [lr, beta1, beta2, eps, weight_decay, 1 - beta1 ** step, 1 - beta2 ** step,
+             math.inf if grad_clip is None else grad_clip]
+    return np.array(hyper, dtype=np.float32)
+
+
+def enqueue_update(arena, grads, loss):
+    """The device half of the step, with no host read (what a CUDA graph captures): gather the
+    gradients into the flat g, stats = (Σ g², loss), then the clipped, guarded AdamW over all of it."""
+    xp = array_module(arena.g)
+    for name, (start, stop) in arena.slices.items():
+        xp.copyto(arena.g[start:stop], grads[name].reshape(-1))
+    arena.stats[fused.SUM_SQ] = 0.0
+    arena.stats[fused.LOSS] = loss          # a 0-d device array: a device-to-device copy
+    fused.sum_of_squares(arena.g, arena.stats, **REDUCE_LAUNCH)
+    fused.adamw_flat(arena.p, arena.g, arena.m, arena.v, arena.n_decay, arena.hyper, arena.stats,
+                     **ELEMENTWISE_LAUNCH)
+
+
+def read_step(arena, state):
+    """The host half: the step's one read (loss and Σ g² together) -> (loss, norm, stepped); the
+    kernel made the same finiteness test, so the host counts the step exactly when the weights moved."""
+    sum_sq, loss = (float(x) for x in to_host(arena.stats, "loss and Σ g²"))
+    norm = math.sqrt(sum_sq)
+    stepped = math.isfinite(loss) and math.isfinite(norm)
+    if stepped:
+        state["step"] += 1
+    return loss, norm, stepped
+
+
+def copy_to_device(device, host):
+    """device[...] = host (a small host-to-device copy: no wait on the device)."""
+    if isinstance(device, np.ndarray):
+        device[...] = host
+    else:
+        device.set(host)
+
+
+def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss):
+    """optim.clip_and_adamw on the device: Σ g² (one launch), then clip, guard and AdamW over every
+    parameter (one launch), then one host read of (loss, Σ g²) -> (loss, norm, stepped). The norm is
+    summed in float32 (the reference sums in float64) and the grads dict is not scaled in place (the
+    kernel scales each gradient as it reads it)."""
+    optim.check_grads(model.params, grads)
+    arena = arena_for(model, state)
+    copy_to_device(arena.hyper, hyperparameters(lr, state["step"] + 1, grad_clip, weight_decay))
+    enqueue_update(arena, grads, loss)
+    return read_step(arena, state)
+
+
 LAYERS = layer_set(
     linear_forward=linear_forward,
     lm_head_forward=lm_head_forward, lm_loss_forward=lm_loss_forward,
@@ -177,5 +315,5 @@ LAYERS = layer_set(
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
-    adamw_update=adamw_update,
+    adamw_update=adamw_update, clip_and_adamw=clip_and_adamw,
     auto_flash_from=1)
