@@ -17,6 +17,7 @@ the reference's (layers.py), on the array library. The arrays are CuPy on a GPU,
 which runs the same kernels on the CPU, one Python thread per CUDA thread.
 """
 import contextlib
+import inspect
 import math
 import weakref
 from typing import NamedTuple
@@ -26,7 +27,7 @@ from numba import config as numba_config
 
 from . import layers, optim
 from .backend import array_module, to_numpy
-from ..kernels import flash_attention as flash, fused, selective_scan
+from ..kernels import flash_attention as flash, fused, launch, selective_scan
 from ..kernels.matmul import matmul
 from .layer_sets import layer_set
 from .layers import merge_heads, merge_qkv_grads, split_heads
@@ -317,3 +318,94 @@ LAYERS = layer_set(
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
     adamw_update=adamw_update, clip_and_adamw=clip_and_adamw,
     auto_flash_from=1)
+
+
+# ----------------------------------------------------------------------------- the step as a CUDA graph
+def launches_on_the_stream(function):
+    """Whether a kernel entry point passes launch.stream() (fused.py and selective_scan.py do; matmul.py
+    and flash_attention.py, edited on other branches, still launch on the legacy stream, where a launch
+    races a non-blocking stream and breaks a capture)."""
+    return "stream()" in inspect.getsource(function)
+
+
+@contextlib.contextmanager
+def checked_on_the_host(model):
+    """The model's batch checks off inside the block: GraphStep runs them on the host batch before
+    the upload, and on the device copy each min/max would be a read back, an error while capturing."""
+    model.check_idx = model.check_targets = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.check_idx, model.check_targets
+
+
+class GraphStep:
+    """optim.train_step (no dropout) as one CUDA graph, captured on the second call and replayed after:
+    one non-default CuPy stream that the Numba kernels launch on too (cuda.external_stream), the batch
+    copied into static device buffers, the step's temporaries from a private memory pool (the graph
+    holds their addresses: nothing else may allocate them), lr and the bias corrections in the arena's
+    hyper, and the one host read after the replay. A GPU only, and not measured yet (bench/gpu_step.py
+    compares it with the eager step). Every call must pass the same batch shape.
+
+        step = GraphStep(model, opt_state);  result = step(idx, targets, schedule)   # an optim.Step
+    """
+
+    def __init__(self, model, opt_state, grad_clip=1.0, weight_decay=0.1):
+        if SIMULATOR or model.xp is np:
+            raise RuntimeError("GraphStep captures a CUDA graph and needs a GPU (GPT(..., device='cuda', "
+                               "kernels=True)); the CUDA simulator cannot capture: use optim.train_step")
+        from ..kernels import matmul as matmul_module
+        unready = [f.__module__ for f in (matmul_module.matmul, flash.flash_attention_forward,
+                                          flash.flash_attention_backward) if not launches_on_the_stream(f)]
+        if unready:
+            raise NotImplementedError(f"GraphStep: {sorted(set(unready))} launch on the legacy stream; each launch "
+                                      "there must pass launch.stream() (`kernel[grid, threads, stream()]`) first")
+        import cupy
+        from numba import cuda
+        # Numba synchronises on the stream a CuPy array's __cuda_array_interface__ names, once per kernel
+        # argument: a host wait per launch, and an error while capturing. One stream orders all of it.
+        numba_config.CUDA_ARRAY_INTERFACE_SYNC = False
+        self.model, self.state, self.grad_clip, self.weight_decay = model, opt_state, grad_clip, weight_decay
+        self.cupy, self.stream = cupy, cupy.cuda.Stream(non_blocking=True)
+        self.numba_stream = cuda.external_stream(self.stream.ptr)
+        self.pool = cupy.cuda.MemoryPool()
+        self.arena = self.inputs = self.graph = None
+        self.calls = 0
+
+    def enqueue(self):
+        """The device work of one step on the static inputs, on the stream, from the private pool."""
+        idx, targets, weights = self.inputs
+        with launch.on_stream(self.numba_stream), self.cupy.cuda.using_allocator(self.pool.malloc), \
+                checked_on_the_host(self.model):
+            loss, grads = self.model.weighted_nll_sum_and_grads(idx, targets, weights)
+            enqueue_update(self.arena, grads, loss)
+
+    def __call__(self, idx, targets, schedule, loss_mask=None):
+        model, xp = self.model, self.model.xp
+        model.check_idx(idx)
+        weights = model.mean_weights(idx, targets, loss_mask).astype(np.float32)   # checks targets
+        lr = schedule(self.state["step"])
+        arena = arena_for(model, self.state)
+        if self.arena is None:
+            self.arena = arena
+            self.inputs = [xp.empty(a.shape, dtype=a.dtype) for a in (np.asarray(idx), np.asarray(targets), weights)]
+        if arena is not self.arena:
+            raise RuntimeError("GraphStep: the params or moments were replaced since the capture; make a new GraphStep")
+        if self.inputs[0].shape != np.shape(idx):
+            raise ValueError(f"GraphStep replays batches of shape {self.inputs[0].shape}, got {np.shape(idx)}")
+        with self.stream:
+            for device, host in zip(self.inputs, (idx, targets, weights)):
+                device.set(np.ascontiguousarray(host, dtype=device.dtype), stream=self.stream)
+            arena.hyper.set(hyperparameters(lr, self.state["step"] + 1, self.grad_clip, self.weight_decay),
+                            stream=self.stream)
+            if self.calls == 0:
+                self.enqueue()                 # eagerly: compiles every kernel, fills the private pool
+            else:
+                if self.graph is None:         # the same allocations again, now from the pool's free blocks
+                    self.stream.begin_capture()
+                    self.enqueue()
+                    self.graph = self.stream.end_capture()
+                self.graph.launch(self.stream)
+            loss, norm, stepped = read_step(arena, self.state)    # the one host read: waits for the stream
+        self.calls += 1
+        return optim.Step(loss, norm, lr, stepped)
