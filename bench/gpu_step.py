@@ -67,11 +67,13 @@ def graph_rows(run, config, batch, steps):
     Not measured yet (written without a GPU); --smoke skips it (the simulator cannot capture)."""
     fields = {"what": "train", "model": "core bench step", "batch": batch, "T": config.n_ctx, "on": "gpu",
               "kernels": True}
-    if run.smoke or not run.numba:
+    from tinylm.core.kernel_layers import legacy_stream_modules
+    reason = ("--smoke: the CUDA simulator cannot capture a graph" if run.smoke else
+              "the one-element Numba kernel failed (see env)" if not run.numba else
+              f"{legacy_stream_modules()} still launch on the legacy stream" if legacy_stream_modules() else None)
+    if reason:
         for graph in ("graph on", "eager"):
-            run.emit(dict(fields, step=graph, verdict="skipped",
-                          reason="--smoke: the CUDA simulator cannot capture a graph" if run.smoke else
-                          "the one-element Numba kernel failed (see env)"))
+            run.emit(dict(fields, step=graph, verdict="skipped", reason=reason))
         return
     results = {}
 

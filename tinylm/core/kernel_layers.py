@@ -328,6 +328,12 @@ def launches_on_the_stream(function):
     return "stream()" in inspect.getsource(function)
 
 
+def legacy_stream_modules():
+    """The kernel modules of the step whose entry points do not launch on launch.stream() yet."""
+    return sorted({f.__module__ for f in (matmul, flash.flash_attention_forward, flash.flash_attention_backward)
+                   if not launches_on_the_stream(f)})
+
+
 @contextlib.contextmanager
 def checked_on_the_host(model):
     """The model's batch checks off inside the block: GraphStep runs them on the host batch before
@@ -354,12 +360,9 @@ class GraphStep:
         if SIMULATOR or model.xp is np:
             raise RuntimeError("GraphStep captures a CUDA graph and needs a GPU (GPT(..., device='cuda', "
                                "kernels=True)); the CUDA simulator cannot capture: use optim.train_step")
-        from ..kernels import matmul as matmul_module
-        unready = [f.__module__ for f in (matmul_module.matmul, flash.flash_attention_forward,
-                                          flash.flash_attention_backward) if not launches_on_the_stream(f)]
-        if unready:
-            raise NotImplementedError(f"GraphStep: {sorted(set(unready))} launch on the legacy stream; each launch "
-                                      "there must pass launch.stream() (`kernel[grid, threads, stream()]`) first")
+        if legacy_stream_modules():
+            raise NotImplementedError(f"GraphStep: {legacy_stream_modules()} launch on the legacy stream; each "
+                                      "launch there must pass launch.stream() (`kernel[grid, threads, stream()]`) first")
         import cupy
         from numba import cuda
         # Numba synchronises on the stream a CuPy array's __cuda_array_interface__ names, once per kernel
