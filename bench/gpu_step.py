@@ -66,7 +66,7 @@ def graph_rows(run, config, batch, steps):
     params after `steps` steps on the same batches must agree, then both are timed (ms per step).
     Not measured yet (written without a GPU); --smoke skips it (the simulator cannot capture)."""
     fields = {"what": "train", "model": "core bench step", "batch": batch, "T": config.n_ctx, "on": "gpu",
-              "kernels": True}
+              "device": "NumPy standing in for CuPy" if run.smoke else "cuda", "kernels": True}
     from tinylm.core.kernel_layers import legacy_stream_modules
     reason = ("--smoke: the CUDA simulator cannot capture a graph" if run.smoke else
               "the one-element Numba kernel failed (see env)" if not run.numba else
