@@ -323,13 +323,13 @@ def test_nan_after_resume_names_the_checkpoint_resumed_from_the_norm_and_out_dir
     out = str(tmp_path / "run")
     pretrain(out, tiny(text_file, max_steps=20), stop_at=5, progress=False)
     good = latest_checkpoint(out)
-    original, calls = GPT.loss_and_grads, []
+    original, calls = GPT.device_loss_and_grads, []
 
     def poisoned(self, idx, targets, loss_mask=None, dropout=None):
         loss, grads = original(self, idx, targets, loss_mask, dropout)
         calls.append(1)
         return (float("nan") if len(calls) == 2 else loss), grads
-    monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
+    monkeypatch.setattr(GPT, "device_loss_and_grads", poisoned)   # what train_step calls
     with pytest.raises(ValueError) as error:
         pretrain(out, {}, resume=True, progress=False)
     norm = steps_seen[-1]["norm"]

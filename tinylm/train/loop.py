@@ -211,7 +211,8 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
             while run.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 idx, targets = dataset.get_batch("train", cfg.batch_size, run.rng)
-                result = train_step(model, run.opt_state, model.xp.asarray(idx), model.xp.asarray(targets), schedule,
+                # Host batches: the model checks them on the host and uploads them (no read back on a GPU).
+                result = train_step(model, run.opt_state, idx, targets, schedule,
                                     cfg.grad_clip, weight_decay=cfg.weight_decay, dropout=dropout)
                 if not result.stepped:                  # nothing moved: stop, keeping the last good checkpoint
                     raise ValueError(nan_stop_message(result.loss, result.grad_norm, run.step + 1, ckpt_dir, out_dir,
