@@ -61,6 +61,58 @@ def train_rows(run, name, config, batch, steps):
         run.row(dict(fields, kernels=True), checked)
 
 
+def graph_rows(run, config, batch, steps):
+    """The core step as one CUDA graph (kernel_layers.GraphStep) against the eager kernel step: the
+    params after `steps` steps on the same batches must agree, then both are timed (ms per step).
+    Not measured yet (written without a GPU); --smoke skips it (the simulator cannot capture)."""
+    fields = {"what": "train", "model": "core bench step", "batch": batch, "T": config.n_ctx, "on": "gpu",
+              "device": "NumPy standing in for CuPy" if run.smoke else "cuda", "kernels": True}
+    from tinylm.core.kernel_layers import legacy_stream_modules
+    reason = ("--smoke: the CUDA simulator cannot capture a graph" if run.smoke else
+              "the one-element Numba kernel failed (see env)" if not run.numba else
+              f"{legacy_stream_modules()} still launch on the legacy stream" if legacy_stream_modules() else None)
+    if reason:
+        for graph in ("graph on", "eager"):
+            run.emit(dict(fields, step=graph, verdict="skipped", reason=reason))
+        return
+    results = {}
+
+    def compare():
+        """Both runs, once (the first row's work; an exception there is that row's error)."""
+        from tinylm import GPT
+        from tinylm.core.kernel_layers import GraphStep
+        from tinylm.core.optim import Schedule, adamw_init, train_step
+        rng = np.random.default_rng(2)
+        batches = [rng.integers(0, config.vocab_size, size=(2, batch, config.n_ctx)) for _ in range(steps)]
+        schedule = Schedule(1e-3, max_steps=steps, warmup_steps=2, min_lr=1e-4)
+        models, times = {}, {}
+        for graph in ("graph on", "eager"):
+            model = GPT(config, seed=1, device="cuda", kernels=True)
+            state = adamw_init(model.params)
+            step = GraphStep(model, state) if graph == "graph on" else (
+                lambda idx, targets, schedule, model=model, state=state: train_step(model, state, idx, targets,
+                                                                                     schedule))
+            seconds = []
+            for idx, targets in batches:
+                t0 = time.perf_counter()
+                step(idx, targets, schedule)                   # the Step's host read waits for the device
+                seconds.append(time.perf_counter() - t0)
+            models[graph], times[graph] = model, 1e3 * float(np.median(seconds[2:] or seconds))
+        error = rel_error("train:graph", [host(p) for p in models["graph on"].params.values()],
+                          [host(p) for p in models["eager"].params.values()])
+        results.update(error=error, times=times)
+
+    def measured(graph):
+        if not results:
+            compare()
+        error = results["error"]
+        return {"verdict": "ok" if error <= MODEL_TOLERANCE else "WRONG", "rel_err": error, "tol": MODEL_TOLERANCE,
+                "ms": results["times"][graph], "steps": steps}
+
+    for graph in ("graph on", "eager"):
+        run.row(dict(fields, step=graph), lambda graph=graph: measured(graph))
+
+
 def section_train(run):
     from tinylm import GPTConfig
     from tinylm.core.backend import keep_freed_memory
@@ -68,6 +120,7 @@ def section_train(run):
     s = run.sizes
     core = GPTConfig(**s["core"])
     train_rows(run, "core bench step", core, s["core_batch"], s["steps"])
+    graph_rows(run, core, s["core_batch"], s["steps"])
 
     def cpu_step():
         from train_step import seconds_per_step

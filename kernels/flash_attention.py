@@ -17,6 +17,11 @@ accumulating there needs a float atomicAdd per (key block, i, d) — T/COLS adds
 summation order that changes from run to run (non-deterministic gradients). The separate pass
 recomputes S and dP (the backward's 5 tile products become 7) but sums each dQ_i in a fixed order.
 
+The forward overlaps the next K/V tile's loads with math using one shared buffer per operand: the
+next K tile is stored while P·V runs (Ks is free once the scores are made), the next V tile while
+the next scores run, two barriers a tile. A second buffer each (true double buffering) does not fit:
+hd64 would need 45,056 + 17,408 bytes, past the 48 KB of static shared memory.
+
 Causal: a query tile stops at the last key tile that reaches its diagonal, a key tile starts at the
 first query tile that reaches it — tiles entirely above the diagonal are never loaded. The −inf /
 zero mask is applied only in tiles that cross the diagonal or the end of the sequence.
@@ -28,9 +33,10 @@ ROWS × COLS score tile each thread owns a TM × TN micro-tile — rows ty + thr
 tx + thread_cols·b (interleaved, so one warp's shared reads fall in distinct banks) — and for the
 ROWS × HD accumulator the TM × TD micro-tile of the same rows, columns tx + thread_cols·e. Both are
 register-blocked tile products (`tile_product`): every shared value loaded feeds TN or TM FFMAs.
-The softmax's row max is combined across the thread_cols threads of a row through a small shared
-array (the simulator has no warp shuffles; it costs TM·thread_cols shared reads per tile, against
-TM·TN·HD FFMAs); the row sum l stays a per-thread partial sum, combined once at the end.
+The softmax's row max is combined across the thread_cols threads of a row by warp shuffles
+(kernels/shuffle.py: a butterfly of SHFL.BFLY, log2(thread_cols) per row and tile, no shared memory
+and no barrier; the simulator runs a twin); the row sum l stays a per-thread partial sum, combined
+the same way once at the end.
 
 Tiles come from global memory 128 bits at a time (LDG.128 → STS.128, kernels/vector.py) when the
 head_dim is a bucket's own (32, 64, 128); a smaller head_dim gets the padded build, whose loads zero
@@ -46,6 +52,7 @@ from collections import namedtuple
 from numba import cuda, float32, int32, int64, uint32
 
 from .launch import C3, C4, check_float32, empty, n_blocks
+from .shuffle import shuffle_xor
 from .vector import load4_global, load_global, store4_shared
 
 # rows: rows a block owns; cols: rows streamed per step; a thread grid of thread_rows × thread_cols.
@@ -155,6 +162,25 @@ def make_kernels(HD, tiles, padded):
     scores = make_tile_product(TM, TN, HD, False)       # S = A Bᵀ, over head_dim
     times_tile = make_tile_product(TM, TD, COLS, True)  # acc += P V (or Pᵀ dO, dSᵀ Q, dS K)
 
+    # A row's thread_cols threads are lanes tx = 0 .. CX-1 of one aligned group (t = ty·CX + tx, CX a
+    # power of two ≤ 32), so a butterfly over lane masks CX/2, ..., 1 combines the row in registers.
+    BUTTERFLY = tuple(CX >> (step + 1) for step in range(CX.bit_length() - 1))
+    LANES = (1 << min(THREADS, 32)) - 1                 # the lanes a warp of this block has
+
+    @cuda.jit(device=True)
+    def row_max(x):
+        """max of x over the CX threads of this thread's row, in every one of them (SHFL.BFLY)."""
+        for lane_mask in BUTTERFLY:
+            x = max(x, shuffle_xor(LANES, x, lane_mask))
+        return x
+
+    @cuda.jit(device=True)
+    def row_sum(x):
+        """sum of x over the CX threads of this thread's row, in every one of them."""
+        for lane_mask in BUTTERFLY:
+            x += shuffle_xor(LANES, x, lane_mask)
+        return x
+
     @cuda.jit(device=True)
     def zero(x, M, N):
         for a in range(M):
@@ -190,7 +216,6 @@ def make_kernels(HD, tiles, padded):
         Ks = cuda.shared.array((COLS, HDP), float32)
         Vs = cuda.shared.array((COLS, HDP), float32)
         Ps = cuda.shared.array((ROWS, COLSP), float32)
-        partial = cuda.shared.array((ROWS, CX), float32)    # per-thread row maxima, then row sums
         s = cuda.local.array((TM, TN), float32)
         acc = cuda.local.array((TM, TD), float32)
         m = cuda.local.array(TM, float32)
@@ -203,26 +228,26 @@ def make_kernels(HD, tiles, padded):
         for a in range(TM):
             m[a], l[a] = float32(-math.inf), float32(0.0)
         keys_end = min(T, row0 + ROWS) if causal else T            # causal: later keys are unseen
+        # Loads overlap math, with one buffer per operand and two barriers a tile: Ks is free once
+        # every thread has its scores (barrier 1), so the next K tile is stored while P·V runs;
+        # Vs and Ps are free after P·V (barrier 2), so the next V tile is stored while the next
+        # scores run. Each store is seen by the reads after the following barrier.
+        load_rows(Ks, k, b, h, 0, COLS, T, hd, float32(1.0))
+        load_rows(Vs, v, b, h, 0, COLS, T, hd, float32(1.0))
+        cuda.syncthreads()
         for j0 in range(0, keys_end, COLS):
-            load_rows(Ks, k, b, h, j0, COLS, T, hd, float32(1.0))
-            load_rows(Vs, v, b, h, j0, COLS, T, hd, float32(1.0))
-            cuda.syncthreads()
+            has_next = j0 + COLS < keys_end                         # the same in every thread
             zero(s, TM, TN)
             scores(Qs, Ks, s)
             crosses = j0 + COLS > T or (causal and j0 + COLS - 1 > row0)
             for a in range(TM):
-                row_max = float32(-math.inf)
+                tile_max = float32(-math.inf)
                 for n in range(TN):
                     if crosses and not visible(row0 + ty + RY * a, j0 + tx + CX * n, T, causal):
                         s[a, n] = float32(-math.inf)    # −inf: exp gives exactly 0 for the future
-                    row_max = max(row_max, s[a, n])
-                partial[ty + RY * a, tx] = row_max
-            cuda.syncthreads()
-            for a in range(TM):
+                    tile_max = max(tile_max, s[a, n])
                 # tile 0 holds key 0, visible to every row: m_new is finite from the first tile on
-                m_new = m[a]
-                for t in range(CX):
-                    m_new = max(m_new, partial[ty + RY * a, t])
+                m_new = max(m[a], row_max(tile_max))
                 alpha = math.exp(m[a] - m_new)
                 l[a] *= alpha
                 for e in range(TD):
@@ -232,16 +257,15 @@ def make_kernels(HD, tiles, padded):
                     l[a] += p                       # this thread's share of the row sum
                     Ps[ty + RY * a, tx + CX * n] = p
                 m[a] = m_new
-            cuda.syncthreads()
+            cuda.syncthreads()                      # barrier 1: Ps written, Ks read
+            if has_next:
+                load_rows(Ks, k, b, h, j0 + COLS, COLS, T, hd, float32(1.0))
             times_tile(Ps, Vs, acc)
-            cuda.syncthreads()                      # tiles used up before they are replaced
+            cuda.syncthreads()                      # barrier 2: Ps and Vs read, next Ks stored
+            if has_next:
+                load_rows(Vs, v, b, h, j0 + COLS, COLS, T, hd, float32(1.0))
         for a in range(TM):
-            partial[ty + RY * a, tx] = l[a]
-        cuda.syncthreads()
-        for a in range(TM):
-            l[a] = float32(0.0)
-            for t in range(CX):
-                l[a] += partial[ty + RY * a, t]
+            l[a] = row_sum(l[a])                    # the threads' shares, once, at the end
             i = row0 + ty + RY * a
             if tx == 0 and i < T:
                 lse[b, h, i] = m[a] + math.log(l[a])
@@ -378,11 +402,15 @@ def head_dim_bucket(hd):
 
 
 def check_tiles(tiles, HD):
-    """Tiles that divide evenly: every thread owns whole micro-tiles."""
+    """Tiles that divide evenly (every thread owns whole micro-tiles) and rows that warp shuffles
+    can reduce."""
     rows, cols, thread_rows, thread_cols = tiles
     if rows % thread_rows or cols % thread_cols or HD % thread_cols:
         raise ValueError(f"tiles {tuple(tiles)} must have thread_rows dividing rows and thread_cols "
                          f"dividing cols and head_dim {HD}")
+    if thread_cols & (thread_cols - 1) or thread_cols > 32:
+        raise ValueError(f"tiles {tuple(tiles)}: thread_cols must be a power of two ≤ 32 (a row's "
+                         f"threads are one aligned group of lanes, reduced by warp shuffles)")
     return Tiles(*tiles)
 
 

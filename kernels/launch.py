@@ -45,6 +45,27 @@ def n_blocks(n, per_block):
     return (n + per_block - 1) // per_block
 
 
+# The stream every launch of fused.py and selective_scan.py goes on: 0, the legacy default stream,
+# unless inside on_stream(). A CUDA graph is captured from one non-default stream, and a launch on the
+# legacy stream while it captures is an error (cudaErrorStreamCaptureImplicit), so the step's kernels
+# and CuPy's work must share one stream (tinylm.core.kernel_layers.GraphStep sets both).
+_streams = [0]
+
+
+def stream():
+    return _streams[-1]
+
+
+@contextlib.contextmanager
+def on_stream(numba_stream):
+    """Launch on numba_stream inside the block (e.g. cuda.external_stream(cupy_stream.ptr))."""
+    _streams.append(numba_stream)
+    try:
+        yield numba_stream
+    finally:
+        _streams.pop()
+
+
 class Launch(NamedTuple):
     kernel: str                     # the kernel's Python function name
     argument_types: tuple           # Numba's types of the arguments, as the dispatcher types them

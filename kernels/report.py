@@ -10,8 +10,8 @@ disassemble the cubin with nvdisasm. One row per kernel: registers, spill bytes,
 memory) bytes, static shared bytes, resident blocks per SM at its launch size (H100: 65,536
 registers, 227 KB shared per block, 2,048 threads, 32 blocks), the FFMA share of its main loop
 (the backward-branch loop with the most FFMA) and that loop's instruction mix (FFMA, scalar and
-128-bit shared loads, global loads, barriers, integer arithmetic, all instructions), and the number
-of float64 PTX instructions (must be 0). Then every budget of kernels/budgets.toml is checked
+128-bit shared loads, global loads, barriers, warp shuffles, integer arithmetic, all instructions),
+and the number of float64 PTX instructions (must be 0). Then every budget of kernels/budgets.toml is checked
 (--check: exit 1 on a miss; tests/test_kernel_report.py asserts none is missed).
 """
 import argparse
@@ -89,7 +89,8 @@ INTEGER = ("IMAD", "IADD", "IADD3", "VIADD", "LEA", "SHF", "LOP3", "ISETP", "SEL
 
 def instruction_mix(loop):
     """The main loop's instruction counts by kind: FFMA, shared loads (scalar and 128-bit), global
-    loads, barriers, integer arithmetic (uniform-datapath U* forms included), and the total."""
+    loads, barriers, warp shuffles, integer arithmetic (uniform-datapath U* forms included), and the
+    total."""
     count = lambda test: sum(n for op, n in loop.items() if test(op))  # noqa: E731
     base = lambda op: op.split(".")[0]                                 # noqa: E731
     return {"ffma": count(lambda op: base(op) == "FFMA"),
@@ -97,6 +98,7 @@ def instruction_mix(loop):
             "lds128": count(lambda op: base(op) == "LDS" and ".128" in op),
             "ldg": count(lambda op: base(op) == "LDG"),
             "bar": count(lambda op: base(op) == "BAR"),
+            "shfl": count(lambda op: base(op) == "SHFL"),
             "int": count(lambda op: base(op) in INTEGER or (base(op)[:1] == "U" and base(op)[1:] in INTEGER)),
             "total": sum(loop.values())}
 
@@ -209,13 +211,13 @@ def main(argv=None):
 
 
 HEADER = (f"{'kernel':<22}{'regs':>5}{'spill':>6}{'stack':>6}{'shared':>7}{'thr':>5}{'blk/SM':>7}{'f64':>4}"
-          f"  main loop:{'FFMA%':>6}{'FFMA':>6}{'LDS':>5}{'LDS128':>7}{'LDG':>5}{'BAR':>4}{'INT':>5}{'all':>6}")
+          f"  main loop:{'FFMA%':>6}{'FFMA':>6}{'LDS':>5}{'LDS128':>7}{'LDG':>5}{'BAR':>4}{'SHFL':>5}{'INT':>5}{'all':>6}")
 
 
 def table_line(r):
     mix = r["main_loop"]
     loop = (f"{100 * r['main_loop_ffma']:>6.1f}" + "".join(f"{mix[k]:>{w}}" for k, w in
-            (("ffma", 6), ("lds", 5), ("lds128", 7), ("ldg", 5), ("bar", 4), ("int", 5), ("total", 6)))
+            (("ffma", 6), ("lds", 5), ("lds128", 7), ("ldg", 5), ("bar", 4), ("shfl", 5), ("int", 5), ("total", 6)))
             if mix else f"{'-':>6}")
     return (f"{r['kernel']:<22}{r['registers']:>5}{r['spill_bytes']:>6}{r['stack_bytes']:>6}{r['shared_bytes']:>7}"
             f"{r['threads'] or '-':>5}{r['blocks_per_sm'] or '-':>7}{r['f64']:>4}            {loop}")

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from .launch import C1, C2, C3, C4, array_module
+from .launch import C1, C2, C3, C4, array_module, stream
 
 MAX_STATE = 64            # h lives in a per-thread local array, whose size must be a constant
 THREADS = 128
@@ -123,7 +123,7 @@ def selective_scan_forward(u, delta, A_log, Bm, Cm, D, h0=None, threads=THREADS)
     (B, T, E), N = u.shape, A_log.shape[1]
     y = xp.empty((B, T, E), dtype=np.float32)
     hs = xp.empty((B, T, E, N), dtype=np.float32)
-    scan_forward_kernel[n_blocks(B * E, threads), threads](u, delta, A, Bm, Cm, D, h0, y, hs)
+    scan_forward_kernel[n_blocks(B * E, threads), threads, stream()](u, delta, A, Bm, Cm, D, h0, y, hs)
     return y, hs
 
 
@@ -137,7 +137,7 @@ def selective_scan_backward(dy, u, delta, A_log, Bm, Cm, D, hs, h0=None, threads
     dBm, dCm = xp.zeros_like(Bm), xp.zeros_like(Cm)        # atomics add into them
     dA_part = xp.empty((B, E, N), dtype=np.float32)
     dD_part = xp.empty((B, E), dtype=np.float32)
-    scan_backward_kernel[n_blocks(B * E, threads), threads](u, delta, A, Bm, Cm, D, h0, hs, dy,
+    scan_backward_kernel[n_blocks(B * E, threads), threads, stream()](u, delta, A, Bm, Cm, D, h0, hs, dy,
                                                     du, ddelta, dA_part, dBm, dCm, dD_part)
     return du, ddelta, dA_part.sum(0) * A, dBm, dCm, dD_part.sum(0)
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tinylm.core import cpu_layers, layers, optim
 from tinylm.core.gradcheck import check_gradients
 from tinylm.core.layer_sets import REFERENCE
-from tinylm.core.model import GPT, GPTConfig
+from tinylm.core.model import GPT, GPTConfig, Placement
 
 DTYPES = ["float32", "float64"]
 # float64: the fused loops sum in another order than NumPy's pairwise sums, nothing more.
@@ -337,8 +337,16 @@ def test_reference_flag_reaches_the_model_through_pretrain_and_sample(tmp_path):
     for command in (["pretrain"], ["sample", str(tmp_path)]):
         assert build_parser().parse_args(command + ["--reference"]).reference is True
         assert build_parser().parse_args(command).reference is False
-    assert train.new_run(tmp_path / "a", train.starting_point(train.TrainConfig(), {}), "cpu", reference=True).model.layers is REFERENCE
-    assert train.new_run(tmp_path / "b", train.starting_point(train.TrainConfig(), {}), "cpu").model.layers is cpu_layers.LAYERS
+    assert train.new_run(tmp_path / "a", train.starting_point(train.TrainConfig(), {}), Placement(reference=True)).model.layers is REFERENCE
+    assert train.new_run(tmp_path / "b", train.starting_point(train.TrainConfig(), {})).model.layers is cpu_layers.LAYERS
+
+
+def test_a_copy_keeps_the_placement_and_the_layer_set():
+    """Placement travels as one: GPT's three arguments, the model's .placement, its copies."""
+    model = GPT(GPTConfig(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=8), reference=True)
+    assert model.placement == Placement("cpu", False, True)
+    assert model.copy().placement == model.placement and model.copy().layers is REFERENCE
+    assert GPT(model.config, **Placement()._asdict()).layers is cpu_layers.LAYERS
 
 
 def test_a_run_resumes_bit_for_bit_within_a_set_and_may_switch_sets(tmp_path):
@@ -358,7 +366,7 @@ def test_a_run_resumes_bit_for_bit_within_a_set_and_may_switch_sets(tmp_path):
             pretrain(out, settings, progress=False)
         else:
             pretrain(out, settings, stop_at=3, progress=False)
-            pretrain(out, {}, resume=True, progress=False, reference=resume_reference)
+            pretrain(out, {}, resume=True, progress=False, placement=Placement(reference=resume_reference))
         return load_model(out)[0].params
     straight = final_weights("straight")
     assert all(np.array_equal(p, straight[k]) for k, p in final_weights("same set", False).items())

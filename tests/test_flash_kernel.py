@@ -8,7 +8,9 @@ threads, the causal skip and mask, T not a multiple of either tile, zero-padding
 its compiled bucket. Planted bugs these tests catch (each tried by hand, 2-4 cases fail):
 dropping the `alpha` rescale of acc; masking with `key < query`; starting dk_dv's causal query
 loop one tile late; loading dq's K without the folded-in scale; masking the forward only in tiles
-past T (not in tiles crossing the diagonal); never masking P in the backward.
+past T (not in tiles crossing the diagonal); never masking P in the backward; dropping the last
+step of the row max's shuffle butterfly or of the row sum's (7 cases fail); streaming the key tiles
+past the diagonal in the forward or in dq, or the query tiles before it in dk_dv (the skip test).
 """
 import numpy as np
 import pytest
@@ -68,6 +70,8 @@ def test_head_dim_buckets_and_tile_checks():
         head_dim_bucket(129)
     with pytest.raises(ValueError, match="thread_cols dividing"):
         check_tiles((8, 4, 4, 3), 32)
+    with pytest.raises(ValueError, match="power of two ≤ 32"):   # a row would span two warps
+        check_tiles((64, 64, 1, 64), 64)
     for HD, pair in DEFAULT_TILES.items():          # the tiles the GPU runs divide evenly too
         for tiles in pair:
             assert check_tiles(tiles, HD) == tiles
@@ -119,7 +123,6 @@ def warp_accesses(HD, tiles, strides):
             record("P·V A = P[r, k]", [(ty + RY * a) * COLSP + k for ty, tx in warp])
             for n in range(TN):
                 record("P store", [(ty + RY * a) * COLSP + tx + CX * n for ty, tx in warp])
-            record("row-max partials", [(ty + RY * a) * CX + tx for ty, tx in warp])
         for n in range(TN):
             record("scores B[c, k]", [(tx + CX * n) * HDP + k for ty, tx in warp])
         for e in range(TD):
@@ -141,3 +144,29 @@ def test_shared_memory_accesses_are_conflict_free():
     assert unpadded["scores B[c, k]"] == 8 and unpadded["P store"] > 1
     plus_one = warp_accesses(64, DEFAULT_TILES[64][0], (65, 33))
     assert plus_one["P store"] == 4
+
+
+def test_causal_tiles_above_the_diagonal_are_skipped():
+    """A causal query tile reads no key tile past its diagonal, a key tile no query tile before it
+    (forward, dq and dk_dv). NaN planted in exactly those tiles must not reach the rows that skip
+    them: had a kernel streamed them (masking P to 0), 0·NaN = NaN would. T = 16, SMALL tiles:
+    query block 0 owns rows 0-7, key block 1 keys 8-15, both ending on a tile boundary."""
+    rng = np.random.default_rng(7)
+    q, k, v, do = (rng.normal(size=(1, 1, 16, 8)) for _ in range(4))
+    o_ref, lse_ref = flash_forward(q, k, v, True)
+    dq_ref, dk_ref, dv_ref = flash_backward(q, k, v, o_ref, lse_ref, do, True)
+    o, lse = flash_attention_forward(device(q), device(k), device(v), True, SMALL)
+
+    late_k, late_v = k.copy(), v.copy()
+    late_k[:, :, 8:], late_v[:, :, 8:] = np.nan, np.nan          # keys only rows 8+ may see
+    o_late, _ = flash_attention_forward(device(q), device(late_k), device(late_v), True, SMALL)
+    assert_close(to_numpy(o_late)[:, :, :8], o_ref[:, :, :8])
+    dq_late, _, _ = flash_attention_backward(device(q), device(late_k), device(late_v), o, lse, device(do), True, SMALL)
+    assert_close(to_numpy(dq_late)[:, :, :8], dq_ref[:, :, :8])
+
+    early_q, early_do = q.copy(), do.copy()
+    early_q[:, :, :8], early_do[:, :, :8] = np.nan, np.nan      # queries keys 8+ never meet
+    _, dk_early, dv_early = flash_attention_backward(device(early_q), device(k), device(v), o, lse,
+                                                     device(early_do), True, SMALL)
+    assert_close(to_numpy(dk_early)[:, :, 8:], dk_ref[:, :, 8:])
+    assert_close(to_numpy(dv_early)[:, :, 8:], dv_ref[:, :, 8:])

@@ -128,3 +128,33 @@ def test_the_direction_check_catches_core_importing_train(tmp_path):
     (pkg / "train" / "loop.py").write_text("from ..core.model import GPT\n")
     (pkg / "core" / "model.py").write_text("GPT = 1\n\ndef fit():\n    from ..train.loop import GPT\n")
     assert wrong_way_imports(import_graph(str(pkg), "tinylm")) == [("tinylm.core.model", "tinylm.train.loop")]
+
+
+def test_one_rlhf_run_reads_at_most_six_files_beside_the_core_model():
+    """Issue 22's target, measured by running it: the demo's whole RLHF pipeline (pretrain → pairs →
+    reward model → policy → DPO → evaluation), at toy sizes, executes code in rlhf/'s pipeline,
+    environment, policy, reward and world, and in core/ (the model it is built on) — nothing of
+    train/ or experiments/. With the command's own module that is 6 files outside core/."""
+    import sys
+    from dataclasses import replace
+    from tinylm.rlhf import pipeline
+    from tinylm.rlhf.environment import PretrainConfig
+    from tinylm.rlhf.policy import DPOConfig, PolicyConfig, RewardConfig
+    package = os.path.join(ROOT, "tinylm") + os.sep
+    seen = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            seen.add(os.path.relpath(frame.f_code.co_filename, package))
+    cfg = replace(pipeline.QUICK, pretrain=PretrainConfig(steps=150), pair_instructions=400, heldout_pair_instructions=100,
+                  reward=RewardConfig(epochs=1), policy=PolicyConfig(steps=2, prompts_per_step=4),
+                  dpo=DPOConfig(epochs=1), eval_instructions=10, centre_instructions=10)
+    sys.setprofile(profile)
+    try:
+        pipeline.run_demo(cfg, progress=False)
+    finally:
+        sys.setprofile(None)
+    outside_core = {f for f in seen if not f.startswith("core" + os.sep)}
+    assert outside_core == {os.path.join("rlhf", f) for f in
+                            ("pipeline.py", "environment.py", "policy.py", "reward.py", "world.py")}, outside_core
+    assert len(outside_core | {os.path.join("commands", "demo.py")}) <= 6

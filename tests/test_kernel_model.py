@@ -83,6 +83,25 @@ def test_a_kernel_training_step_matches_the_numpy_step():
         np.testing.assert_allclose(to_numpy(kernel_model.params[name]), p, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_the_kernel_train_step_matches_the_numpy_train_step():
+    """optim.train_step on each path, three steps with the clip active (norm > 0.05): on the kernel path
+    one Σ g² launch and one multi-tensor AdamW over the flat arena (kernel_layers.clip_and_adamw), with
+    the clip scale applied on the device; the same Step numbers and weights as the float64 NumPy step."""
+    from tinylm.core.optim import Schedule, train_step
+    config = GPTConfig(**{**TINY, "n_layer": 1})
+    kernel_model = kernel_gpt(config, seed=2)
+    reference = GPT(GPTConfig(**{**TINY, "n_layer": 1}, dtype="float64"), params=kernel_model.numpy_params())
+    states = {model: adamw_init(model.params) for model in (kernel_model, reference)}
+    for seed in (3, 4, 5):
+        got, want = (train_step(model, state, *batch(seed), Schedule(0.01, 3, 1, 0.001), grad_clip=0.05)
+                     for model, state in states.items())
+        assert got.stepped and want.stepped and got.lr == want.lr and want.grad_norm > 0.05
+        assert got.loss == pytest.approx(want.loss, rel=1e-5) and got.grad_norm == pytest.approx(want.grad_norm, rel=1e-4)
+    assert states[kernel_model]["step"] == 3
+    for name, p in reference.params.items():
+        np.testing.assert_allclose(to_numpy(kernel_model.params[name]), p, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_kernel_path_needs_float32():
     with pytest.raises(ValueError, match="kernels=True needs dtype float32"):
         kernel_gpt(GPTConfig(**TINY, dtype="float64"))

@@ -163,6 +163,65 @@ def test_adamw_kernel_matches_optim(weight_decay):
         close(p_dev, params["w"])
 
 
+def flat_step(params, grads, state, lr, grad_clip, weight_decay, loss=1.0):
+    """One kernel_layers.clip_and_adamw step on a stand-in model: the Σ g² and flat AdamW kernels."""
+    from tinylm.core import kernel_layers
+
+    class Model:                    # weakly referenced by kernel_layers' arena cache
+        pass
+    model = Model()
+    model.params = params
+    return model, kernel_layers.clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_flat_adamw_matches_clipping_then_adamw_step(grad_clip):
+    """The multi-tensor AdamW (one launch, clip scale and decay mask on the device) against
+    optim.clip_grad_norm + adamw_step: p, m, v of every tensor after three steps, with the tensors that
+    optim.decays exempts (a bias, a LayerNorm gain, wte) beside decayed matrices. Checked: putting the
+    exempt tensors in the decayed region fails at their p (by lr·wd·p ≈ 1e-3 of them)."""
+    from tinylm.core.optim import clip_grad_norm
+    rng = np.random.default_rng(5)
+    shapes = {"h.0.attn.c_attn.weight": (3, 5), "h.0.attn.c_attn.bias": (5,), "h.0.ln_1.weight": (7,),
+              "wte.weight": (4, 3), "h.0.mlp.c_fc.weight": (2, 9)}
+    ref = {k: rng.normal(size=s) for k, s in shapes.items()}
+    ref_state = adamw_init(ref)
+    params = {k: device(p) for k, p in ref.items()}
+    state = adamw_init(params)
+    for step in range(3):
+        grads = {k: rng.normal(size=s) for k, s in shapes.items()}
+        grads_dev = {k: device(g) for k, g in grads.items()}           # before the reference clips in place
+        norm = clip_grad_norm(grads, grad_clip)
+        adamw_step(ref, grads, ref_state, lr=0.01, weight_decay=0.1)
+        model, (loss, got_norm, stepped) = flat_step(params, grads_dev, state, 0.01, grad_clip, 0.1)
+        assert stepped and loss == 1.0 and got_norm == pytest.approx(norm, rel=1e-5)
+        assert state["step"] == ref_state["step"] == step + 1
+        for name in shapes:
+            close(model.params[name], ref[name])
+            close(state["m"][name], ref_state["m"][name])
+            close(state["v"][name], ref_state["v"][name])
+
+
+@pytest.mark.parametrize("bad", ["loss", "grad"])
+def test_flat_adamw_moves_nothing_after_a_non_finite_loss_or_gradient(bad):
+    """The guard runs on the device: a NaN loss or an Inf gradient leaves p, m, v and the step alone."""
+    rng = np.random.default_rng(6)
+    params = {"w": device(rng.normal(size=(3, 4))), "b": device(rng.normal(size=4))}
+    state = adamw_init(params)
+    grads = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}
+    flat_step(params, {k: device(g) for k, g in grads.items()}, state, 0.01, 1.0, 0.1)
+    before = {k: to_numpy(p).copy() for k, p in params.items()}
+    moments = {k: to_numpy(m).copy() for k, m in state["m"].items()}
+    if bad == "grad":
+        grads["w"][1, 2] = np.inf
+    _, (loss, norm, stepped) = flat_step(params, {k: device(g) for k, g in grads.items()}, state, 0.01, 1.0, 0.1,
+                                         loss=np.nan if bad == "loss" else 1.0)
+    assert not stepped and state["step"] == 1
+    for k in params:
+        np.testing.assert_array_equal(to_numpy(params[k]), before[k])
+        np.testing.assert_array_equal(to_numpy(state["m"][k]), moments[k])
+
+
 # ----------------------------------------------------------------------------- PTX: no float64
 PTX_SCRIPT = """
 from numba import cuda, float32

@@ -103,13 +103,13 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint(tmp_path, text_file, mon
 
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, text_file, monkeypatch):
-    original, calls = GPT.loss_and_grads, []
+    original, calls = GPT.device_loss_and_grads, []
 
     def poisoned(self, idx, targets, loss_mask=None, dropout=None):
         loss, grads = original(self, idx, targets, loss_mask, dropout)
         calls.append(1)
         return (float("nan") if len(calls) == 7 else loss), grads
-    monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
+    monkeypatch.setattr(GPT, "device_loss_and_grads", poisoned)   # what train_step calls
     with pytest.raises(ValueError, match=r"loss became nan .* at step 7; training stopped; the last good "
                                          r"checkpoint, .*ckpt-0000005, is kept: continue from it with a lower peak "
                                          r"rate, `tinylm pretrain --resume --out .* --lr 0.0015`"):

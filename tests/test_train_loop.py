@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tinylm.train.loop as train
-from tinylm import GPT
+from tinylm import GPT, Placement
 from tinylm.train.checkpoint import latest_checkpoint, load_model
 from tinylm.train.data import Dataset
 from tinylm.core.tokenizer import ByteTokenizer
@@ -323,13 +323,13 @@ def test_nan_after_resume_names_the_checkpoint_resumed_from_the_norm_and_out_dir
     out = str(tmp_path / "run")
     pretrain(out, tiny(text_file, max_steps=20), stop_at=5, progress=False)
     good = latest_checkpoint(out)
-    original, calls = GPT.loss_and_grads, []
+    original, calls = GPT.device_loss_and_grads, []
 
     def poisoned(self, idx, targets, loss_mask=None, dropout=None):
         loss, grads = original(self, idx, targets, loss_mask, dropout)
         calls.append(1)
         return (float("nan") if len(calls) == 2 else loss), grads
-    monkeypatch.setattr(GPT, "loss_and_grads", poisoned)
+    monkeypatch.setattr(GPT, "device_loss_and_grads", poisoned)   # what train_step calls
     with pytest.raises(ValueError) as error:
         pretrain(out, {}, resume=True, progress=False)
     norm = steps_seen[-1]["norm"]
@@ -360,10 +360,10 @@ def test_kernels_reach_the_model_of_a_new_and_a_resumed_run(tmp_path, text_file,
     out = str(tmp_path / "run")
     pretrain(out, tiny(text_file, max_steps=4, checkpoint_every=2), stop_at=2, progress=False)
     monkeypatch.setattr(train, "train_loop", lambda run, *args: run)      # the run as built, no steps
-    assert pretrain(out, {}, resume=True, kernels=True).model.kernels is True
+    assert pretrain(out, {}, resume=True, placement=Placement(kernels=True)).model.kernels is True
     assert pretrain(out, {}, resume=True).model.kernels is False
     fresh = str(tmp_path / "fresh")
-    assert pretrain(fresh, tiny(text_file, max_steps=4), kernels=True).model.kernels is True
+    assert pretrain(fresh, tiny(text_file, max_steps=4), placement=Placement(kernels=True)).model.kernels is True
     assert pretrain(str(tmp_path / "fresh2"), tiny(text_file, max_steps=4)).model.kernels is False
 
 

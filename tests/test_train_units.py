@@ -11,7 +11,7 @@ import pytest
 
 import tinylm.core.optim as optim
 import tinylm.train.loop as train
-from tinylm import GPT, GPTConfig
+from tinylm import GPT, GPTConfig, Placement
 from tinylm.train.checkpoint import STATE, latest_checkpoint
 from tinylm.core.optim import Schedule, adamw_init
 from tinylm.train.run_log import read_metrics
@@ -160,27 +160,27 @@ def saved_run(tmp_path, text_file):
 
 def test_new_run_uses_the_seed_and_kernels_and_refuses_an_existing_run(tmp_path, text_file):
     cfg = with_settings(TrainConfig(), {**tiny(text_file, 5), "seed": 5})
-    run = new_run(str(tmp_path / "a"), starting_point(cfg, {}), "cpu", kernels=True)   # the simulator (conftest)
+    run = new_run(str(tmp_path / "a"), starting_point(cfg, {}), Placement(kernels=True))   # the simulator (conftest)
     assert run.model.kernels is True
     fresh = GPT(cfg.model, seed=5)
     assert all(np.array_equal(p, fresh.params[k]) for k, p in run.model.params.items())
     out = saved_run(tmp_path, text_file)
     with pytest.raises(ValueError, match=r"already holds a run \(checkpoint at step 5\); pass --resume to "
                                          "continue it or --out to start a new one elsewhere$"):
-        new_run(out, starting_point(cfg, {}), "cpu")
+        new_run(out, starting_point(cfg, {}))
 
 
 def test_resumed_run_restores_the_saved_state_and_passes_kernels_on(tmp_path, text_file):
     out = saved_run(tmp_path, text_file)
     state = json.load(open(os.path.join(latest_checkpoint(out), STATE)))
-    run = resumed_run(out, {}, "cpu", kernels=True)
+    run = resumed_run(out, {}, Placement(kernels=True))
     assert run.model.kernels is True
     assert (run.step, run.loss, run.val_loss, run.data_sha256) == \
         (state["step"], state["loss"], state["val_loss"], state["data_sha256"])
     with pytest.raises(ValueError, match=f"^--resume continues the run saved in {out!r}, which has n_layer=2; "
                                          r"n_layer=3 would change it \(only max_steps, eval_every, "
                                          r"checkpoint_every, lr, min_lr may change\)$"):
-        resumed_run(out, {"n_layer": 3}, "cpu")
+        resumed_run(out, {"n_layer": 3})
 
 
 def test_resumed_run_names_the_state_file_of_a_bad_train_config(tmp_path, text_file):
@@ -190,12 +190,12 @@ def test_resumed_run_names_the_state_file_of_a_bad_train_config(tmp_path, text_f
     state["train_config"]["batch_size"] = 0
     json.dump(state, open(where, "w"))
     with pytest.raises(ValueError, match=f"^{where}: train_config"):
-        resumed_run(out, {}, "cpu")
+        resumed_run(out, {})
 
 
 def test_run_dataset_refuses_other_data_naming_it_and_splits_at_the_runs_fraction(tmp_path, text_file):
     out = saved_run(tmp_path, text_file)
-    run = resumed_run(out, {}, "cpu")
+    run = resumed_run(out, {})
     run.cfg = with_settings(run.cfg, {"val_fraction": 0.3})
     dataset = run_dataset(run)
     assert len(dataset.splits["val"]) == round(len(dataset.ids) * 0.3)

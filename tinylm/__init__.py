@@ -17,9 +17,9 @@ if not (_here / "kernels").is_dir() and (_checkout_kernels / "matmul.py").is_fil
     kernels = _sys.modules[_spec.name] = _util.module_from_spec(_spec)
 
 from .core.counting import count_params, flops_per_token
-from .core.model import GPT, GPTConfig, KVCache
+from .core.model import GPT, GPTConfig, KVCache, Placement
 from .core.optim import adamw_init, adamw_step, clip_grad_norm
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "count_params", "flops_per_token",
+__all__ = ["GPT", "GPTConfig", "KVCache", "Placement", "count_params", "flops_per_token",
            "adamw_init", "adamw_step", "clip_grad_norm"]
 __version__ = "0.1.0"

@@ -80,3 +80,9 @@ def add_layer_set_arguments(p, switch_note=""):
     p.add_argument("--reference", action="store_true",
                    help="on the CPU, run layers.py's NumPy layers instead of the fused ones of cpu_layers.py "
                         f"(same checkpoints{switch_note})")
+
+
+def placement(args):
+    """The model.Placement that add_layer_set_arguments' flags chose."""
+    from tinylm.core.model import Placement
+    return Placement(args.device, args.kernels, args.reference)

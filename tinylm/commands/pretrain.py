@@ -6,7 +6,7 @@ metrics.jsonl and (with --plot) loss.png to --out. Ctrl-C saves and exits; --res
 bit-for-bit."""
 from tinylm.core.config import DTYPES, MIXERS
 
-from .args import add_layer_set_arguments, at_least, positive, rate
+from .args import add_layer_set_arguments, at_least, placement, positive, rate
 from .terminal import note, progress_wanted
 
 DEFAULT_OUT = "runs/default"
@@ -72,9 +72,8 @@ def run(args):
     if not args.resume:
         for warning in with_settings(TrainConfig(), settings).warnings():
             note("pretrain", f"warning: {warning}")
-    result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, device=args.device,
-                      kernels=args.kernels, reference=args.reference, plot=args.plot,
-                      progress=progress_wanted(args.quiet))
+    result = pretrain(args.out, settings, resume=args.resume, stop_at=args.stop_at, placement=placement(args),
+                      plot=args.plot, progress=progress_wanted(args.quiet))
     summary = (f"step {result['step']}, "
                + (f"train loss {loss_text(result['loss'])}, " if result["loss"] is not None else "")
                + (f"validation loss {loss_text(result['val_loss'])}, " if result["val_loss"] is not None else "")

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from .args import add_layer_set_arguments, at_least, positive, probability
+from .args import add_layer_set_arguments, at_least, placement, positive, probability
 from .pretrain import DEFAULT_OUT
 from .terminal import note
 
@@ -42,8 +42,7 @@ def run(args):
     from tinylm.core.tokenizer import load_tokenizer
     if args.checkpoint == DEFAULT_OUT and not os.path.isdir(DEFAULT_OUT):
         raise ValueError(f"no run in {DEFAULT_OUT} yet: train one with `tinylm pretrain`, or name a checkpoint")
-    model, ckpt_dir, state = load_model(args.checkpoint, device=args.device, kernels=args.kernels,
-                                        reference=args.reference)
+    model, ckpt_dir, state = load_model(args.checkpoint, placement(args))
     tokenizer = load_tokenizer(ckpt_dir, model.config.vocab_size)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:

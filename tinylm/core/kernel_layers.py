@@ -9,20 +9,25 @@ NumPy/CuPy layers (GPT(config, kernels=True)):
     flash attention      kernels.flash_attention_*   (attention="auto" picks it at every T)
     cross-entropy        kernels.softmax_cross_entropy: one pass gives nll and the unit-weight gradient
     selective scan       kernels.selective_scan_*
-    AdamW                kernels.adamw_update
+    AdamW                kernels.adamw_update (one tensor); the optimizer step: kernels.sum_of_squares and
+                         kernels.adamw_flat over one flat Arena of every parameter (clip_and_adamw)
 
 Naive attention (generation with a KV cache, or attention="naive") and the embedding's backward stay
 the reference's (layers.py), on the array library. The arrays are CuPy on a GPU, or NumPy under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1),
 which runs the same kernels on the CPU, one Python thread per CUDA thread.
 """
+import contextlib
+import inspect
+import math
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 from numba import config as numba_config
 
-from . import layers
-from .backend import array_module
-from ..kernels import flash_attention as flash, fused, selective_scan
+from . import layers, optim
+from .backend import array_module, to_numpy
+from ..kernels import flash_attention as flash, fused, launch, selective_scan
 from ..kernels.matmul import matmul
 from .layer_sets import layer_set
 from .layers import merge_heads, merge_qkv_grads, split_heads
@@ -34,6 +39,7 @@ MATMUL_LAUNCH = {"tile": (16, 32, 16, 16, 32, 1, 1)} if SIMULATOR else {}   # on
 FLASH_LAUNCH = {"blocks": flash.Tiles(8, 4, 4, 2)} if SIMULATOR else {}   # 8 threads
 ROW_LAUNCH = {"threads": 2} if SIMULATOR else {}
 ELEMENTWISE_LAUNCH = {"threads": 32} if SIMULATOR else {}
+REDUCE_LAUNCH = {"threads": 2, "blocks": 4} if SIMULATOR else {}
 
 
 def check_usable(device, dtype):
@@ -170,6 +176,139 @@ def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay
     fused.adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay, **ELEMENTWISE_LAUNCH)
 
 
+# ----------------------------------------------------------------------------- the optimizer step
+# Reads from the device to the host made by the kernel path's optimizer step, each through to_host:
+# counting_host_reads() lists them (tests/test_kernel_launches.py asserts one per training step).
+_host_reads = []
+
+
+def to_host(x, what):
+    """A NumPy copy of device array x: the host waits for the device here (a synchronisation)."""
+    for reads in _host_reads:
+        reads.append(what)
+    return to_numpy(x)
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Yield a list that receives the name of every to_host read made inside the block."""
+    reads = []
+    _host_reads.append(reads)
+    try:
+        yield reads
+    finally:
+        _host_reads.remove(reads)
+
+
+ALIGN = 64          # floats (256 bytes): every tensor's view starts aligned, so matmul keeps its LDG.128
+
+
+class Arena(NamedTuple):
+    """Every parameter, its gradient and both moments as views of four flat float32 buffers (N,), so
+    one launch updates them all. Numba kernels take arrays, not pointer tables (and the simulator has
+    no raw pointers), so the tensors are moved into one buffer instead. The decayed tensors come
+    first: weight decay is `i < n_decay`, no per-element mask. Gaps between tensors (the alignment)
+    stay zero in p, g, m and v, where AdamW leaves them zero."""
+    p: object
+    g: object
+    m: object
+    v: object
+    n_decay: int
+    slices: dict                    # name -> (start, stop) in the flat buffers
+    views: tuple                    # (params views, m views, v views): the dicts' arrays, if unchanged
+    hyper: object                   # (8,) float32, fused.LR ... MAX_NORM, written by the host per step
+    stats: object                   # (2,) float32, fused.SUM_SQ and LOSS, read by the host once per step
+
+
+def make_arena(params, state):
+    """Move params and state's moments into a new Arena and point the dicts at its views (in place:
+    model.params and state["m"], state["v"] keep their keys and order; the values are copied once)."""
+    xp = array_module(next(iter(params.values())))
+    names = sorted(params, key=lambda k: not optim.decays(k, params[k].shape))    # stable: decayed first
+    slices, n, n_decay = {}, 0, 0
+    for name in names:
+        slices[name] = (n, n + params[name].size)
+        n = -(-(n + params[name].size) // ALIGN) * ALIGN
+        if optim.decays(name, params[name].shape):
+            n_decay = n
+    flats = [xp.zeros(n, dtype=np.float32) for _ in range(4)]
+    views = []
+    for flat, tensors in zip((flats[0], flats[2], flats[3]), (params, state["m"], state["v"])):
+        for name, (start, stop) in slices.items():
+            flat[start:stop] = tensors[name].reshape(-1)
+            tensors[name] = flat[start:stop].reshape(params[name].shape)
+        views.append(dict(tensors))
+    return Arena(*flats, n_decay, slices, tuple(views),
+                 xp.zeros(8, dtype=np.float32), xp.zeros(2, dtype=np.float32))
+
+
+_arenas = weakref.WeakKeyDictionary()       # model -> its Arena, gone with the model
+
+
+def arena_for(model, state):
+    """The model's Arena, made anew when params or moments are not its views any more (a first step,
+    a resumed state, params assigned from outside)."""
+    arena = _arenas.get(model)
+    dicts = (model.params, state["m"], state["v"])
+    if arena is None or any(set(d) != set(views) or any(d[k] is not views[k] for k in d)
+                            for d, views in zip(dicts, arena.views)):
+        arena = _arenas[model] = make_arena(model.params, state)
+    return arena
+
+
+def hyperparameters(lr, step, grad_clip, weight_decay, betas=(0.9, 0.95), eps=1e-8):
+    """The host side of fused.adamw_flat's hyper (8,): the bias corrections in float64 as
+    optim.adamw_update computes them, then rounded to float32 once."""
+    beta1, beta2 = betas
+    hyper = [lr, beta1, beta2, eps, weight_decay, 1 - beta1 ** step, 1 - beta2 ** step,
+             math.inf if grad_clip is None else grad_clip]
+    return np.array(hyper, dtype=np.float32)
+
+
+def enqueue_update(arena, grads, loss):
+    """The device half of the step, with no host read (what a CUDA graph captures): gather the
+    gradients into the flat g, stats = (Σ g², loss), then the clipped, guarded AdamW over all of it."""
+    xp = array_module(arena.g)
+    for name, (start, stop) in arena.slices.items():
+        xp.copyto(arena.g[start:stop], grads[name].reshape(-1))
+    arena.stats[fused.SUM_SQ] = 0.0
+    arena.stats[fused.LOSS] = loss          # a 0-d device array: a device-to-device copy
+    fused.sum_of_squares(arena.g, arena.stats, **REDUCE_LAUNCH)
+    fused.adamw_flat(arena.p, arena.g, arena.m, arena.v, arena.n_decay, arena.hyper, arena.stats,
+                     **ELEMENTWISE_LAUNCH)
+
+
+def read_step(arena, state):
+    """The host half: the step's one read (loss and Σ g² together) -> (loss, norm, stepped); the
+    kernel made the same finiteness test, so the host counts the step exactly when the weights moved."""
+    sum_sq, loss = (float(x) for x in to_host(arena.stats, "loss and Σ g²"))
+    norm = math.sqrt(sum_sq)
+    stepped = math.isfinite(loss) and math.isfinite(norm)
+    if stepped:
+        state["step"] += 1
+    return loss, norm, stepped
+
+
+def copy_to_device(device, host):
+    """device[...] = host (a small host-to-device copy: no wait on the device)."""
+    if isinstance(device, np.ndarray):
+        device[...] = host
+    else:
+        device.set(host)
+
+
+def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss):
+    """optim.clip_and_adamw on the device: Σ g² (one launch), then clip, guard and AdamW over every
+    parameter (one launch), then one host read of (loss, Σ g²) -> (loss, norm, stepped). The norm is
+    summed in float32 (the reference sums in float64) and the grads dict is not scaled in place (the
+    kernel scales each gradient as it reads it)."""
+    optim.check_grads(model.params, grads)
+    arena = arena_for(model, state)
+    copy_to_device(arena.hyper, hyperparameters(lr, state["step"] + 1, grad_clip, weight_decay))
+    enqueue_update(arena, grads, loss)
+    return read_step(arena, state)
+
+
 LAYERS = layer_set(
     linear_forward=linear_forward,
     lm_head_forward=lm_head_forward, lm_loss_forward=lm_loss_forward,
@@ -177,5 +316,99 @@ LAYERS = layer_set(
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
-    adamw_update=adamw_update,
+    adamw_update=adamw_update, clip_and_adamw=clip_and_adamw,
     auto_flash_from=1)
+
+
+# ----------------------------------------------------------------------------- the step as a CUDA graph
+def launches_on_the_stream(function):
+    """Whether a kernel entry point passes launch.stream() (fused.py and selective_scan.py do; matmul.py
+    and flash_attention.py, edited on other branches, still launch on the legacy stream, where a launch
+    races a non-blocking stream and breaks a capture)."""
+    return "stream()" in inspect.getsource(function)
+
+
+def legacy_stream_modules():
+    """The kernel modules of the step whose entry points do not launch on launch.stream() yet."""
+    return sorted({f.__module__ for f in (matmul, flash.flash_attention_forward, flash.flash_attention_backward)
+                   if not launches_on_the_stream(f)})
+
+
+@contextlib.contextmanager
+def checked_on_the_host(model):
+    """The model's batch checks off inside the block: GraphStep runs them on the host batch before
+    the upload, and on the device copy each min/max would be a read back, an error while capturing."""
+    model.check_idx = model.check_targets = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.check_idx, model.check_targets
+
+
+class GraphStep:
+    """optim.train_step (no dropout) as one CUDA graph, captured on the second call and replayed after:
+    one non-default CuPy stream that the Numba kernels launch on too (cuda.external_stream), the batch
+    copied into static device buffers, the step's temporaries from a private memory pool (the graph
+    holds their addresses: nothing else may allocate them), lr and the bias corrections in the arena's
+    hyper, and the one host read after the replay. A GPU only, and not measured yet (bench/gpu_step.py
+    compares it with the eager step). Every call must pass the same batch shape.
+
+        step = GraphStep(model, opt_state);  result = step(idx, targets, schedule)   # an optim.Step
+    """
+
+    def __init__(self, model, opt_state, grad_clip=1.0, weight_decay=0.1):
+        if SIMULATOR or model.xp is np:
+            raise RuntimeError("GraphStep captures a CUDA graph and needs a GPU (GPT(..., device='cuda', "
+                               "kernels=True)); the CUDA simulator cannot capture: use optim.train_step")
+        if legacy_stream_modules():
+            raise NotImplementedError(f"GraphStep: {legacy_stream_modules()} launch on the legacy stream; each "
+                                      "launch there must pass launch.stream() (`kernel[grid, threads, stream()]`) first")
+        import cupy
+        from numba import cuda
+        # Numba synchronises on the stream a CuPy array's __cuda_array_interface__ names, once per kernel
+        # argument: a host wait per launch, and an error while capturing. One stream orders all of it.
+        numba_config.CUDA_ARRAY_INTERFACE_SYNC = False
+        self.model, self.state, self.grad_clip, self.weight_decay = model, opt_state, grad_clip, weight_decay
+        self.cupy, self.stream = cupy, cupy.cuda.Stream(non_blocking=True)
+        self.numba_stream = cuda.external_stream(self.stream.ptr)
+        self.pool = cupy.cuda.MemoryPool()
+        self.arena = self.inputs = self.graph = None
+        self.calls = 0
+
+    def enqueue(self):
+        """The device work of one step on the static inputs, on the stream, from the private pool."""
+        idx, targets, weights = self.inputs
+        with launch.on_stream(self.numba_stream), self.cupy.cuda.using_allocator(self.pool.malloc), \
+                checked_on_the_host(self.model):
+            loss, grads = self.model.weighted_nll_sum_and_grads(idx, targets, weights)
+            enqueue_update(self.arena, grads, loss)
+
+    def __call__(self, idx, targets, schedule, loss_mask=None):
+        model, xp = self.model, self.model.xp
+        model.check_idx(idx)
+        weights = model.mean_weights(idx, targets, loss_mask).astype(np.float32)   # checks targets
+        lr = schedule(self.state["step"])
+        arena = arena_for(model, self.state)
+        if self.arena is None:
+            self.arena = arena
+            self.inputs = [xp.empty(a.shape, dtype=a.dtype) for a in (np.asarray(idx), np.asarray(targets), weights)]
+        if arena is not self.arena:
+            raise RuntimeError("GraphStep: the params or moments were replaced since the capture; make a new GraphStep")
+        if self.inputs[0].shape != np.shape(idx):
+            raise ValueError(f"GraphStep replays batches of shape {self.inputs[0].shape}, got {np.shape(idx)}")
+        with self.stream:
+            for device, host in zip(self.inputs, (idx, targets, weights)):
+                device.set(np.ascontiguousarray(host, dtype=device.dtype), stream=self.stream)
+            arena.hyper.set(hyperparameters(lr, self.state["step"] + 1, self.grad_clip, self.weight_decay),
+                            stream=self.stream)
+            if self.calls == 0:
+                self.enqueue()                 # eagerly: compiles every kernel, fills the private pool
+            else:
+                if self.graph is None:         # the same allocations again, now from the pool's free blocks
+                    self.stream.begin_capture()
+                    self.enqueue()
+                    self.graph = self.stream.end_capture()
+                self.graph.launch(self.stream)
+            loss, norm, stepped = read_step(arena, self.state)    # the one host read: waits for the stream
+        self.calls += 1
+        return optim.Step(loss, norm, lr, stepped)

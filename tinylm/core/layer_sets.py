@@ -12,7 +12,7 @@ from .flash_attention import flash_attention_backward, flash_attention_forward
 from .layers import (Layers, attention_backward, attention_forward, embedding_backward, gelu_backward,
                      gelu_forward, layernorm_backward, layernorm_forward, linear_backward, linear_forward,
                      lm_head_backward, lm_head_forward, lm_loss_backward, lm_loss_forward)
-from .optim import adamw_update, sum_of_squares
+from .optim import adamw_update, clip_and_adamw, sum_of_squares
 from .ssm import selective_scan_backward, selective_scan_forward
 
 # "auto" attention switches to the blocked flash of flash_attention.py from FLASH_MIN_T positions on
@@ -27,7 +27,7 @@ REFERENCE = Layers(
     attention_forward=attention_forward, attention_backward=attention_backward,
     flash_attention_forward=flash_attention_forward, flash_attention_backward=flash_attention_backward,
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
-    adamw_update=adamw_update, sum_of_squares=sum_of_squares,
+    adamw_update=adamw_update, sum_of_squares=sum_of_squares, clip_and_adamw=clip_and_adamw,
     auto_flash_from=FLASH_MIN_T, block_decode=None)
 
 

@@ -374,7 +374,8 @@ class Layers(NamedTuple):
     construction (model.layers_for) from the registry of tinylm/core/layer_sets.py: layer_sets.REFERENCE
     (this module's pairs, on NumPy or CuPy arrays) or a set made by layer_set(**provided) from it.
     Parameters are float arrays; adamw_update(p, g, m, v, lr, step, betas, eps, weight_decay)
-    updates one tensor in place."""
+    updates one tensor in place; clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss)
+    -> (loss, norm, stepped) is the whole optimizer step (optim.clip_and_adamw, which uses the two)."""
     embedding_backward: Callable
     linear_forward: Callable
     linear_backward: Callable
@@ -394,6 +395,7 @@ class Layers(NamedTuple):
     selective_scan_backward: Callable
     adamw_update: Callable
     sum_of_squares: Callable              # Σ g² of one gradient (float64), for the clipping norm
+    clip_and_adamw: Callable              # clip + guard + AdamW over every parameter (optim.optimizer_step)
     auto_flash_from: float                # attention="auto" runs flash from this T on (inf: never)
     block_decode: Callable                # a whole block for one new token with a KV cache, or None:
                                           # the model composes the pairs above (model.block_forward)

@@ -14,16 +14,26 @@ state-space layer of ssm.py. Parameters are named as Hugging Face's GPT-2 keys w
 `model.params` (an ssm model's `h.{i}.ssm.*` have no GPT-2 counterpart).
 """
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from .backend import get_xp, to_numpy
+from .backend import array_module, get_xp, to_numpy
 from .config import ATTENTIONS, DTYPES, FLASH_MIN_T, MIXERS, GPTConfig, check_int  # noqa: F401  (re-exported)
 from .hf import load_hf, save_hf
 from .layer_sets import REFERENCE as ARRAY_LAYERS
 from .layers import dropout_backward, dropout_forward, embedding_forward
 from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
+
+
+class Placement(NamedTuple):
+    """Where a model runs and on which layer set: chosen together, so passed on together (training,
+    checkpoint loading and the commands take one Placement, not three arguments). device "cpu"
+    (NumPy) or "cuda" (CuPy); kernels: every layer on the Numba CUDA kernels (None: the device's
+    default, True on "cuda"); reference: on the CPU, layers.py's readable set instead of cpu_layers.py's."""
+    device: str = "cpu"
+    kernels: Optional[bool] = None
+    reference: bool = False
 
 
 def layers_for(device, kernels, dtype, reference=False):
@@ -320,6 +330,7 @@ class GPT:
         past = 0 if kv_cache is None else len(kv_cache)
         self.check_idx(idx, past=past)
         xp, p = self.xp, self.params
+        idx = xp.asarray(idx)          # checked where it came from: a host batch costs the GPU no read back
         tok, c_tok = embedding_forward(idx, p["wte.weight"])
         pos, c_pos = embedding_forward(xp.arange(past, past + idx.shape[1]), p["wpe.weight"])
         x, c_drop = drop_forward(tok + pos, dropout, xp)
@@ -367,6 +378,7 @@ class GPT:
         that `nll_backward` needs (dropout: a Dropout at training time)."""
         self.check_targets(idx, targets)
         z, c_trunk = self.hidden(idx, dropout=dropout)
+        targets = self.xp.asarray(targets)
         # The head and the loss as one pair: a set may fuse them (no B·T×V logits on the fast CPU set).
         nll, c_loss = self.layers.lm_loss_forward(z, self.params["wte.weight"], targets)
         return nll, NllCache(c_trunk, c_loss)
@@ -379,11 +391,17 @@ class GPT:
     def weighted_nll_and_grads(self, idx, targets, weights, dropout=None):
         """loss = Σ weights · nll and its gradients; weights (B, T). The policy gradient and DPO use
         this with per-token weights; the LM loss is the special case weights = mask / count."""
+        loss, grads = self.weighted_nll_sum_and_grads(idx, targets, weights, dropout)
+        return float(loss), grads
+
+    def weighted_nll_sum_and_grads(self, idx, targets, weights, dropout=None):
+        """weighted_nll_and_grads with the loss left a 0-d array on the model's device, unread: a GPU
+        step reads it once, with the gradient norm (optim.train_step)."""
         nll, cache = self.token_nll(idx, targets, dropout)
         weights = self.xp.asarray(weights, dtype=nll.dtype)
         if weights.shape != nll.shape:
             raise ValueError(f"weights shape {tuple(weights.shape)} differs from idx shape {tuple(nll.shape)}")
-        return float((weights * nll).sum()), self.nll_backward(weights, cache)
+        return (weights * nll).sum(), self.nll_backward(weights, cache)
 
     def mean_weights(self, idx, targets, loss_mask=None):
         """Per-position weights (B, T) that turn Σ weights·nll into the mean over the positions that
@@ -391,7 +409,7 @@ class GPT:
         self.check_targets(idx, targets)
         counts = (targets >= 0).astype(self.config.dtype)
         if loss_mask is not None:
-            loss_mask = self.xp.asarray(loss_mask)
+            loss_mask = array_module(counts).asarray(loss_mask)       # on the targets' side: host or device
             if loss_mask.shape != idx.shape:
                 raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} differs from idx shape {tuple(idx.shape)}")
             counts = counts * loss_mask
@@ -404,6 +422,10 @@ class GPT:
         """Mean cross-entropy over the positions that count (loss_mask 1 and target != −1), and
         the gradient of every parameter (same keys as params). dropout: a Dropout (training only)."""
         return self.weighted_nll_and_grads(idx, targets, self.mean_weights(idx, targets, loss_mask), dropout)
+
+    def device_loss_and_grads(self, idx, targets, loss_mask=None, dropout=None):
+        """loss_and_grads with the loss a 0-d array not yet read (see weighted_nll_sum_and_grads)."""
+        return self.weighted_nll_sum_and_grads(idx, targets, self.mean_weights(idx, targets, loss_mask), dropout)
 
     def loss(self, idx, targets, loss_mask=None):
         """The loss alone (no backward): the same mean as loss_and_grads."""
@@ -419,8 +441,12 @@ class GPT:
 
     # ------------------------------------------------------------------ copies and checkpoints
     def copy(self):
-        return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()},
-                   kernels=self.kernels, reference=self.reference)
+        return GPT(self.config, params={k: v.copy() for k, v in self.params.items()}, **self.placement._asdict())
+
+    @property
+    def placement(self):
+        """The Placement this model was built with (kernels resolved to True or False)."""
+        return Placement(self.device, self.kernels, self.reference)
 
     def numpy_params(self):
         return {k: to_numpy(v) for k, v in self.params.items()}

@@ -49,14 +49,18 @@ def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay
     p -= (lr / (1 - beta1 ** step)) * m / ((v / (1 - beta2 ** step)) ** 0.5 + eps)
 
 
+def check_grads(params, grads):
+    if set(grads) != set(params):
+        missing, extra = sorted(set(params) - set(grads)), sorted(set(grads) - set(params))
+        raise ValueError(f"grads must have the params' keys; missing {missing[:5]}, unexpected {extra[:5]}")
+
+
 def adamw_step(params, grads, state, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay=decays,
                update=adamw_update):
     """One AdamW step over every parameter, in place (see adamw_update), with weight decay only
     where decay(name, shape). `update` is the per-tensor update: adamw_update here, or the model's
     (model.layers.adamw_update: the AdamW kernel on the kernel path)."""
-    if set(grads) != set(params):
-        missing, extra = sorted(set(params) - set(grads)), sorted(set(grads) - set(params))
-        raise ValueError(f"grads must have the params' keys; missing {missing[:5]}, unexpected {extra[:5]}")
+    check_grads(params, grads)
     state["step"] += 1
     for name, p in params.items():
         wd = weight_decay if decay(name, p.shape) else 0.0
@@ -121,20 +125,29 @@ class Step(NamedTuple):
     stepped: bool
 
 
-def optimizer_step(model, grads, state, schedule, grad_clip=1.0, weight_decay=0.1, loss=0.0):
-    """clip the global gradient norm to grad_clip (None: no clipping) -> AdamW at schedule(state's
-    step) over model.params, through the model's layer set (model.layers.adamw_update: the CUDA
-    kernel on the kernel path) -> Step.
-
-    If the loss or the gradient norm is not finite the parameters and optimizer state are left
-    untouched (one bad batch must not poison every weight); the caller sees Step.stepped and decides.
-    The norm's per-tensor Σ g² is the layer set's too (model.layers.sum_of_squares).
-    model: anything with .params and .layers (a GPT, a RewardModel)."""
-    lr = schedule(state["step"])
+def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss):
+    """The reference of Layers.clip_and_adamw: clip_grad_norm (one host read of the norm), the guard,
+    then adamw_step with the set's per-tensor update (model.layers.adamw_update, sum_of_squares).
+    loss: a float, or a 0-d array not yet read. -> (loss, norm, stepped) as floats and a bool.
+    The kernel set's (kernel_layers.clip_and_adamw) does all three on the device in two launches."""
+    loss = float(loss)
     norm = clip_grad_norm(grads, grad_clip, model.layers.sum_of_squares)
     stepped = math.isfinite(loss) and math.isfinite(norm)
     if stepped:
         adamw_step(model.params, grads, state, lr, weight_decay=weight_decay, update=model.layers.adamw_update)
+    return loss, norm, stepped
+
+
+def optimizer_step(model, grads, state, schedule, grad_clip=1.0, weight_decay=0.1, loss=0.0):
+    """clip the global gradient norm to grad_clip (None: no clipping) -> AdamW at schedule(state's
+    step) over model.params, through the model's layer set (model.layers.clip_and_adamw: on the
+    kernel path one Σ g² kernel and one multi-tensor AdamW kernel, with one host read) -> Step.
+
+    If the loss or the gradient norm is not finite the parameters and optimizer state are left
+    untouched (one bad batch must not poison every weight); the caller sees Step.stepped and decides.
+    model: anything with .params and .layers (a GPT, a RewardModel); loss: a float or a 0-d array."""
+    lr = schedule(state["step"])
+    loss, norm, stepped = model.layers.clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss)
     return Step(loss, norm, lr, stepped)
 
 
@@ -142,6 +155,8 @@ def train_step(model, opt_state, idx, targets, schedule, grad_clip=1.0, loss_mas
                dropout=None):
     """One next-token step on a batch: loss_and_grads (with model.Dropout `dropout`, if any) ->
     optimizer_step (clip, AdamW at the schedule's rate; nothing moves if the loss or gradient norm
-    is not finite) -> optim.Step."""
-    loss, grads = model.loss_and_grads(idx, targets, loss_mask, dropout)
+    is not finite) -> optim.Step. The loss stays on the device until optimizer_step reads it (with
+    the norm, in one read on the kernel path). idx, targets: host arrays keep the model's checks of
+    them off the device (on CuPy arrays each min/max check is a read back)."""
+    loss, grads = model.device_loss_and_grads(idx, targets, loss_mask, dropout)
     return optimizer_step(model, grads, opt_state, schedule, grad_clip, weight_decay, loss)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.backend import to_numpy
 from ..core.config import GPTConfig
-from ..core.model import GPT, check_tensors, param_shapes
+from ..core.model import GPT, Placement, check_tensors, param_shapes
 
 FORMAT_VERSION = 1
 POINTER = "checkpoint.json"
@@ -256,19 +256,19 @@ def read_trainer_state(ckpt_dir):
     return check_keys(read_json(path), STATE_KEYS, path)
 
 
-def load_model(path, device="cpu", dtype=None, kernels=None, reference=False):
+def load_model(path, placement=Placement(), dtype=None):
     """-> (model, ckpt_dir, trainer_state or None) from a run, a tinylm checkpoint or a Hugging
-    Face GPT-2 directory. The dtype defaults to the saved one (float32 for Hugging Face)."""
+    Face GPT-2 directory, built on `placement`. The dtype defaults to the saved one (float32 for
+    Hugging Face)."""
     ckpt_dir = resolve(path)
     if not is_tinylm_checkpoint(ckpt_dir):
-        return (GPT.from_pretrained(ckpt_dir, dtype=dtype or "float32", device=device, kernels=kernels,
-                                    reference=reference), ckpt_dir, None)
+        return GPT.from_pretrained(ckpt_dir, dtype=dtype or "float32", **placement._asdict()), ckpt_dir, None
     config, params = load_weights(ckpt_dir, dtype)
     state = read_trainer_state(ckpt_dir) if os.path.lexists(os.path.join(ckpt_dir, STATE)) else None
-    return GPT(config, device=device, params=params, kernels=kernels, reference=reference), ckpt_dir, state
+    return GPT(config, params=params, **placement._asdict()), ckpt_dir, state
 
 
-def load_training_checkpoint(run_dir, device="cpu", kernels=None, reference=False):
+def load_training_checkpoint(run_dir, placement=Placement()):
     """-> (model, opt_state, trainer_state) to resume a run exactly."""
     if latest_checkpoint(run_dir) is None:
         raise ValueError(f"cannot resume: {run_dir!r} has no {POINTER} (no checkpoint was saved there)")
@@ -276,7 +276,7 @@ def load_training_checkpoint(run_dir, device="cpu", kernels=None, reference=Fals
     if not is_tinylm_checkpoint(ckpt_dir):
         raise ValueError(f"cannot resume from {ckpt_dir!r}: its {CONFIG} has no format_version (written by an "
                          "older tinylm); sample from it, or start a new run")
-    model, _, state = load_model(run_dir, device, kernels=kernels, reference=reference)
+    model, _, state = load_model(run_dir, placement)
     if state is None:
         raise ValueError(f"cannot resume from {ckpt_dir!r}: it has no {STATE}")
     shapes = param_shapes(model.config)

@@ -18,7 +18,7 @@ from .checkpoint import (LOCK, POINTER, STATE, RunLock, clean_stale, latest_chec
                          load_training_checkpoint, no_symlink, read_trainer_state, save_checkpoint)
 from .data import Dataset, load_ids
 from .metrics import estimate_loss, perplexity
-from ..core.model import GPT, Dropout
+from ..core.model import GPT, Dropout, Placement
 from ..core.optim import adamw_init, train_step
 from .run_log import METRICS, PLOT, MetricsLog, plot_metrics
 from ..core.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_files
@@ -110,19 +110,19 @@ def starting_point(cfg, settings):
                  load_tokenizer(ckpt_dir, model.config.vocab_size), tokenizer_files(ckpt_dir))
 
 
-def new_run(out_dir, start, device, kernels=None, reference=False):
+def new_run(out_dir, start, placement=Placement()):
     if latest_checkpoint(out_dir) is not None:
         raise ValueError(f"{out_dir!r} already holds a run (checkpoint at step "
                          f"{read_trainer_state(latest_checkpoint(out_dir))['step']}); pass --resume to "
                          "continue it or --out to start a new one elsewhere")
     cfg = start.cfg
-    model = GPT(cfg.model, seed=cfg.seed, device=device, params=start.params, kernels=kernels, reference=reference)
+    model = GPT(cfg.model, seed=cfg.seed, params=start.params, **placement._asdict())
     return Run(cfg, model, adamw_init(model.params), np.random.default_rng(cfg.seed),
                tokenizer=start.tokenizer, tokenizer_files=start.tokenizer_files)
 
 
-def resumed_run(out_dir, settings, device, kernels=None, reference=False):
-    model, opt_state, state = load_training_checkpoint(out_dir, device, kernels, reference)
+def resumed_run(out_dir, settings, placement=Placement()):
+    model, opt_state, state = load_training_checkpoint(out_dir, placement)
     where = os.path.join(latest_checkpoint(out_dir), STATE)
     saved = TrainConfig.from_dict(state["train_config"], f"{where}: train_config")
     if saved.model != model.config:
@@ -155,15 +155,14 @@ def check_stop_at(stop_at, step, max_steps):
                          f"at most max_steps), got {stop_at}")
 
 
-def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", plot=False, progress=True,
-             kernels=None, reference=False):
+def pretrain(out_dir, settings=None, resume=False, stop_at=None, placement=Placement(), plot=False, progress=True):
     """Train a new run in out_dir with with_settings(TrainConfig(), settings), or resume the run
     there (settings may then change only RESUMABLE_CHANGES). stop_at: end early after that step,
     with a checkpoint, keeping the schedule planned for max_steps (resume later). Returns a summary
     dict with "status": "done", "stopped" (reached stop_at) or "interrupted" (Ctrl-C), and step /
     losses / checkpoint / elapsed_s. The run holds out_dir's lock throughout: one writer per run.
-    reference: on the CPU, layers.py's set instead of cpu_layers.py's (GPT's `reference`). Either set
-    reads and writes the same checkpoints, so a run may switch on resume; resume is bit for bit
+    placement: the model's device and layer set (model.Placement; with reference=True, on the CPU,
+    layers.py's set instead of cpu_layers.py's). Every set reads and writes the same checkpoints, so a run may switch on resume; resume is bit for bit
     within one set at a fixed thread count, while a switch continues within rounding.
 
     Raises ValueError for bad input (before anything is written) and when the loss stops being
@@ -186,11 +185,11 @@ def pretrain(out_dir, settings=None, resume=False, stop_at=None, device="cpu", p
     with RunLock(out_dir):
         clean_stale(out_dir)
         if resume:
-            run = resumed_run(out_dir, settings, device, kernels, reference)
+            run = resumed_run(out_dir, settings, placement)
             check_stop_at(stop_at, run.step, run.cfg.max_steps)
             dataset = run_dataset(run)
         else:
-            run = new_run(out_dir, start, device, kernels, reference)
+            run = new_run(out_dir, start, placement)
             run.data_sha256 = data_fingerprint(ids)
         return train_loop(run, dataset, out_dir, resume, stop_at, plot, progress)
 
@@ -212,7 +211,8 @@ def train_loop(run, dataset, out_dir, resume, stop_at, plot, progress):
             while run.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 idx, targets = dataset.get_batch("train", cfg.batch_size, run.rng)
-                result = train_step(model, run.opt_state, model.xp.asarray(idx), model.xp.asarray(targets), schedule,
+                # Host batches: the model checks them on the host and uploads them (no read back on a GPU).
+                result = train_step(model, run.opt_state, idx, targets, schedule,
                                     cfg.grad_clip, weight_decay=cfg.weight_decay, dropout=dropout)
                 if not result.stepped:                  # nothing moved: stop, keeping the last good checkpoint
                     raise ValueError(nan_stop_message(result.loss, result.grad_norm, run.step + 1, ckpt_dir, out_dir,
