@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from numba import config, cuda
 
+from tinylm import GPT, GPTConfig
 from tinylm.backend import to_numpy
 from tinylm.kernels import matmul_tf32 as mt
 from tinylm.kernels import tensor_core as tc
@@ -160,3 +161,33 @@ def test_fragment_loads_are_one_pass_and_the_counter_sees_a_conflict():
     tile = mt.DEFAULT_TILE
     assert fragment_passes(tile.BM, mt.PAD) == fragment_passes(tile.BN, mt.PAD) == 1
     assert fragment_passes(tile.BM, 4) == 2            # matmul.py's padding of 4 words would conflict
+
+
+# ----------------------------------------------------------------------------- the model flag
+TINY = dict(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=16)
+
+
+@pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="a CPU model: the simulator's arrays")
+def test_gpt_tf32_3x_trains_like_exact_fp32():
+    """GPT(config, kernels=True, tf32="3x") runs the tensor-core set, and its loss and gradients match
+    the float64 reference model's to float32 level (measured 5e-7; the exact FP32 set's 3e-7); the
+    default stays the exact FP32 set."""
+    from tinylm import kernel_layers
+    config64 = GPTConfig(**TINY, dtype="float64")
+    reference = GPT(config64, device="cpu", kernels=False, reference=True, seed=4)
+    model = GPT(GPTConfig(**TINY), device="cpu", kernels=True, tf32="3x", seed=4)
+    assert model.layers is kernel_layers.LAYERS_3XTF32 and model.copy().layers is kernel_layers.LAYERS_3XTF32
+    assert GPT(GPTConfig(**TINY), device="cpu", kernels=True).layers is kernel_layers.LAYERS
+    idx, targets = np.random.default_rng(5).integers(0, TINY["vocab_size"], size=(2, 2, 5))
+    loss, grads = model.loss_and_grads(idx, targets)
+    loss64, grads64 = reference.loss_and_grads(idx, targets)
+    assert abs(loss - loss64) < 1e-6 * abs(loss64)
+    for name, g64 in grads64.items():
+        assert rel_error(grads[name], to_numpy(g64)) < 2e-6, name
+
+
+def test_tf32_flag_is_checked():
+    with pytest.raises(ValueError, match="needs kernels=True"):
+        GPT(GPTConfig(**TINY), device="cpu", kernels=False, tf32="3x")
+    with pytest.raises(ValueError, match="tf32 must be"):
+        GPT(GPTConfig(**TINY), device="cpu", kernels=True, tf32="1x")

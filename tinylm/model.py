@@ -26,16 +26,21 @@ from .layers import dropout_backward, dropout_forward, embedding_forward
 from .ssm import ssm_init_param, ssm_mixer_backward, ssm_mixer_forward, ssm_param_shapes, ssm_state
 
 
-def layers_for(device, kernels, dtype, reference=False):
+def layers_for(device, kernels, dtype, reference=False, tf32=None):
     """The layer set a model runs, chosen once at construction so the model code never branches on
     it: the Numba CUDA kernels (kernel_layers.LAYERS); on the CPU the fused Numba set of cpu_layers.py,
     or with reference=True the readable one of layers.py (layer_sets.REFERENCE), which the fast set is
     tested against. On CuPy (cuBLAS) "auto" attention stays naive at every T: the blocked flash of
-    flash_attention.py is written for NumPy and would cost a GPU thousands of tiny launches."""
+    flash_attention.py is written for NumPy and would cost a GPU thousands of tiny launches.
+    tf32="3x" (kernels only) puts the kernels' GEMMs on the tensor cores (kernel_layers.LAYERS_3XTF32)."""
+    if tf32 not in (None, "3x"):
+        raise ValueError(f"tf32 must be None (exact FP32) or '3x' (the 3xTF32 tensor-core GEMMs), got {tf32!r}")
+    if tf32 and not kernels:
+        raise ValueError("tf32='3x' runs the kernels' tensor-core GEMM: it needs kernels=True")
     if kernels:
         from . import kernel_layers          # loads numba.cuda: only when the kernels are asked for
         kernel_layers.check_usable(device, dtype)
-        return kernel_layers.LAYERS
+        return kernel_layers.LAYERS_3XTF32 if tf32 else kernel_layers.LAYERS
     if device == "cpu" and not reference:
         from . import cpu_layers             # compiles (or loads from Numba's cache) on first use
         return cpu_layers.LAYERS
@@ -183,9 +188,11 @@ class GPT:
     layers are cpu_layers.py's fused ones unless reference=True asks for layers.py's (the lesson, and
     what the fast set is tested against); checkpoints are the same either way. model.layers is the
     set chosen, and model.layers.adamw_update the matching per-tensor AdamW for optim.adamw_step.
+    tf32="3x" (opt-in, with the kernels) runs the linear layers and LM head on the tensor cores with
+    the 3xTF32 split (kernels/matmul_tf32.py, FP32-level error); the default None is exact FP32.
     """
 
-    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None, reference=False):
+    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None, reference=False, tf32=None):
         if kernels not in (None, True, False):
             raise ValueError(f"kernels must be True, False or None (the device's default), got {kernels!r}")
         self.config = config
@@ -193,7 +200,8 @@ class GPT:
         self.xp = get_xp(device)
         self.kernels = device == "cuda" if kernels is None else kernels
         self.reference = reference
-        self.layers = layers_for(device, self.kernels, config.dtype, reference)
+        self.tf32 = tf32
+        self.layers = layers_for(device, self.kernels, config.dtype, reference, tf32)
         params = init_params(config, seed) if params is None else params
         self.params = {k: self.xp.asarray(v, dtype=config.dtype) for k, v in params.items()}
         # The token mixer of every block, chosen once: the block code doesn't branch on it.
@@ -415,7 +423,7 @@ class GPT:
     # ------------------------------------------------------------------ copies and checkpoints
     def copy(self):
         return GPT(self.config, device=self.device, params={k: v.copy() for k, v in self.params.items()},
-                   kernels=self.kernels, reference=self.reference)
+                   kernels=self.kernels, reference=self.reference, tf32=self.tf32)
 
     def numpy_params(self):
         return {k: to_numpy(v) for k, v in self.params.items()}
