@@ -316,19 +316,22 @@ def matmul(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE):
 NAMES = {(False, False): "AB", (False, True): "ABᵀ", (True, False): "AᵀB", (True, True): "AᵀBᵀ"}
 
 
-def kernels_and_signatures():
-    """(name, kernel, signature) for every specialisation the model launches, at DEFAULT_TILE, with
-    the C-contiguous layout its arrays have (for kernels.ptx_check and kernels.report). The model
-    uses AB, ABᵀ and AᵀB; 'scalar' builds serve row lengths not a multiple of 4 (a vocabulary of
-    50,257 in the LM head's backward)."""
+def builds(prefix, kernel_for, tile):
+    """(name, kernel, signature) for every GEMM specialisation the model launches, with the
+    C-contiguous layout its arrays have: AB, ABᵀ and AᵀB, each with 128-bit and scalar loads."""
     C2 = "float32[:, ::1]"
     for (trans_a, trans_b), name in NAMES.items():
         if (trans_a, trans_b) == (True, True):
             continue
         for vec in (True, False):
-            yield (f"matmul {name}" + ("" if vec else " scalar"),
-                   matmul_kernel_for(DEFAULT_TILE, trans_a, trans_b, vec),
+            yield (f"{prefix} {name}" + ("" if vec else " scalar"), kernel_for(tile, trans_a, trans_b, vec),
                    f"void({C2}, {C2}, {C2}, int32, int32, int32)")
+
+
+def kernels_and_signatures():
+    """builds() at DEFAULT_TILE (for kernels.ptx_check and kernels.report). 'scalar' builds serve row
+    lengths not a multiple of 4 (a vocabulary of 50,257 in the LM head's backward)."""
+    return builds("matmul", matmul_kernel_for, DEFAULT_TILE)
 
 
 def launch_threads():

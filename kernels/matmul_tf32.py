@@ -28,7 +28,7 @@ import numpy as np
 from numba import config, cuda, float32, int32
 
 from .launch import empty, n_blocks
-from .matmul import NAMES, SUB, make_slice_copy, operands, vector_loads_fit
+from .matmul import SUB, builds, make_slice_copy, operands, vector_loads_fit
 from .tensor_core import a_position, b_position, c_position, mma_tf32, tf32_round
 
 
@@ -203,16 +203,8 @@ def matmul_tf32(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE, passes=3)
 
 
 def kernels_and_signatures():
-    """(name, kernel, signature) of every 3xTF32 specialisation a tf32="3x" model launches, at
-    DEFAULT_TILE, for kernels.ptx_check and kernels.report (as matmul.kernels_and_signatures)."""
-    C2 = "float32[:, ::1]"
-    for (trans_a, trans_b), name in NAMES.items():
-        if (trans_a, trans_b) == (True, True):
-            continue
-        for vec in (True, False):
-            yield (f"matmul 3xtf32 {name}" + ("" if vec else " scalar"),
-                   matmul_tf32_kernel_for(DEFAULT_TILE, trans_a, trans_b, vec),
-                   f"void({C2}, {C2}, {C2}, int32, int32, int32)")
+    """The 3xTF32 builds a tf32="3x" model launches, at DEFAULT_TILE (as matmul.kernels_and_signatures)."""
+    return builds("matmul 3xtf32", matmul_tf32_kernel_for, DEFAULT_TILE)
 
 
 def launch_threads():
