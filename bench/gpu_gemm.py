@@ -1,4 +1,4 @@
-"""The GEMM rows: kernels.matmul, cuBLAS, and the SGEMM ladder of bench/gpu_ladder.py, each checked
+"""The GEMM rows: kernels.matmul, its opt-in 3xTF32 tensor-core twin kernels.matmul_tf32, cuBLAS, and the SGEMM ladder of bench/gpu_ladder.py, each checked
 against float64 and reported in GFLOP/s."""
 import numpy as np
 
@@ -34,8 +34,12 @@ def cublas_matmul(xp):
 
 
 def section_matmul(run):
+    """kernels.matmul (exact FP32 SIMT), then the opt-in tensor-core kernels.matmul_tf32 (3xTF32,
+    the "numba 3xtf32" rows: issue 21.4's target is >= 1.5× cuBLAS FP32 within 1e-5 of float64)."""
     from tinylm.kernels.matmul import matmul
+    from tinylm.kernels.matmul_tf32 import matmul_tf32
     matmul_rows(run, "numba", matmul)
+    matmul_rows(run, "numba 3xtf32", matmul_tf32)
 
 
 

@@ -3,7 +3,8 @@
     env        GPU, driver, CUDA runtime, library versions as imported, NVVM, a one-element Numba kernel
     baselines  cuBLAS SGEMM (cupy.matmul, CUPY_TF32 unset), the unfused CuPy attention (tinylm.core.layers),
                torch's scaled_dot_product_attention in float32 with TF32 off
-    matmul     kernels.matmul at 1024³, 2048³, 4096³ and the two transposes at 4096
+    matmul     kernels.matmul at 1024³, 2048³, 4096³ and the two transposes at 4096; the same cases
+               for kernels.matmul_tf32 (3xTF32 on the tensor cores, opt-in), method "numba 3xtf32"
     ladder     the SGEMM ladder of bench/gpu_ladder.py, every rung at 4096³ (cuBLAS is in baselines)
     train      one training step: GPT-2 small with kernels=True vs kernels=False, and the core bench step
                (bench/train_step.py's defaults) on the GPU vs this machine's CPU, measured here

@@ -83,12 +83,16 @@ def matmul_table(results):
         if cublas is None:
             break
         numba = find(results, "matmul", method="numba", case=cublas["case"])
+        tf32 = find(results, "matmul", method="numba 3xtf32", case=cublas["case"])
         body.append([cublas["case"], cell(cublas, "gflops", ".0f"), cell(numba, "gflops", ".0f"),
                      ratio(value(numba, "gflops"), value(cublas, "gflops"), ".1%", ""),
                      cell(cublas, "fp32_peak", ".1%"), cell(numba, "fp32_peak", ".1%"),
-                     cell(cublas, "rel_err", ".1e"), cell(numba, "rel_err", ".1e"), cell(numba, "first_call_s", ".1f")])
+                     cell(cublas, "rel_err", ".1e"), cell(numba, "rel_err", ".1e"), cell(numba, "first_call_s", ".1f"),
+                     cell(tf32, "gflops", ".0f"), ratio(value(tf32, "gflops"), value(cublas, "gflops"), ".2f"),
+                     cell(tf32, "rel_err", ".1e")])
     return table(["case", "cuBLAS GFLOP/s", "numba GFLOP/s", "numba/cuBLAS", "cuBLAS % FP32 peak",
-                  "numba % FP32 peak", "cuBLAS err", "numba err", "numba 1st call s"], body)
+                  "numba % FP32 peak", "cuBLAS err", "numba err", "numba 1st call s", "3xTF32 GFLOP/s",
+                  "3xTF32/cuBLAS", "3xTF32 err"], body)
 
 
 def ladder_table(results):
@@ -153,6 +157,9 @@ def targets(results):
 
     matmul = ratio(value(find(results, "matmul", method="numba", case=big), "gflops"),
                    value(find(results, "matmul", method="cublas", case=big), "gflops"), ".3f", "")
+    tf32_row = find(results, "matmul", method="numba 3xtf32", case=big)
+    tf32 = ratio(value(tf32_row, "gflops"), value(find(results, "matmul", method="cublas", case=big), "gflops"),
+                 ".3f", "")
     unfused = ratio(value(find(results, "attention", T=T, method="cupy unfused"), "fb_ms"), flash_fb, ".3f", "")
     torch = ratio(flash_fb, value(find(results, "attention", T=T, method="torch sdpa"), "fb_ms"), ".3f", "")
     memory = (ratio(value(find(results, "attention", T=seqs[-1], method="numba flash"), "peak_mib"),
@@ -164,6 +171,8 @@ def targets(results):
     number = (lambda text: None if text == "not measured" else float(text))
     lines = [f"{TARGETS} (side by side in this run):",
              check(f"matmul {big}: numba / cuBLAS", matmul, ">= 0.90", number(matmul) and number(matmul) >= 0.9),
+             check(f"matmul {big}: numba 3xTF32 / cuBLAS FP32 (rel err {cell(tf32_row, 'rel_err', '.1e')})", tf32,
+                   ">= 1.5 at rel err <= 1e-5", number(tf32) and number(tf32) >= 1.5 and value(tf32_row, "rel_err") <= 1e-5),
              check(f"flash fwd+bwd at T={T}: speed vs unfused CuPy", unfused, ">= 1.5",
                    number(unfused) and number(unfused) >= 1.5),
              check(f"flash fwd+bwd at T={T}: time / torch SDPA", torch, "<= 1.2", number(torch) and number(torch) <= 1.2),

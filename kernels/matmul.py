@@ -98,6 +98,56 @@ def check_tile(tile):
                          f"(BM·BK, BN·BK words) must be whole 4-word chunks for the {threads} threads")
 
 
+def make_slice_copy(width, along_k, THREADS, BK, VEC, pad=PAD):
+    """A slice copy of one operand, global -> registers -> shared, for a block of THREADS threads:
+    fetch: this thread's chunks of the slice at k0 into registers; place: registers -> the k-major
+    shared slice `buf` (rows of width + pad words). The stored matrix is X (n_rows, K) (along_k) or
+    Xᵀ (K, n_rows), ld its row length. (kernels/matmul_tf32.py's kernel copies with it too.)"""
+    chunks = width * BK // (SUB * THREADS)
+    chunk_at = cuda.jit(device=True)(copy_chunk)
+
+    @cuda.jit(device=True)
+    def fetch(src, ld, start, n_rows, k0, K, stage, checked):
+        # Offsets: a 32-bit part fixed for the whole K walk, plus the slice's start in 64 bits.
+        k_start = int64(k0) if along_k else int64(int32(k0 * ld))
+        for t in range(chunks):
+            kk, r = chunk_at(int32(cuda.threadIdx.x) + int32(t * THREADS), width, BK, along_k)
+            for q in range(SUB):          # zero the words past K (only the checked tail slice has any)
+                stage[t * SUB + q] = float32(0.0)
+            if along_k:                   # 4 k of one row; past the edge, a valid row (its outputs unused)
+                offset = int64(int32(min(start + r, n_rows - 1) * ld + kk)) + k_start
+                if VEC and not checked:
+                    stage[t * SUB], stage[t * SUB + 1], stage[t * SUB + 2], stage[t * SUB + 3] = \
+                        load4_global(src, offset)
+                else:
+                    for q in range(SUB):
+                        if not checked or k0 + kk + q < K:
+                            stage[t * SUB + q] = load_global(src, offset + q)
+            elif not checked or k0 + kk < K:   # 4 rows of one k
+                if VEC and not checked:   # n_rows = ld is a multiple of 4: the clamp keeps alignment
+                    offset = int64(int32(kk * ld + min(start + r, n_rows - SUB))) + k_start
+                    stage[t * SUB], stage[t * SUB + 1], stage[t * SUB + 2], stage[t * SUB + 3] = \
+                        load4_global(src, offset)
+                else:
+                    for q in range(SUB):
+                        offset = int64(int32(kk * ld + min(start + r + q, n_rows - 1))) + k_start
+                        stage[t * SUB + q] = load_global(src, offset)
+
+    @cuda.jit(device=True)
+    def place(dst, buf, stage):
+        for t in range(chunks):
+            kk, r = chunk_at(int32(cuda.threadIdx.x) + int32(t * THREADS), width, BK, along_k)
+            # 64-bit from here: the + q·(width + pad) below fold into the stores' immediates
+            base = int64(int32((buf * BK + kk) * (width + pad) + r))
+            if along_k:                   # 4 k of one row: a column of the k-major slice
+                for q in range(SUB):
+                    store_shared(dst, base + q * (width + pad), stage[t * SUB + q])
+            else:
+                store4_shared(dst, base, stage[t * SUB], stage[t * SUB + 1], stage[t * SUB + 2],
+                              stage[t * SUB + 3])
+    return fetch, place
+
+
 def make_matmul_kernel(tile, trans_a, trans_b, VEC):
     """Compile-time tile, transposes and load width are closure constants: fixed shapes and loops."""
     BM, BN, BK, WM, WN, WMITER, WNITER = tile
@@ -109,54 +159,9 @@ def make_matmul_kernel(tile, trans_a, trans_b, VEC):
     A_CHUNKS, B_CHUNKS = BM * BK // (SUB * THREADS), BN * BK // (SUB * THREADS)
     A_STAGE, B_STAGE = A_CHUNKS * SUB, B_CHUNKS * SUB  # words of the next slice each thread holds
     origin = cuda.jit(device=True)(lane_origin)
-    chunk_at = cuda.jit(device=True)(copy_chunk)
 
-    def make_copy(width, along_k, chunks):
-        """fetch: this thread's chunks of the slice at k0 into registers; place: registers -> shared.
-        The stored matrix is X (n_rows, K) (along_k) or Xᵀ (K, n_rows), ld its row length."""
-        @cuda.jit(device=True)
-        def fetch(src, ld, start, n_rows, k0, K, stage, checked):
-            # Offsets: a 32-bit part fixed for the whole K walk, plus the slice's start in 64 bits.
-            k_start = int64(k0) if along_k else int64(int32(k0 * ld))
-            for t in range(chunks):
-                kk, r = chunk_at(int32(cuda.threadIdx.x) + int32(t * THREADS), width, BK, along_k)
-                for q in range(SUB):          # zero the words past K (only the checked tail slice has any)
-                    stage[t * SUB + q] = float32(0.0)
-                if along_k:                   # 4 k of one row; past the edge, a valid row (its outputs unused)
-                    offset = int64(int32(min(start + r, n_rows - 1) * ld + kk)) + k_start
-                    if VEC and not checked:
-                        stage[t * SUB], stage[t * SUB + 1], stage[t * SUB + 2], stage[t * SUB + 3] = \
-                            load4_global(src, offset)
-                    else:
-                        for q in range(SUB):
-                            if not checked or k0 + kk + q < K:
-                                stage[t * SUB + q] = load_global(src, offset + q)
-                elif not checked or k0 + kk < K:   # 4 rows of one k
-                    if VEC and not checked:   # n_rows = ld is a multiple of 4: the clamp keeps alignment
-                        offset = int64(int32(kk * ld + min(start + r, n_rows - SUB))) + k_start
-                        stage[t * SUB], stage[t * SUB + 1], stage[t * SUB + 2], stage[t * SUB + 3] = \
-                            load4_global(src, offset)
-                    else:
-                        for q in range(SUB):
-                            offset = int64(int32(kk * ld + min(start + r + q, n_rows - 1))) + k_start
-                            stage[t * SUB + q] = load_global(src, offset)
-
-        @cuda.jit(device=True)
-        def place(dst, buf, stage):
-            for t in range(chunks):
-                kk, r = chunk_at(int32(cuda.threadIdx.x) + int32(t * THREADS), width, BK, along_k)
-                # 64-bit from here: the + q·(width + PAD) below fold into the stores' immediates
-                base = int64(int32((buf * BK + kk) * (width + PAD) + r))
-                if along_k:                   # 4 k of one row: a column of the k-major slice
-                    for q in range(SUB):
-                        store_shared(dst, base + q * (width + PAD), stage[t * SUB + q])
-                else:
-                    store4_shared(dst, base, stage[t * SUB], stage[t * SUB + 1], stage[t * SUB + 2],
-                                  stage[t * SUB + 3])
-        return fetch, place
-
-    fetch_a, place_a = make_copy(BM, not trans_a, A_CHUNKS)
-    fetch_b, place_b = make_copy(BN, trans_b, B_CHUNKS)
+    fetch_a, place_a = make_slice_copy(BM, not trans_a, THREADS, BK, VEC)
+    fetch_b, place_b = make_slice_copy(BN, trans_b, THREADS, BK, VEC)
 
     @cuda.jit(device=True)
     def multiply_k(As, Bs, a_row, b_row, acc, a_frag, b_frag):
@@ -279,10 +284,8 @@ def vector_loads_fit(*stored):
     return all(x.shape[1] % SUB == 0 and _address(x) % 16 == 0 for x in stored)
 
 
-def matmul(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE):
-    """op(a) @ op(b) for 2-D float32 arrays, op = transpose where asked (read in place, no copy).
-
-    a (M, K) or, with trans_a, (K, M); b (K, N) or, with trans_b, (N, K) -> c (M, N)."""
+def operands(a, b, trans_a, trans_b):
+    """A GEMM's operands checked -> ((a, trans_a, b, trans_b) as stored, C-contiguous; (M, N, K))."""
     check_float32(a=a, b=b)
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"matmul takes 2-D arrays, got a {a.shape} and b {b.shape}")
@@ -293,8 +296,14 @@ def matmul(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE):
     if max(a.size, b.size, M * N) >= 2 ** 31:
         raise ValueError(f"matmul indexes with 32-bit offsets: ({M}, {K}) @ ({K}, {N}) has an array of 2³¹ "
                          "elements or more; split it")
-    a, trans_a = _as_stored(a, trans_a)
-    b, trans_b = _as_stored(b, trans_b)
+    return (*_as_stored(a, trans_a), *_as_stored(b, trans_b)), (M, N, K)
+
+
+def matmul(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE):
+    """op(a) @ op(b) for 2-D float32 arrays, op = transpose where asked (read in place, no copy).
+
+    a (M, K) or, with trans_a, (K, M); b (K, N) or, with trans_b, (N, K) -> c (M, N)."""
+    (a, trans_a, b, trans_b), (M, N, K) = operands(a, b, trans_a, trans_b)
     c = empty((M, N), like=a)
     if M == 0 or N == 0:
         return c
@@ -307,19 +316,22 @@ def matmul(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE):
 NAMES = {(False, False): "AB", (False, True): "ABᵀ", (True, False): "AᵀB", (True, True): "AᵀBᵀ"}
 
 
-def kernels_and_signatures():
-    """(name, kernel, signature) for every specialisation the model launches, at DEFAULT_TILE, with
-    the C-contiguous layout its arrays have (for kernels.ptx_check and kernels.report). The model
-    uses AB, ABᵀ and AᵀB; 'scalar' builds serve row lengths not a multiple of 4 (a vocabulary of
-    50,257 in the LM head's backward)."""
+def builds(prefix, kernel_for, tile):
+    """(name, kernel, signature) for every GEMM specialisation the model launches, with the
+    C-contiguous layout its arrays have: AB, ABᵀ and AᵀB, each with 128-bit and scalar loads."""
     C2 = "float32[:, ::1]"
     for (trans_a, trans_b), name in NAMES.items():
         if (trans_a, trans_b) == (True, True):
             continue
         for vec in (True, False):
-            yield (f"matmul {name}" + ("" if vec else " scalar"),
-                   matmul_kernel_for(DEFAULT_TILE, trans_a, trans_b, vec),
+            yield (f"{prefix} {name}" + ("" if vec else " scalar"), kernel_for(tile, trans_a, trans_b, vec),
                    f"void({C2}, {C2}, {C2}, int32, int32, int32)")
+
+
+def kernels_and_signatures():
+    """builds() at DEFAULT_TILE (for kernels.ptx_check and kernels.report). 'scalar' builds serve row
+    lengths not a multiple of 4 (a vocabulary of 50,257 in the LM head's backward)."""
+    return builds("matmul", matmul_kernel_for, DEFAULT_TILE)
 
 
 def launch_threads():

@@ -11,13 +11,14 @@ from types import SimpleNamespace
 
 from numba import cuda
 
-from . import flash_attention, fused, selective_scan
+from . import flash_attention, fused, matmul_tf32, selective_scan
 from .matmul import kernels_and_signatures as matmul_kernels_and_signatures
 
 
 def kernels_and_signatures():
     """(name, Python function, signature) for every kernel at its default sizes."""
     yield from matmul_kernels_and_signatures()
+    yield from matmul_tf32.kernels_and_signatures()
     yield from flash_attention.kernels_and_signatures()
     yield from fused.kernels_and_signatures()
     yield from selective_scan.kernels_and_signatures()

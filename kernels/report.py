@@ -9,9 +9,10 @@ Numba (NVVM), assemble with the ptxas of the same CUDA wheels (`pip install '.[t
 disassemble the cubin with nvdisasm. One row per kernel: registers, spill bytes, stack (local
 memory) bytes, static shared bytes, resident blocks per SM at its launch size (H100: 65,536
 registers, 227 KB shared per block, 2,048 threads, 32 blocks), the FFMA share of its main loop
-(the backward-branch loop with the most FFMA) and that loop's instruction mix (FFMA, scalar and
-128-bit shared loads, global loads, barriers, warp shuffles, integer arithmetic, all instructions),
-and the number of float64 PTX instructions (must be 0). Then every budget of kernels/budgets.toml is checked
+(the backward-branch loop with the most FFMA or HMMA) and that loop's instruction mix (FFMA, HMMA
+on the tensor cores, scalar and 128-bit shared loads, global loads, barriers, warp shuffles, integer
+arithmetic, all instructions), and the number of float64 PTX instructions (must be 0). Then every
+budget of kernels/budgets.toml is checked
 (--check: exit 1 on a miss; tests/test_kernel_report.py asserts none is missed).
 """
 import argparse
@@ -77,23 +78,25 @@ def loops(sass):
 
 
 def main_loop(sass):
-    """The loop with the most FFMA, as a Counter of its full opcodes (FFMA, LDS.128, ...), or None."""
+    """The loop with the most math (FFMA, or tensor-core HMMA), as a Counter of its full opcodes
+    (FFMA, LDS.128, HMMA.1688.F32.TF32, ...), or None."""
     candidates = loops(sass)
     if not candidates:
         return None
-    return max(candidates, key=lambda c: sum(n for op, n in c.items() if op.startswith("FFMA")))
+    return max(candidates, key=lambda c: sum(n for op, n in c.items() if op.startswith(("FFMA", "HMMA"))))
 
 
 INTEGER = ("IMAD", "IADD", "IADD3", "VIADD", "LEA", "SHF", "LOP3", "ISETP", "SEL", "IMNMX", "VIMNMX", "IABS")
 
 
 def instruction_mix(loop):
-    """The main loop's instruction counts by kind: FFMA, shared loads (scalar and 128-bit), global
-    loads, barriers, warp shuffles, integer arithmetic (uniform-datapath U* forms included), and the
-    total."""
+    """The main loop's instruction counts by kind: FFMA, tensor-core HMMA, shared loads (scalar and
+    128-bit), global loads, barriers, warp shuffles, integer arithmetic (uniform-datapath U* forms
+    included), and the total."""
     count = lambda test: sum(n for op, n in loop.items() if test(op))  # noqa: E731
     base = lambda op: op.split(".")[0]                                 # noqa: E731
     return {"ffma": count(lambda op: base(op) == "FFMA"),
+            "hmma": count(lambda op: base(op) == "HMMA"),
             "lds": count(lambda op: base(op) == "LDS" and ".128" not in op),
             "lds128": count(lambda op: base(op) == "LDS" and ".128" in op),
             "ldg": count(lambda op: base(op) == "LDG"),
@@ -167,7 +170,7 @@ def launch_threads():
     """{kernel name: threads per block} where the kernel module says it."""
     import importlib
     threads = {}
-    for module in ("matmul", "flash_attention"):
+    for module in ("matmul", "matmul_tf32", "flash_attention"):
         mod = importlib.import_module(f".{module}", __package__)
         if hasattr(mod, "launch_threads"):
             threads.update(mod.launch_threads())
@@ -210,16 +213,18 @@ def main(argv=None):
     return 1 if misses and args.check else 0
 
 
-HEADER = (f"{'kernel':<22}{'regs':>5}{'spill':>6}{'stack':>6}{'shared':>7}{'thr':>5}{'blk/SM':>7}{'f64':>4}"
-          f"  main loop:{'FFMA%':>6}{'FFMA':>6}{'LDS':>5}{'LDS128':>7}{'LDG':>5}{'BAR':>4}{'SHFL':>5}{'INT':>5}{'all':>6}")
+HEADER = (f"{'kernel':<26}{'regs':>5}{'spill':>6}{'stack':>6}{'shared':>7}{'thr':>5}{'blk/SM':>7}{'f64':>4}"
+          f"  main loop:{'FFMA%':>6}{'FFMA':>6}{'HMMA':>5}{'LDS':>5}{'LDS128':>7}{'LDG':>5}{'BAR':>4}{'SHFL':>5}"
+          f"{'INT':>5}{'all':>6}")
 
 
 def table_line(r):
     mix = r["main_loop"]
     loop = (f"{100 * r['main_loop_ffma']:>6.1f}" + "".join(f"{mix[k]:>{w}}" for k, w in
-            (("ffma", 6), ("lds", 5), ("lds128", 7), ("ldg", 5), ("bar", 4), ("shfl", 5), ("int", 5), ("total", 6)))
+            (("ffma", 6), ("hmma", 5), ("lds", 5), ("lds128", 7), ("ldg", 5), ("bar", 4), ("shfl", 5), ("int", 5),
+             ("total", 6)))
             if mix else f"{'-':>6}")
-    return (f"{r['kernel']:<22}{r['registers']:>5}{r['spill_bytes']:>6}{r['stack_bytes']:>6}{r['shared_bytes']:>7}"
+    return (f"{r['kernel']:<26}{r['registers']:>5}{r['spill_bytes']:>6}{r['stack_bytes']:>6}{r['shared_bytes']:>7}"
             f"{r['threads'] or '-':>5}{r['blocks_per_sm'] or '-':>7}{r['f64']:>4}            {loop}")
 
 

@@ -36,8 +36,8 @@ def listed_builds():
     return builds
 
 
-def dispatched_builds(mixer):
-    model = GPT(GPTConfig(**TINY, mixer=mixer), device="cpu", kernels=True, seed=1)
+def dispatched_builds(mixer, tf32=None):
+    model = GPT(GPTConfig(**TINY, mixer=mixer), device="cpu", kernels=True, tf32=tf32, seed=1)
     rng = np.random.default_rng(0)
     idx, targets = rng.integers(0, TINY["vocab_size"], size=(2, 2, 3))
     with recording_launches() as launches:
@@ -46,9 +46,9 @@ def dispatched_builds(mixer):
 
 
 @simulator_only
-@pytest.mark.parametrize("mixer", ["attention", "ssm"])
-def test_the_report_compiles_every_build_a_training_step_dispatches(mixer):
-    dispatched, listed = dispatched_builds(mixer), listed_builds()
+@pytest.mark.parametrize("mixer,tf32", [("attention", None), ("ssm", None), ("attention", "3x")])
+def test_the_report_compiles_every_build_a_training_step_dispatches(mixer, tf32):
+    dispatched, listed = dispatched_builds(mixer, tf32), listed_builds()
     assert dispatched - listed == set(), sorted(dispatched - listed)
     # the comparison can fail: the 'A'-layout matmul the old report compiled is not what runs
     any_layout = ("matmul_kernel", ("array(float32, 2d, A)",) * 3 + ("int64",) * 3)
@@ -71,6 +71,7 @@ def test_over_budget_names_each_miss_and_a_budget_that_matches_nothing():
 def test_every_kernel_meets_its_budgets_in_sm90_machine_code(tmp_path):
     """`python -m tinylm.kernels.report --check`: every budget in kernels/budgets.toml met (matmul: main
     loop >= 85% FFMA, operands by LDS.128 only, 1 barrier per slice, 0 spills, >= 2 blocks per SM;
+    its opt-in 3xTF32 build: >= 96 HMMA and no FFMA a slice, 0 spills;
     flash: no local memory at head_dim 64 and 128; no float64 anywhere). Skips (saying why) where
     the CUDA wheels are not installed."""
     if report.tools() is None:
@@ -83,4 +84,9 @@ def test_every_kernel_meets_its_budgets_in_sm90_machine_code(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())}
     assert {"matmul AB", "matmul ABᵀ", "matmul AᵀB"} <= set(rows)
+    tensor_core = [r for name, r in rows.items() if name.startswith("matmul 3xtf32")]   # issue 21.4
+    assert len(tensor_core) == 6 and all(r["main_loop"]["hmma"] >= 96 and r["main_loop"]["ffma"] == 0
+                                         for r in tensor_core)
+    assert all((r["main_loop"] or {}).get("hmma", 0) == 0 for name, r in rows.items()
+               if not name.startswith("matmul 3xtf32"))
     assert all(r["signature"].startswith("void(float32[:, ::1]") for name, r in rows.items() if name.startswith("matmul"))

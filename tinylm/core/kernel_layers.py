@@ -4,7 +4,9 @@ reaches them. Each pair keeps layers.py's contract (`x_forward(...) -> (out, cac
 below, so a model holding it runs every layer on the kernels with the very code that runs the
 NumPy/CuPy layers (GPT(config, kernels=True)):
 
-    linear, LM head      kernels.matmul (trans_a / trans_b read the stored array in place)
+    linear, LM head      kernels.matmul (trans_a / trans_b read the stored array in place); with
+                         GPT(..., tf32="3x") kernels.matmul_tf32 instead (LAYERS_3XTF32): the
+                         tensor cores with the 3xTF32 split, opt-in
     layernorm, GELU      kernels.layernorm_*, kernels.gelu_*   (tinylm's layernorm eps passed in)
     flash attention      kernels.flash_attention_*   (attention="auto" picks it at every T)
     cross-entropy        kernels.softmax_cross_entropy: one pass gives nll and the unit-weight gradient
@@ -20,6 +22,7 @@ import contextlib
 import inspect
 import math
 import weakref
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +32,7 @@ from . import layers, optim
 from .backend import array_module, to_numpy
 from ..kernels import flash_attention as flash, fused, launch, selective_scan
 from ..kernels.matmul import matmul
+from ..kernels.matmul_tf32 import matmul_tf32
 from .layer_sets import layer_set
 from .layers import merge_heads, merge_qkv_grads, split_heads
 
@@ -36,6 +40,7 @@ from .layers import merge_heads, merge_qkv_grads, split_heads
 # more per block, so there the same kernels run with small blocks: a tiny model's step takes seconds.
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
 MATMUL_LAUNCH = {"tile": (16, 32, 16, 16, 32, 1, 1)} if SIMULATOR else {}   # one warp
+MATMUL_TF32_LAUNCH = {"tile": (16, 8, 16, 16, 8)} if SIMULATOR else {}       # one warp, one mma tile
 FLASH_LAUNCH = {"blocks": flash.Tiles(8, 4, 4, 2)} if SIMULATOR else {}   # 8 threads
 ROW_LAUNCH = {"threads": 2} if SIMULATOR else {}
 ELEMENTWISE_LAUNCH = {"threads": 32} if SIMULATOR else {}
@@ -64,15 +69,21 @@ def gemm(a, b, trans_a=False, trans_b=False):
     return matmul(xp.ascontiguousarray(a), xp.ascontiguousarray(b), trans_a, trans_b, **MATMUL_LAUNCH)
 
 
-def linear_forward(x, weight, bias=None):
+def gemm_3xtf32(a, b, trans_a=False, trans_b=False):
+    """gemm on the tensor cores (kernels.matmul_tf32, the 3xTF32 split: FP32-level error)."""
+    xp = array_module(a)
+    return matmul_tf32(xp.ascontiguousarray(a), xp.ascontiguousarray(b), trans_a, trans_b, **MATMUL_TF32_LAUNCH)
+
+
+def linear_forward(x, weight, bias=None, gemm=gemm):
     return layers.linear_forward(x, weight, bias, gemm)
 
 
-def lm_head_forward(z, wte):
+def lm_head_forward(z, wte, gemm=gemm):
     return layers.lm_head_forward(z, wte, gemm)
 
 
-def lm_loss_forward(z, wte, targets):
+def lm_loss_forward(z, wte, targets, gemm=gemm):
     """layers.lm_loss_forward on the matmul and cross-entropy kernels (lm_loss_backward is layers.py's:
     its cache names the backwards to run)."""
     return layers.lm_loss_forward(z, wte, targets, gemm, (cross_entropy_forward, cross_entropy_backward))
@@ -318,6 +329,11 @@ LAYERS = layer_set(
     selective_scan_forward=selective_scan_forward, selective_scan_backward=selective_scan_backward,
     adamw_update=adamw_update, clip_and_adamw=clip_and_adamw,
     auto_flash_from=1)
+
+# GPT(..., tf32="3x"): the same set with every linear layer and the LM head on the tensor cores (the
+# backwards follow: LinearCache keeps the gemm its forward used).
+LAYERS_3XTF32 = LAYERS._replace(**{name: partial(getattr(LAYERS, name), gemm=gemm_3xtf32)
+                                  for name in ("linear_forward", "lm_head_forward", "lm_loss_forward")})
 
 
 # ----------------------------------------------------------------------------- the step as a CUDA graph

@@ -30,22 +30,29 @@ class Placement(NamedTuple):
     """Where a model runs and on which layer set: chosen together, so passed on together (training,
     checkpoint loading and the commands take one Placement, not three arguments). device "cpu"
     (NumPy) or "cuda" (CuPy); kernels: every layer on the Numba CUDA kernels (None: the device's
-    default, True on "cuda"); reference: on the CPU, layers.py's readable set instead of cpu_layers.py's."""
+    default, True on "cuda"); reference: on the CPU, layers.py's readable set instead of cpu_layers.py's;
+    tf32: "3x" puts the kernels' GEMMs on the tensor cores (None: exact FP32)."""
     device: str = "cpu"
     kernels: Optional[bool] = None
     reference: bool = False
+    tf32: Optional[str] = None
 
 
-def layers_for(device, kernels, dtype, reference=False):
+def layers_for(device, kernels, dtype, reference=False, tf32=None):
     """The layer set a model runs, chosen once at construction so the model code never branches on
     it: the Numba CUDA kernels (kernel_layers.LAYERS); on the CPU the fused Numba set of cpu_layers.py,
     or with reference=True the readable one of layers.py (layer_sets.REFERENCE), which the fast set is
     tested against. On CuPy (cuBLAS) "auto" attention stays naive at every T: the blocked flash of
-    flash_attention.py is written for NumPy and would cost a GPU thousands of tiny launches."""
+    flash_attention.py is written for NumPy and would cost a GPU thousands of tiny launches.
+    tf32="3x" (kernels only) puts the kernels' GEMMs on the tensor cores (kernel_layers.LAYERS_3XTF32)."""
+    if tf32 not in (None, "3x"):
+        raise ValueError(f"tf32 must be None (exact FP32) or '3x' (the 3xTF32 tensor-core GEMMs), got {tf32!r}")
+    if tf32 and not kernels:
+        raise ValueError("tf32='3x' runs the kernels' tensor-core GEMM: it needs kernels=True")
     if kernels:
         from . import kernel_layers          # loads numba.cuda: only when the kernels are asked for
         kernel_layers.check_usable(device, dtype)
-        return kernel_layers.LAYERS
+        return kernel_layers.LAYERS_3XTF32 if tf32 else kernel_layers.LAYERS
     if device == "cpu" and not reference:
         from . import cpu_layers             # compiles (or loads from Numba's cache) on first use
         return cpu_layers.LAYERS
@@ -193,9 +200,11 @@ class GPT:
     layers are cpu_layers.py's fused ones unless reference=True asks for layers.py's (the lesson, and
     what the fast set is tested against); checkpoints are the same either way. model.layers is the
     set chosen, and model.layers.adamw_update the matching per-tensor AdamW for optim.adamw_step.
+    tf32="3x" (opt-in, with the kernels) runs the linear layers and LM head on the tensor cores with
+    the 3xTF32 split (kernels/matmul_tf32.py, FP32-level error); the default None is exact FP32.
     """
 
-    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None, reference=False):
+    def __init__(self, config, seed=0, device="cpu", params=None, kernels=None, reference=False, tf32=None):
         if kernels not in (None, True, False):
             raise ValueError(f"kernels must be True, False or None (the device's default), got {kernels!r}")
         self.config = config
@@ -203,7 +212,8 @@ class GPT:
         self.xp = get_xp(device)
         self.kernels = device == "cuda" if kernels is None else kernels
         self.reference = reference
-        self.layers = layers_for(device, self.kernels, config.dtype, reference)
+        self.tf32 = tf32
+        self.layers = layers_for(device, self.kernels, config.dtype, reference, tf32)
         params = init_params(config, seed) if params is None else params
         self.params = {k: self.xp.asarray(v, dtype=config.dtype) for k, v in params.items()}
         # The token mixer of every block, chosen once: the block code doesn't branch on it.
@@ -446,7 +456,7 @@ class GPT:
     @property
     def placement(self):
         """The Placement this model was built with (kernels resolved to True or False)."""
-        return Placement(self.device, self.kernels, self.reference)
+        return Placement(self.device, self.kernels, self.reference, self.tf32)
 
     def numpy_params(self):
         return {k: to_numpy(v) for k, v in self.params.items()}
