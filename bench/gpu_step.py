@@ -67,10 +67,8 @@ def graph_rows(run, config, batch, steps):
     Not measured yet (written without a GPU); --smoke skips it (the simulator cannot capture)."""
     fields = {"what": "train", "model": "core bench step", "batch": batch, "T": config.n_ctx, "on": "gpu",
               "device": "NumPy standing in for CuPy" if run.smoke else "cuda", "kernels": True}
-    from tinylm.core.kernel_layers import legacy_stream_modules
     reason = ("--smoke: the CUDA simulator cannot capture a graph" if run.smoke else
-              "the one-element Numba kernel failed (see env)" if not run.numba else
-              f"{legacy_stream_modules()} still launch on the legacy stream" if legacy_stream_modules() else None)
+              "the one-element Numba kernel failed (see env)" if not run.numba else None)
     if reason:
         for graph in ("graph on", "eager"):
             run.emit(dict(fields, step=graph, verdict="skipped", reason=reason))

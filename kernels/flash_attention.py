@@ -51,7 +51,7 @@ from collections import namedtuple
 
 from numba import cuda, float32, int32, int64, uint32
 
-from .launch import C3, C4, check_float32, empty, n_blocks
+from .launch import C3, C4, check_float32, empty, n_blocks, stream
 from .shuffle import shuffle_xor
 from .vector import load4_global, load_global, store4_shared
 
@@ -455,7 +455,7 @@ def flash_attention_forward(q, k, v, causal=True, blocks=None):
     tiles, _, (forward_kernel, _, _) = kernels_for(hd, blocks)
     o, lse = empty(q.shape, like=q), empty(q.shape[:3], like=q)
     grid, threads = launch_shape(q, tiles)
-    forward_kernel[grid, threads](q, k, v, o, lse, H, T, hd, float32(1 / math.sqrt(hd)), causal)
+    forward_kernel[grid, threads, stream()](q, k, v, o, lse, H, T, hd, float32(1 / math.sqrt(hd)), causal)
     return o, lse
 
 
@@ -466,11 +466,11 @@ def flash_attention_backward(q, k, v, o, lse, do, causal=True, blocks=None):
     _, tiles, (_, dk_dv_kernel, dq_kernel) = kernels_for(hd, blocks)
     scale = float32(1 / math.sqrt(hd))
     D = empty(q.shape[:3], like=q)
-    row_dot_kernel[(n_blocks(T, ROW_DOT_THREADS), B * H), ROW_DOT_THREADS](do, o, D, H, T, hd)
+    row_dot_kernel[(n_blocks(T, ROW_DOT_THREADS), B * H), ROW_DOT_THREADS, stream()](do, o, D, H, T, hd)
     dq, dk, dv = empty(q.shape, like=q), empty(q.shape, like=q), empty(q.shape, like=q)
     grid, threads = launch_shape(q, tiles)
-    dk_dv_kernel[grid, threads](q, k, v, lse, do, D, dk, dv, H, T, hd, scale, causal)
-    dq_kernel[grid, threads](q, k, v, lse, do, D, dq, H, T, hd, scale, causal)
+    dk_dv_kernel[grid, threads, stream()](q, k, v, lse, do, D, dk, dv, H, T, hd, scale, causal)
+    dq_kernel[grid, threads, stream()](q, k, v, lse, do, D, dq, H, T, hd, scale, causal)
     return dq, dk, dv
 
 

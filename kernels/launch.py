@@ -69,6 +69,7 @@ def on_stream(numba_stream):
 class Launch(NamedTuple):
     kernel: str                     # the kernel's Python function name
     argument_types: tuple           # Numba's types of the arguments, as the dispatcher types them
+    stream: object = 0              # the stream of kernel[grid, threads, stream] (0: the legacy default)
 
 
 def kernel_name(kernel):
@@ -86,15 +87,19 @@ def recording_launches():
     if not config.ENABLE_CUDASIM:
         raise RuntimeError("recording_launches() needs NUMBA_ENABLE_CUDASIM=1")
     from numba.cuda.simulator import kernel as simulator
-    launches, call = [], simulator.FakeCUDAKernel.__call__
+    launches, call, configure = [], simulator.FakeCUDAKernel.__call__, simulator.FakeCUDAKernel.__getitem__
 
     def recorded(self, *args):
         if not (self._device or simulator._kernel_context):          # a launch, not a device call
-            launches.append(Launch(self.fn.__name__, tuple(numba.typeof(a) for a in args)))
+            launches.append(Launch(self.fn.__name__, tuple(numba.typeof(a) for a in args), self.stream))
         return call(self, *args)
 
-    simulator.FakeCUDAKernel.__call__ = recorded
+    def configured(self, configuration):            # the simulator keeps no stream: note it here
+        self.stream = configuration[2] if len(configuration) > 2 else 0
+        return configure(self, configuration)
+
+    simulator.FakeCUDAKernel.__call__, simulator.FakeCUDAKernel.__getitem__ = recorded, configured
     try:
         yield launches
     finally:
-        simulator.FakeCUDAKernel.__call__ = call
+        simulator.FakeCUDAKernel.__call__, simulator.FakeCUDAKernel.__getitem__ = call, configure

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import config, cuda, float32, int32, int64
 
-from .launch import check_float32, empty, n_blocks
+from .launch import check_float32, empty, n_blocks, stream
 from .vector import load4_global, load4_shared, load_global, store4_shared, store_shared
 
 
@@ -309,7 +309,7 @@ def matmul(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE):
         return c
     grid = (n_blocks(N, tile[1]), n_blocks(M, tile[0]))
     kernel = matmul_kernel_for(tile, trans_a, trans_b, vector_loads_fit(a, b))
-    kernel[grid, kernel.threads](a, b, c, np.int32(M), np.int32(N), np.int32(K))
+    kernel[grid, kernel.threads, stream()](a, b, c, np.int32(M), np.int32(N), np.int32(K))
     return c
 
 

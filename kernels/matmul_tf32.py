@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import config, cuda, float32, int32
 
-from .launch import empty, n_blocks
+from .launch import empty, n_blocks, stream
 from .matmul import SUB, builds, make_slice_copy, operands, vector_loads_fit
 from .tensor_core import a_position, b_position, c_position, mma_tf32, tf32_round
 
@@ -198,7 +198,7 @@ def matmul_tf32(a, b, trans_a=False, trans_b=False, tile=DEFAULT_TILE, passes=3)
         return c
     grid = (n_blocks(N, tile[1]), n_blocks(M, tile[0]))
     kernel = matmul_tf32_kernel_for(tile, trans_a, trans_b, vector_loads_fit(a, b), passes)
-    kernel[grid, kernel.threads](a, b, c, np.int32(M), np.int32(N), np.int32(K))
+    kernel[grid, kernel.threads, stream()](a, b, c, np.int32(M), np.int32(N), np.int32(K))
     return c
 
 

@@ -19,7 +19,6 @@ the reference's (layers.py), on the array library. The arrays are CuPy on a GPU,
 which runs the same kernels on the CPU, one Python thread per CUDA thread.
 """
 import contextlib
-import inspect
 import math
 import weakref
 from functools import partial
@@ -337,19 +336,6 @@ LAYERS_3XTF32 = LAYERS._replace(**{name: partial(getattr(LAYERS, name), gemm=gem
 
 
 # ----------------------------------------------------------------------------- the step as a CUDA graph
-def launches_on_the_stream(function):
-    """Whether a kernel entry point passes launch.stream() (fused.py and selective_scan.py do; matmul.py
-    and flash_attention.py, edited on other branches, still launch on the legacy stream, where a launch
-    races a non-blocking stream and breaks a capture)."""
-    return "stream()" in inspect.getsource(function)
-
-
-def legacy_stream_modules():
-    """The kernel modules of the step whose entry points do not launch on launch.stream() yet."""
-    return sorted({f.__module__ for f in (matmul, flash.flash_attention_forward, flash.flash_attention_backward)
-                   if not launches_on_the_stream(f)})
-
-
 @contextlib.contextmanager
 def checked_on_the_host(model):
     """The model's batch checks off inside the block: GraphStep runs them on the host batch before
@@ -376,9 +362,6 @@ class GraphStep:
         if SIMULATOR or model.xp is np:
             raise RuntimeError("GraphStep captures a CUDA graph and needs a GPU (GPT(..., device='cuda', "
                                "kernels=True)); the CUDA simulator cannot capture: use optim.train_step")
-        if legacy_stream_modules():
-            raise NotImplementedError(f"GraphStep: {legacy_stream_modules()} launch on the legacy stream; each "
-                                      "launch there must pass launch.stream() (`kernel[grid, threads, stream()]`) first")
         import cupy
         from numba import cuda
         # Numba synchronises on the stream a CuPy array's __cuda_array_interface__ names, once per kernel
