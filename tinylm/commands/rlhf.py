@@ -237,13 +237,12 @@ def run_reward(args):
 def run_judge(args):
     from dataclasses import replace
 
-    from tinylm.rlhf.environment import PretrainConfig
     from tinylm.rlhf.pipeline import DemoConfig, relabel, train_judge
     from tinylm.rlhf.policy import Preferences
     fresh(args.out)
     pairs = Preferences.load(args.pairs)
     world, rng = world_and_rng(args)
-    judge = train_judge(world, replace(DemoConfig(), pretrain=PretrainConfig(steps=args.steps), seed=args.seed), rng)
+    judge = train_judge(world, replace(DemoConfig(), judge_steps=args.steps, seed=args.seed), rng)
     judged, agreement = relabel(judge, pairs)
     same = float(np.mean([np.array_equal(a, b) for a, b in zip(judged.chosen, pairs.chosen)]))
     save_atomically(args.out, judged.save,
