@@ -1,6 +1,9 @@
 """The experiments (tinylm/experiments/rlhf_curves.py) on micro configs: equal samples and comparisons across
 methods, the schema the tables and plots read, and the over-optimisation curve's arithmetic."""
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -60,6 +63,26 @@ def test_goodhart_trains_one_reward_model_per_training_set_size_and_one_on_the_j
     assert run_goodhart(replace(cfg, judge=False), [0], progress=False)["seeds"]["0"]["reward_models"]["all"] == \
         curves["all"]
     assert "judge" in goodhart_table(results)
+
+
+def without_timings(results):
+    """The results with every wall-clock field removed (they differ run to run)."""
+    if isinstance(results, dict):
+        return {k: without_timings(v) for k, v in results.items() if k not in ("seconds", "wall_seconds", "jobs")}
+    return [without_timings(v) for v in results] if isinstance(results, list) else results
+
+
+def test_seeds_in_two_worker_processes_give_the_one_process_result(tmp_path):
+    """--jobs 2 (one BLAS thread per worker) is --jobs 1 with OPENBLAS_NUM_THREADS=1, number for number."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    for jobs in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "tinylm", "rlhf", "compare", "--quick", "--seeds", "0,1",
+                               "--jobs", str(jobs), "--json", str(tmp_path / f"jobs{jobs}.json")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"jobs{jobs}.json").read_text()) for jobs in (1, 2))
+    assert (one["jobs"], two["jobs"]) == (1, 2)
+    assert list(two["seeds"]) == ["0", "1"] and without_timings(one) == without_timings(two)
 
 
 def test_experiment_commands_refuse_existing_outputs_before_any_work(tmp_path, capsys):

@@ -6,6 +6,8 @@ steps × instructions × samples (so equal policy samples; PPO and GRPO take ppo
 steps on each batch, REINFORCE one), and best-of-n against the reward model with no training.
 Measured on held-out instructions: the labeller's success, the mean RM score, KL to the base.
 """
+import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
@@ -18,6 +20,35 @@ from ..rlhf.pipeline import DemoConfig, mean_and_sd, prepare, relabel, train_dem
 from ..rlhf.reward import pack
 from ..rlhf.policy import PolicyConfig, RewardConfig, best_of_n, train_dpo, train_policy
 from ..rlhf.world import Labeller, World
+
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def run_seeds(run_seed, cfg, seeds, progress=True, jobs=1):
+    """{str(seed): run_seed(cfg, seed, progress)} in seed order. The seeds are independent and
+    deterministic, so with jobs > 1 they run in that many worker processes, each with one BLAS
+    thread: the workers are spawned (fresh interpreters, so their numpy loads after the thread
+    count is set in the environment they inherit), and the result equals this process's run with
+    OPENBLAS_NUM_THREADS=1 (tests/test_experiments.py). Workers show no progress bars."""
+    jobs = min(jobs, len(seeds))
+    if jobs <= 1:
+        return {str(s): run_seed(cfg, s, progress) for s in seeds}
+    saved = {k: os.environ.get(k) for k in BLAS_THREADS}
+    os.environ.update(dict.fromkeys(BLAS_THREADS, "1"))
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(jobs)      # starts the workers now
+    finally:
+        for k, v in saved.items():                                  # this process's environment as it was
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    with pool:
+        results = pool.starmap(run_seed, [(cfg, s, False) for s in seeds], chunksize=1)
+        pool.close()
+        pool.join()                      # the workers exit before the pool is torn down (no leaked semaphores)
+    return dict(zip(map(str, seeds), results))
+
 
 COMPARE_RUNS = {
     "reinforce_loo": {},
@@ -80,9 +111,9 @@ def run_compare_seed(cfg, seed, progress=True):
             "seconds": time.perf_counter() - t0}
 
 
-def run_compare(cfg, seeds, progress=True):
-    """run_compare_seed per seed -> summarise_compare."""
-    return summarise_compare({str(s): run_compare_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+def run_compare(cfg, seeds, progress=True, jobs=1):
+    """run_compare_seed per seed (in `jobs` processes: run_seeds) -> summarise_compare."""
+    return summarise_compare(run_seeds(run_compare_seed, cfg, seeds, progress, jobs), asdict(cfg))
 
 
 def summarise_compare(per_seed, config):
@@ -207,9 +238,9 @@ def run_goodhart_seed(cfg, seed, progress=True):
     return {"reward_models": out, "seconds": time.perf_counter() - t0}
 
 
-def run_goodhart(cfg, seeds, progress=True):
-    """run_goodhart_seed per seed -> summarise_goodhart."""
-    return summarise_goodhart({str(s): run_goodhart_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+def run_goodhart(cfg, seeds, progress=True, jobs=1):
+    """run_goodhart_seed per seed (in `jobs` processes: run_seeds) -> summarise_goodhart."""
+    return summarise_goodhart(run_seeds(run_goodhart_seed, cfg, seeds, progress, jobs), asdict(cfg))
 
 
 def summarise_goodhart(per_seed, config):
@@ -313,9 +344,9 @@ def run_labels_seed(cfg, seed, progress=True):
     return {"budgets": out, "seconds": time.perf_counter() - t0}
 
 
-def run_labels(cfg, seeds, progress=True):
-    """run_labels_seed per seed -> summarise_labels."""
-    return summarise_labels({str(s): run_labels_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+def run_labels(cfg, seeds, progress=True, jobs=1):
+    """run_labels_seed per seed (in `jobs` processes: run_seeds) -> summarise_labels."""
+    return summarise_labels(run_seeds(run_labels_seed, cfg, seeds, progress, jobs), asdict(cfg))
 
 
 def summarise_labels(per_seed, config):
