@@ -1,5 +1,6 @@
-"""Merge `tinylm rlhf EXPERIMENT --seeds S --json FILE` results run in separate processes (seeds are
-independent and deterministic, so they can run side by side) and print the table over all seeds.
+"""Merge `tinylm rlhf EXPERIMENT --seeds S --json FILE` results run in separate commands (seeds are
+independent and deterministic, so they can run side by side, even on other machines) and print the
+table over all seeds. On one machine `--jobs N` does this within one command.
 
     python bench/experiment_table.py compare runs/compare_*.json [--plot compare.png]
 """

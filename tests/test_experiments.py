@@ -1,14 +1,17 @@
 """The experiments (tinylm/experiments/rlhf_curves.py) on micro configs: equal samples and comparisons across
 methods, the schema the tables and plots read, and the over-optimisation curve's arithmetic."""
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 
 from tinylm.cli import main
 from tinylm.rlhf.environment import PretrainConfig
-from tinylm.experiments.rlhf_curves import (QUICK_COMPARE, QUICK_GOODHART, CompareConfig, GoodhartConfig, peak_and_fall,
-                                run_compare, run_goodhart, windowed)
+from tinylm.experiments.rlhf_curves import (QUICK_COMPARE, QUICK_GOODHART, CompareConfig, GoodhartConfig,
+                                            goodhart_table, peak_and_fall, run_compare, run_goodhart, windowed)
 from tinylm.rlhf.policy import PolicyConfig, RewardConfig
 
 MICRO = replace(QUICK_COMPARE.demo, pretrain=PretrainConfig(steps=100), pair_instructions=300,
@@ -42,12 +45,44 @@ def test_goodhart_curve_points_are_window_means_and_the_fall_is_peak_minus_last(
     assert windowed([{"step": 0, "reward": 0.0, "success": 0.0, "kl": -0.2}] * 2, 2)[0]["sqrt_kl"] == 0.0
 
 
-def test_goodhart_trains_one_reward_model_per_training_set_size(tmp_path, capsys):
-    results = run_goodhart(GoodhartConfig(demo=replace(MICRO, policy=replace(QUICK_GOODHART.demo.policy, steps=4)),
-                                          train_pairs=(10, None), window=2), [0], progress=False)
-    rms = results["reward_models"]
-    assert list(rms)[0] == "10" and rms["10"]["train_pairs"] == 10 and rms["all"]["train_pairs"] > 10
-    assert len(results["seeds"]["0"]["reward_models"]["all"]["curve"]) == 2
+def test_goodhart_trains_one_reward_model_per_training_set_size_and_one_on_the_judges_labels():
+    cfg = GoodhartConfig(demo=replace(MICRO, judge_steps=20, policy=replace(QUICK_GOODHART.demo.policy, steps=4)),
+                         train_pairs=(10, None), window=2)
+    results = run_goodhart(cfg, [0], progress=False)
+    rms, curves = results["reward_models"], results["seeds"]["0"]["reward_models"]
+    assert list(rms) == ["10", "all", "judge"]
+    assert rms["10"]["train_pairs"] == 10 and rms["all"]["train_pairs"] > 10
+    # the judge relabels every pair (it never ties) and its curve has every field the others have
+    assert rms["judge"]["train_pairs"] == rms["all"]["train_pairs"] == rms["judge"]["judge_calls"]
+    assert set(rms["judge"]) - set(rms["all"]) == {"judge_agreement", "judge_agreement_sd", "judge_calls",
+                                                   "judge_calls_sd"}
+    assert 0 <= rms["judge"]["judge_agreement"] <= 1
+    assert [len(curves[name]["curve"]) for name in rms] == [2, 2, 2]
+    assert set(curves["judge"]["curve"][0]) == set(curves["all"]["curve"][0])
+    # the judge runs last: without it the labeller curves are the same to the last bit
+    assert run_goodhart(replace(cfg, judge=False), [0], progress=False)["seeds"]["0"]["reward_models"]["all"] == \
+        curves["all"]
+    assert "judge" in goodhart_table(results)
+
+
+def without_timings(results):
+    """The results with every wall-clock field removed (they differ run to run)."""
+    if isinstance(results, dict):
+        return {k: without_timings(v) for k, v in results.items() if k not in ("seconds", "wall_seconds", "jobs")}
+    return [without_timings(v) for v in results] if isinstance(results, list) else results
+
+
+def test_seeds_in_two_worker_processes_give_the_one_process_result(tmp_path):
+    """--jobs 2 (one BLAS thread per worker) is --jobs 1 with OPENBLAS_NUM_THREADS=1, number for number."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    for jobs in (1, 2):
+        done = subprocess.run([sys.executable, "-m", "tinylm", "rlhf", "compare", "--quick", "--seeds", "0,1",
+                               "--jobs", str(jobs), "--json", str(tmp_path / f"jobs{jobs}.json")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"jobs{jobs}.json").read_text()) for jobs in (1, 2))
+    assert (one["jobs"], two["jobs"]) == (1, 2)
+    assert list(two["seeds"]) == ["0", "1"] and without_timings(one) == without_timings(two)
 
 
 def test_experiment_commands_refuse_existing_outputs_before_any_work(tmp_path, capsys):

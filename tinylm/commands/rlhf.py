@@ -119,6 +119,10 @@ def add_experiment_flags(s, seeds):
     from tinylm.commands.demo import seed_list
     s.add_argument("--seeds", type=seed_list, default=seed_list(seeds), help="seeds, e.g. 3, 0-4 or 0,2,5")
     s.add_argument("--quick", action="store_true", help="a reduced run (under a minute on 2 cores): the tour's and CI's")
+    s.add_argument("--jobs", type=positive(int),
+                   help="worker processes, one BLAS thread each, running the seeds side by side (the result is the "
+                        "same as one process's with OPENBLAS_NUM_THREADS=1); 1: in this process (default: the "
+                        "number of CPUs or of seeds, whichever is smaller)")
     s.add_argument("--json", help="write every number as JSON to this path (must not exist)")
     s.add_argument("--plot", help="write the plot as a PNG to this path (must not exist)")
 
@@ -237,13 +241,12 @@ def run_reward(args):
 def run_judge(args):
     from dataclasses import replace
 
-    from tinylm.rlhf.environment import PretrainConfig
     from tinylm.rlhf.pipeline import DemoConfig, relabel, train_judge
     from tinylm.rlhf.policy import Preferences
     fresh(args.out)
     pairs = Preferences.load(args.pairs)
     world, rng = world_and_rng(args)
-    judge = train_judge(world, replace(DemoConfig(), pretrain=PretrainConfig(steps=args.steps), seed=args.seed), rng)
+    judge = train_judge(world, replace(DemoConfig(), judge_steps=args.steps, seed=args.seed), rng)
     judged, agreement = relabel(judge, pairs)
     same = float(np.mean([np.array_equal(a, b) for a, b in zip(judged.chosen, pairs.chosen)]))
     save_atomically(args.out, judged.save,
@@ -310,13 +313,19 @@ def run_experiment(args, name):
     """One experiment of tinylm.experiments.rlhf_curves (its default or --quick config, over --seeds): print its
     table, write its JSON and its plot."""
     import json
+    import time
 
     from tinylm.experiments.rlhf_curves import EXPERIMENTS
     for path in filter(None, (args.json, args.plot)):
         fresh(path)
     experiment = EXPERIMENTS[name]
-    results = experiment.run(experiment.quick if args.quick else experiment.config(), args.seeds)
+    jobs = min(args.jobs or os.cpu_count() or 1, len(args.seeds))
+    t0 = time.perf_counter()
+    results = experiment.run(experiment.quick if args.quick else experiment.config(), args.seeds, jobs=jobs)
+    results.update(jobs=jobs, wall_seconds=time.perf_counter() - t0)
     print(experiment.table(results))
+    print(f"wall {results['wall_seconds']:.0f} s, seeds in {jobs} process{'es' if jobs > 1 else ''}"
+          + (" (one BLAS thread each)" if jobs > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -6,6 +6,8 @@ steps × instructions × samples (so equal policy samples; PPO and GRPO take ppo
 steps on each batch, REINFORCE one), and best-of-n against the reward model with no training.
 Measured on held-out instructions: the labeller's success, the mean RM score, KL to the base.
 """
+import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
@@ -14,10 +16,39 @@ import numpy as np
 
 from ..rlhf.environment import (TOKENIZER, LabellerReward, PretrainConfig, WorldTasks, encode_prompts, evaluate, make_pairs,
                           pretrain_base, reference_responses, successes)
-from ..rlhf.pipeline import DemoConfig, mean_and_sd, prepare, train_demo_rm
+from ..rlhf.pipeline import DemoConfig, mean_and_sd, prepare, relabel, train_demo_rm, train_judge
 from ..rlhf.reward import pack
 from ..rlhf.policy import PolicyConfig, RewardConfig, best_of_n, train_dpo, train_policy
 from ..rlhf.world import Labeller, World
+
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def run_seeds(run_seed, cfg, seeds, progress=True, jobs=1):
+    """{str(seed): run_seed(cfg, seed, progress)} in seed order. The seeds are independent and
+    deterministic, so with jobs > 1 they run in that many worker processes, each with one BLAS
+    thread: the workers are spawned (fresh interpreters, so their numpy loads after the thread
+    count is set in the environment they inherit), and the result equals this process's run with
+    OPENBLAS_NUM_THREADS=1 (tests/test_experiments.py). Workers show no progress bars."""
+    jobs = min(jobs, len(seeds))
+    if jobs <= 1:
+        return {str(s): run_seed(cfg, s, progress) for s in seeds}
+    saved = {k: os.environ.get(k) for k in BLAS_THREADS}
+    os.environ.update(dict.fromkeys(BLAS_THREADS, "1"))
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(jobs)      # starts the workers now
+    finally:
+        for k, v in saved.items():                                  # this process's environment as it was
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    with pool:
+        results = pool.starmap(run_seed, [(cfg, s, False) for s in seeds], chunksize=1)
+        pool.close()
+        pool.join()                      # the workers exit before the pool is torn down (no leaked semaphores)
+    return dict(zip(map(str, seeds), results))
+
 
 COMPARE_RUNS = {
     "reinforce_loo": {},
@@ -80,9 +111,9 @@ def run_compare_seed(cfg, seed, progress=True):
             "seconds": time.perf_counter() - t0}
 
 
-def run_compare(cfg, seeds, progress=True):
-    """run_compare_seed per seed -> summarise_compare."""
-    return summarise_compare({str(s): run_compare_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+def run_compare(cfg, seeds, progress=True, jobs=1):
+    """run_compare_seed per seed (in `jobs` processes: run_seeds) -> summarise_compare."""
+    return summarise_compare(run_seeds(run_compare_seed, cfg, seeds, progress, jobs), asdict(cfg))
 
 
 def summarise_compare(per_seed, config):
@@ -135,16 +166,19 @@ def plot_compare(results, path):
 # ----------------------------------------------------------------------------- over-optimisation
 @dataclass
 class GoodhartConfig:
-    """The policy pushed against reward models trained on more or fewer pairs, with no KL leash."""
+    """The policy pushed against reward models trained on more or fewer pairs, and on the same
+    pairs relabelled by the LM judge (pipeline.train_judge, demo.judge_steps of pretraining), with
+    no KL leash."""
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(
         pair_instructions=3000, heldout_pair_instructions=500,
         policy=PolicyConfig(beta=0.0, steps=150, prompts_per_step=16, lr=5e-4)))
     train_pairs: tuple = (100, 400, None)        # None: every pair
+    judge: bool = True                           # also a reward model on every pair, labelled by the LM judge
     window: int = 10                             # steps per logged point (means over the window)
 
 
-QUICK_GOODHART = GoodhartConfig(demo=replace(QUICK_COMPARE.demo, policy=PolicyConfig(beta=0.0, steps=20,
-                                                                                     prompts_per_step=8, lr=5e-4)),
+QUICK_GOODHART = GoodhartConfig(demo=replace(QUICK_COMPARE.demo, judge_steps=300,
+                                             policy=PolicyConfig(beta=0.0, steps=20, prompts_per_step=8, lr=5e-4)),
                                 train_pairs=(50, None), window=5)
 
 
@@ -168,31 +202,45 @@ def peak_and_fall(points):
             "sqrt_kl_last": points[-1]["sqrt_kl"]}
 
 
+def overoptimisation_curve(prep, pairs, cfg, rng, progress, desc):
+    """A reward model on `pairs` (centred on the base) and a β = 0 policy against it; -> the RM's
+    held-out accuracy (on the labeller's held-out pairs), the logged curve and its peak and fall."""
+    demo = cfg.demo
+    trained = train_demo_rm(prep.base, pairs, prep.heldout_pairs, demo, rng)
+    trained.rm.centre(*reference_responses(prep.base, prep.world, demo.centre_instructions,
+                                           demo.policy.max_new_tokens, rng))
+    run = train_policy(prep.base, trained.rm, WorldTasks(prep.world, prep.labeller), demo.policy, pairs, rng,
+                       demo.reward, progress, desc)
+    points = windowed(run.history, cfg.window)
+    return {"train_pairs": len(pairs), "rm_heldout_accuracy": trained.heldout_accuracy, "curve": points,
+            **peak_and_fall(points)}
+
+
 def run_goodhart_seed(cfg, seed, progress=True):
-    """One seed: prepare, then per training-set size a reward model on that many of the pairs
-    (centred on the base) and a β = 0 policy against it; -> per size the RM's held-out accuracy,
-    the logged curve and its peak and fall."""
+    """One seed: prepare, then per training-set size an over-optimisation curve on that many of the
+    labeller's pairs; then (cfg.judge) one on all of them relabelled by a freshly trained LM judge.
+    The judge runs last, so the labeller curves' numbers do not depend on cfg.judge."""
     t0 = time.perf_counter()
     demo = replace(cfg.demo, seed=seed)
+    cfg = replace(cfg, demo=demo)
     rng = np.random.default_rng(seed)
     prep = prepare(demo, rng, progress)
-    tasks, out = WorldTasks(prep.world, prep.labeller), {}
+    out = {}
     for n in cfg.train_pairs:
         pairs = prep.pairs if n is None else prep.pairs.subset(range(min(n, len(prep.pairs))))
-        trained = train_demo_rm(prep.base, pairs, prep.heldout_pairs, demo, rng)
-        trained.rm.centre(*reference_responses(prep.base, prep.world, demo.centre_instructions,
-                                               demo.policy.max_new_tokens, rng))
-        run = train_policy(prep.base, trained.rm, tasks, demo.policy, pairs, rng, demo.reward, progress, f"rm {len(pairs)}")
-        points = windowed(run.history, cfg.window)
-        out[str(len(pairs) if n is not None else "all")] = {
-            "train_pairs": len(pairs), "rm_heldout_accuracy": trained.heldout_accuracy, "curve": points,
-            **peak_and_fall(points)}
+        out[str(len(pairs) if n is not None else "all")] = overoptimisation_curve(prep, pairs, cfg, rng, progress,
+                                                                                 f"rm {len(pairs)}")
+    if cfg.judge:
+        judge = train_judge(prep.world, demo, rng, progress)
+        judged, agreement = relabel(judge, prep.pairs)
+        out["judge"] = {**overoptimisation_curve(prep, judged, cfg, rng, progress, "judge rm"),
+                        "judge_agreement": agreement, "judge_calls": judge.calls}
     return {"reward_models": out, "seconds": time.perf_counter() - t0}
 
 
-def run_goodhart(cfg, seeds, progress=True):
-    """run_goodhart_seed per seed -> summarise_goodhart."""
-    return summarise_goodhart({str(s): run_goodhart_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+def run_goodhart(cfg, seeds, progress=True, jobs=1):
+    """run_goodhart_seed per seed (in `jobs` processes: run_seeds) -> summarise_goodhart."""
+    return summarise_goodhart(run_seeds(run_goodhart_seed, cfg, seeds, progress, jobs), asdict(cfg))
 
 
 def summarise_goodhart(per_seed, config):
@@ -214,6 +262,10 @@ def goodhart_table(results):
         rows.append(f"| {name} ({m['train_pairs']:.0f}) | " + " | ".join(cell(m, k) for k in (
             "rm_heldout_accuracy", "gold_peak", "peak_sqrt_kl", "gold_last", "gold_fall", "proxy_rise_after_peak",
             "sqrt_kl_last")) + " |")
+    if "judge" in results["reward_models"]:
+        j = results["reward_models"]["judge"]
+        rows.append(f"judge: the LM judge relabelled all the pairs ({j['judge_calls']:.0f} judge calls, 0 labeller "
+                    f"comparisons); agreement with the noiseless labeller {cell(j, 'judge_agreement')}")
     rows.append(f"seeds {','.join(map(str, results['config']['seeds']))}; β = 0; gold = labeller success of the "
                 f"policy's samples, proxy = their mean RM score, KL = their Σ_t log π/π_start (nats), each a mean over "
                 f"{results['config']['window']} steps; {results['seconds']:.0f} s")
@@ -230,7 +282,8 @@ def plot_goodhart(results, path):
         for i, r in enumerate(results["seeds"].values()):
             curve = r["reward_models"][name]["curve"]
             x = [p["sqrt_kl"] for p in curve]
-            label = f"RM on {r['reward_models'][name]['train_pairs']} pairs" if i == 0 else None
+            labels = "judge-labelled pairs" if name == "judge" else "pairs"
+            label = f"RM on {r['reward_models'][name]['train_pairs']} {labels}" if i == 0 else None
             ax_gold.plot(x, [p["gold"] for p in curve], "-", color=colour, alpha=0.7, label=label)
             ax_proxy.plot(x, [p["proxy"] for p in curve], "--", color=colour, alpha=0.7, label=label)
     for ax, title in ((ax_gold, "gold: labeller success"), (ax_proxy, "proxy: reward-model score")):
@@ -291,9 +344,9 @@ def run_labels_seed(cfg, seed, progress=True):
     return {"budgets": out, "seconds": time.perf_counter() - t0}
 
 
-def run_labels(cfg, seeds, progress=True):
-    """run_labels_seed per seed -> summarise_labels."""
-    return summarise_labels({str(s): run_labels_seed(cfg, s, progress) for s in seeds}, asdict(cfg))
+def run_labels(cfg, seeds, progress=True, jobs=1):
+    """run_labels_seed per seed (in `jobs` processes: run_seeds) -> summarise_labels."""
+    return summarise_labels(run_seeds(run_labels_seed, cfg, seeds, progress, jobs), asdict(cfg))
 
 
 def summarise_labels(per_seed, config):

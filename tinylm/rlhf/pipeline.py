@@ -222,9 +222,11 @@ def run_sft(base, rm, world, labeller, cfg, pairs, eval_set, rng, progress):
 
 
 def train_judge(world, cfg, rng, progress=True):
-    """An LMJudge: a GPT of cfg.model's shape pretrained by cfg.pretrain on judged examples."""
+    """An LMJudge: a GPT of cfg.model's shape pretrained on judged examples as cfg.pretrain says,
+    for cfg.judge_steps steps."""
     corpus = JudgedExamples(world)
-    return LMJudge(pretrain_base(corpus, cfg.model, cfg.pretrain, cfg.seed, rng, progress), TOKENIZER, corpus.clip)
+    pretrain = replace(cfg.pretrain, steps=cfg.judge_steps)
+    return LMJudge(pretrain_base(corpus, cfg.model, pretrain, cfg.seed, rng, progress), TOKENIZER, corpus.clip)
 
 
 def relabel(judge, pairs):
@@ -242,7 +244,7 @@ def run_judge(base, world, cfg, pairs, heldout_pairs, eval_set, rng, progress):
     the noiseless labeller on those pairs, the reward model's held-out accuracy (labeller labels
     and noiseless), and the policy's success. Caveat: the judge sees only pairs the labeller did
     not call a tie."""
-    judge = train_judge(world, replace(cfg, pretrain=replace(cfg.pretrain, steps=cfg.judge_steps)), rng, progress)
+    judge = train_judge(world, cfg, rng, progress)
     judged, agree = relabel(judge, pairs)
     trained = train_demo_rm(base, judged, heldout_pairs, cfg, rng)
     if cfg.centre_rm:
