@@ -148,6 +148,43 @@ def make_slice_copy(width, along_k, THREADS, BK, VEC, pad=PAD):
     return fetch, place
 
 
+def make_slice_loop(fetch_a, place_a, fetch_b, place_b, multiply_slice, BK):
+    """The K loop every GEMM kernel here runs (matmul's SIMT one and matmul_tf32's): slice 0 placed in
+    shared memory, then per slice the next one fetched into registers while multiply_slice works on
+    the current one (register double buffering, one barrier a slice), then the ragged tail, zero past K.
+    multiply_slice(As, Bs, buf, m0, n0, acc, x, y) adds slice buf's products into acc; x, y are its
+    scratch (the kernel's fragment arrays)."""
+
+    @cuda.jit(device=True)
+    def slice_loop(a, b, lda, ldb, row0, col0, M, N, K, As, Bs, a_stage, b_stage, m0, n0, acc, x, y):
+        full = K // BK                                          # whole slices; the tail comes after
+        if full > 0:
+            fetch_a(a, lda, row0, M, 0, K, a_stage, False)
+            fetch_b(b, ldb, col0, N, 0, K, b_stage, False)
+            place_a(As, 0, a_stage)
+            place_b(Bs, 0, b_stage)
+            cuda.syncthreads()
+        for s in range(full):
+            buf = s & 1
+            k_next = min(s + 1, full - 1) * BK                 # the last step re-fetches: no branch
+            fetch_a(a, lda, row0, M, k_next, K, a_stage, False)
+            fetch_b(b, ldb, col0, N, k_next, K, b_stage, False)
+            multiply_slice(As, Bs, buf, m0, n0, acc, x, y)
+            place_a(As, buf ^ 1, a_stage)
+            place_b(Bs, buf ^ 1, b_stage)
+            cuda.syncthreads()
+        if full * BK < K:                                      # the ragged tail, zero past K
+            buf = full & 1
+            fetch_a(a, lda, row0, M, full * BK, K, a_stage, True)
+            fetch_b(b, ldb, col0, N, full * BK, K, b_stage, True)
+            place_a(As, buf, a_stage)
+            place_b(Bs, buf, b_stage)
+            cuda.syncthreads()
+            multiply_slice(As, Bs, buf, m0, n0, acc, x, y)
+
+    return slice_loop
+
+
 def make_matmul_kernel(tile, trans_a, trans_b, VEC):
     """Compile-time tile, transposes and load width are closure constants: fixed shapes and loops."""
     BM, BN, BK, WM, WN, WMITER, WNITER = tile
@@ -197,6 +234,8 @@ def make_matmul_kernel(tile, trans_a, trans_b, VEC):
         multiply_eight(As, Bs, a_row, b_row, acc, a_frag, b_frag)
         multiply_eight(As, Bs, a_row + 8 * A_WIDTH, b_row + 8 * B_WIDTH, acc, a_frag, b_frag)
 
+    slice_loop = make_slice_loop(fetch_a, place_a, fetch_b, place_b, multiply_slice, BK)
+
     cap = MAX_REGISTERS if VEC else SCALAR_MAX_REGISTERS
 
     # the simulator's jit takes no register cap (it has no registers)
@@ -216,30 +255,7 @@ def make_matmul_kernel(tile, trans_a, trans_b, VEC):
         for i in range(RM):
             for j in range(RN):
                 acc[i, j] = float32(0.0)
-        full = K // BK                                          # whole slices; the tail comes after
-        if full > 0:
-            fetch_a(a, lda, row0, M, 0, K, a_stage, False)
-            fetch_b(b, ldb, col0, N, 0, K, b_stage, False)
-            place_a(As, 0, a_stage)
-            place_b(Bs, 0, b_stage)
-            cuda.syncthreads()
-        for s in range(full):
-            buf = s & 1
-            k_next = min(s + 1, full - 1) * BK                 # the last step re-fetches: no branch
-            fetch_a(a, lda, row0, M, k_next, K, a_stage, False)
-            fetch_b(b, ldb, col0, N, k_next, K, b_stage, False)
-            multiply_slice(As, Bs, buf, m0, n0, acc, a_frag, b_frag)
-            place_a(As, buf ^ 1, a_stage)
-            place_b(Bs, buf ^ 1, b_stage)
-            cuda.syncthreads()
-        if full * BK < K:                                      # the ragged tail, zero past K
-            buf = full & 1
-            fetch_a(a, lda, row0, M, full * BK, K, a_stage, True)
-            fetch_b(b, ldb, col0, N, full * BK, K, b_stage, True)
-            place_a(As, buf, a_stage)
-            place_b(Bs, buf, b_stage)
-            cuda.syncthreads()
-            multiply_slice(As, Bs, buf, m0, n0, acc, a_frag, b_frag)
+        slice_loop(a, b, lda, ldb, row0, col0, M, N, K, As, Bs, a_stage, b_stage, m0, n0, acc, a_frag, b_frag)
         for wm in range(WMITER):
             for i in range(SUB):
                 m = row0 + m0 + wm * WSUBM + i

@@ -28,7 +28,7 @@ import numpy as np
 from numba import config, cuda, float32, int32
 
 from .launch import empty, n_blocks, stream
-from .matmul import SUB, builds, make_slice_copy, operands, vector_loads_fit
+from .matmul import SUB, builds, make_slice_copy, make_slice_loop, operands, vector_loads_fit
 from .tensor_core import a_position, b_position, c_position, mma_tf32, tf32_round
 
 
@@ -117,9 +117,12 @@ def make_matmul_tf32_kernel(tile, trans_a, trans_b, VEC, PASSES):
                 mma_into(acc, mi * NI + ni, (h0, h1, h2, h3), bh)
 
     @cuda.jit(device=True)
-    def multiply_slice(As, Bs, buf, m0, n0, lane, acc, b_hi, b_lo):
+    def multiply_slice(As, Bs, buf, m0, n0, acc, b_hi, b_lo):
+        lane = int32(cuda.threadIdx.x) % 32
         multiply_k8(As, Bs, buf * BK, m0, n0, lane, acc, b_hi, b_lo)
         multiply_k8(As, Bs, buf * BK + MMA_K, m0, n0, lane, acc, b_hi, b_lo)
+
+    slice_loop = make_slice_loop(fetch_a, place_a, fetch_b, place_b, multiply_slice, BK)
 
     # the simulator's jit takes no register cap (it has no registers)
     @cuda.jit(**({} if config.ENABLE_CUDASIM else {"max_registers": MAX_REGISTERS}))
@@ -139,31 +142,8 @@ def make_matmul_tf32_kernel(tile, trans_a, trans_b, VEC, PASSES):
         for t in range(TILES):
             for q in range(4):
                 acc[t, q] = float32(0.0)
-        # The slice pipeline of matmul.py's kernel, step for step (see its docstring).
-        full = K // BK
-        if full > 0:
-            fetch_a(a, lda, row0, M, 0, K, a_stage, False)
-            fetch_b(b, ldb, col0, N, 0, K, b_stage, False)
-            place_a(As, 0, a_stage)
-            place_b(Bs, 0, b_stage)
-            cuda.syncthreads()
-        for s in range(full):
-            buf = s & 1
-            k_next = min(s + 1, full - 1) * BK
-            fetch_a(a, lda, row0, M, k_next, K, a_stage, False)
-            fetch_b(b, ldb, col0, N, k_next, K, b_stage, False)
-            multiply_slice(As, Bs, buf, m0, n0, lane, acc, b_hi, b_lo)
-            place_a(As, buf ^ 1, a_stage)
-            place_b(Bs, buf ^ 1, b_stage)
-            cuda.syncthreads()
-        if full * BK < K:
-            buf = full & 1
-            fetch_a(a, lda, row0, M, full * BK, K, a_stage, True)
-            fetch_b(b, ldb, col0, N, full * BK, K, b_stage, True)
-            place_a(As, buf, a_stage)
-            place_b(Bs, buf, b_stage)
-            cuda.syncthreads()
-            multiply_slice(As, Bs, buf, m0, n0, lane, acc, b_hi, b_lo)
+        # matmul.py's K loop: slice copies, register double buffering, one barrier a slice, the tail
+        slice_loop(a, b, lda, ldb, row0, col0, M, N, K, As, Bs, a_stage, b_stage, m0, n0, acc, b_hi, b_lo)
         for mi in range(MI):
             for ni in range(NI):
                 for q in range(4):
