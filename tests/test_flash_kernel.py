@@ -14,24 +14,15 @@ past the diagonal in the forward or in dq, or the query tiles before it in dk_dv
 """
 import numpy as np
 import pytest
-from numba import config
 
 from tinylm.kernels.flash_attention import (DEFAULT_TILES, HEAD_DIMS, Tiles, check_tiles, flash_attention_backward,
                                             flash_attention_forward, head_dim_bucket, kernels_and_signatures,
                                             launch_threads, padded_strides)
 from tinylm.core.backend import to_numpy
 from tinylm.core.flash_attention import flash_backward, flash_forward
+from test_kernels import device  # noqa: E402  (tests/ is on sys.path)
 
 SMALL = Tiles(8, 4, 4, 2)        # 8 threads; each owns 2 rows × 2 keys, a row split over 2 threads
-
-
-def device(x):
-    """float32 input for a kernel: NumPy under the simulator, CuPy on a real GPU."""
-    x = np.asarray(x, dtype=np.float32)
-    if config.ENABLE_CUDASIM:
-        return x
-    import cupy
-    return cupy.asarray(x)
 
 
 def assert_close(got, want):

@@ -13,17 +13,10 @@ from tinylm.core.backend import to_numpy
 from tinylm.kernels import matmul_tf32 as mt
 from tinylm.kernels import tensor_core as tc
 from tinylm.kernels.matmul_tf32 import matmul_tf32
+from test_kernels import device  # noqa: E402  (tests/ is on sys.path)
 
 SMALL_TILE = (16, 8, 16, 16, 8)          # one warp, one 16×8 mma tile: the simulator's thread count
 TWO_WARPS = (32, 32, 16, 32, 16)         # 2 warps, each 2×2 mma tiles
-
-
-def device(x):
-    x = np.asarray(x, dtype=np.float32)
-    if config.ENABLE_CUDASIM:
-        return x
-    import cupy
-    return cupy.asarray(x)
 
 
 def rel_error(got, want):
