@@ -462,12 +462,14 @@ class GPT:
         return {k: to_numpy(v) for k, v in self.params.items()}
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", device="cpu", kernels=None, reference=False, tf32=None):
-        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors). tinylm's
-        own checkpoints (any mixer) load with checkpoint.load_model."""
+    def from_pretrained(cls, path, dtype="float32", **placement):
+        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors). placement:
+        GPT's device, kernels, reference and tf32 (a Placement's fields), passed on as they are.
+        tinylm's own checkpoints (any mixer) load with checkpoint.load_model."""
+        placement = Placement(**placement)              # a name that is no field: TypeError, before any I/O
         config, params = load_hf(path, dtype)
         check_tensors(params, param_shapes(config), f"checkpoint {str(path)!r}")
-        return cls(config, device=device, params=params, kernels=kernels, reference=reference, tf32=tf32)
+        return cls(config, params=params, **placement._asdict())
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors in the layout transformers' GPT2LMHeadModel reads
