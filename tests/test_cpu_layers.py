@@ -2,6 +2,8 @@
 of layers.py): each pair against its reference over shapes (ragged lengths included), float32 and
 float64; the whole model, loss and every gradient, after a forward+backward and after 5 AdamW steps,
 for both mixers; finite differences on the fast set; and a planted bug the tie must catch."""
+import types
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -198,6 +200,62 @@ def test_sum_of_squares_matches_reference(shape, seed, dtype, scale):
     assert abs(got - exact) <= {"float32": 1e-6, "float64": 1e-12}[dtype] * exact
 
 
+@pytest.fixture
+def split_small(monkeypatch):
+    """cpu_layers.split cuts tensors of 8 elements on into 3 pieces (ragged), as large ones are cut."""
+    monkeypatch.setattr(cpu_layers, "SPLIT_FROM", 8)
+    monkeypatch.setattr(cpu_layers, "threads", lambda: 3)
+
+
+def test_split_covers_every_index_once_in_order_across_threads(split_small):
+    seen = []
+    pieces = cpu_layers.split(lambda start, stop: seen.append((start, stop)) or (start, stop), 11)
+    assert pieces == [(0, 3), (3, 7), (7, 11)] and sorted(seen) == pieces
+    assert cpu_layers.split(lambda start, stop: (start, stop), 7) == [(0, 7)]     # small: one piece
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_and_adamw_matches_clipping_then_the_reference_step_on_split_tensors(split_small, dtype):
+    """The fast optimizer step, with its tensors split across threads, equals the reference's: clip
+    the grads in place (norm 10× the limit), then AdamW; and its grads dict is left unscaled."""
+    rng = np.random.default_rng(3)
+    shapes = {"h.0.mlp.c_fc.weight": (5, 7), "h.0.mlp.c_fc.bias": (7,), "wte.weight": (4, 3), "x": (2,)}
+    params = {k: normal(rng, s, dtype) for k, s in shapes.items()}
+    models = [types.SimpleNamespace(params={k: p.copy() for k, p in params.items()}, layers=layers)
+              for layers in (cpu_layers.LAYERS, REFERENCE)]
+    states = [optim.adamw_init(m.params) for m in models]
+    for step in range(3):
+        grads = {k: normal(rng, s, dtype) for k, s in shapes.items()}
+        limit = 0.1 * optim.grad_norm(grads)
+        given = {k: g.copy() for k, g in grads.items()}
+        results = [m.layers.clip_and_adamw(m, g, st, 1e-2, limit, 0.1, 2.5)
+                   for m, g, st in zip(models, (given, {k: g.copy() for k, g in grads.items()}), states)]
+        assert results[0][0] == results[1][0] == 2.5 and results[0][2] and results[1][2]
+        assert abs(results[0][1] - results[1][1]) <= 1e-12 * results[1][1]
+        assert all(np.array_equal(given[k], grads[k]) for k in grads)        # not scaled in place
+        for name in shapes:
+            for a, b, what in ((models[0].params, models[1].params, "p"), (states[0]["m"], states[1]["m"], "m"),
+                               (states[0]["v"], states[1]["v"], "v")):
+                assert_close(a[name], b[name], dtype, f"{what} {name} step {step}")
+    assert states[0]["step"] == states[1]["step"] == 3
+
+
+def test_clip_and_adamw_leaves_everything_as_it_was_on_a_non_finite_norm():
+    params = {"w": np.ones((3, 3), np.float32)}
+    model = types.SimpleNamespace(params={"w": params["w"].copy()}, layers=cpu_layers.LAYERS)
+    state = optim.adamw_init(model.params)
+    grads = {"w": np.full((3, 3), np.inf, np.float32)}
+    assert cpu_layers.clip_and_adamw(model, grads, state, 1e-2, 1.0, 0.1, 1.0)[2] is False
+    assert np.array_equal(model.params["w"], params["w"]) and state["step"] == 0 and not state["m"]["w"].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_of_squares_in_pieces_matches_reference_and_repeats_bitwise(split_small, dtype):
+    g = normal(np.random.default_rng(4), (9, 13), dtype)
+    assert abs(cpu_layers.sum_of_squares(g) - optim.sum_of_squares(g)) <= 1e-12 * optim.sum_of_squares(g)
+    assert cpu_layers.sum_of_squares(g) == cpu_layers.sum_of_squares(g.copy())
+
+
 def test_adamw_update_refuses_a_strided_tensor_it_could_not_update_in_place():
     p = np.zeros((4, 4))[:, ::2]
     with pytest.raises(ValueError, match="^adamw_update updates p in place and needs it C-contiguous$"):
@@ -208,7 +266,7 @@ def test_fast_set_names_only_what_it_provides_the_rest_is_the_reference():
     provided = {f for f in REFERENCE._fields if getattr(cpu_layers.LAYERS, f) is not getattr(REFERENCE, f)}
     assert provided == {"embedding_backward", "lm_loss_forward", "lm_loss_backward", "layernorm_forward",
                         "layernorm_backward", "gelu_forward", "gelu_backward", "attention_forward",
-                        "attention_backward", "adamw_update", "sum_of_squares", "block_decode"}
+                        "attention_backward", "adamw_update", "sum_of_squares", "clip_and_adamw", "block_decode"}
     assert all(getattr(cpu_layers.LAYERS, f).__module__ == "tinylm.core.cpu_layers" for f in provided)
 
 

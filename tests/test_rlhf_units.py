@@ -203,7 +203,8 @@ def test_sampling_follows_the_temperature_and_the_rng_it_is_given():
 def test_a_policy_step_is_reproducible_from_its_rng_and_clips_at_norm_1(monkeypatch):
     from tinylm.core.optim import adamw_init
     norms = []
-    monkeypatch.setattr(optim, "clip_grad_norm", lambda grads, max_norm, *squares: norms.append(max_norm) or 1.0)
+    clip_scale = optim.clip_scale           # what every layer set's optimizer step clips with
+    monkeypatch.setattr(optim, "clip_scale", lambda norm, max_norm: norms.append(max_norm) or clip_scale(norm, max_norm))
     policy = tiny_lm(n_ctx=12)
     rm = tiny_rm()
     prompts = [np.array([1, 2]), np.array([3, 4])]

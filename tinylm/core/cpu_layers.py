@@ -18,7 +18,9 @@ once and writes its outputs once. GEMMs stay on BLAS.
     attention       q kᵀ and the products with v stay BLAS GEMMs, batched over heads on contiguous
                     copies; scale, causal mask and softmax fused, no T×T mask
     embedding       the backward's scatter-add straight into the tied head's dwte, no dense temporary
-    AdamW           one pass per tensor over p, g, m, v; the clipping norm's Σ g² without a g² copy
+    AdamW + clip    one pass per tensor over p, g, m, v that reads g times the clip's factor (no
+                    clipping pass of its own); the norm's Σ g² without a g² copy; a large tensor's
+                    pass split across the threads (cpu_layers.split)
     decode step     one new token per row with a KV cache: a whole block (layernorm, qkv, attention
                     over the cached keys, proj, MLP) in one compiled call instead of ~15 Python calls
 
@@ -27,7 +29,11 @@ Exponentials and tanh are NumPy's, on whole chunks: its SIMD exp/tanh are ~10× 
 libm call a Numba loop makes without SVML (bench/RESULTS.md).
 
 Threads: the GEMMs run on as many as the BLAS is told (OPENBLAS_NUM_THREADS, torch's count in the
-benchmark); the fused loops on the calling thread. Both choices were measured on the 2-core test
+benchmark); the optimizer's passes over tensors of SPLIT_FROM elements or more on as many again
+(threads(), read from the BLAS through threadpoolctl: one knob), in contiguous pieces whose bounds
+depend only on the size and that count, so a run resumes bitwise at a fixed thread count (at GPT-2
+small they are memory-bound: 0.55 s of clip + AdamW a step on 2 threads, was ~0.9 s); the other
+fused loops on the calling thread. Both choices were measured on the 2-core test
 machine (bench/RESULTS.md): Numba's parallel loops cost ~80 µs per call to start (decoding a token ran
 5× slower than the reference's), and OpenBLAS's threads spin for a while after each GEMM, so a loop
 run in parallel right after one fought them for the cores and ran 2.5× slower than on one thread.
@@ -35,11 +41,15 @@ Compiled once per dtype on first use and cached on disk (cache=True): bench/RESU
 first-run and warm start-up times.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache, partial
 from typing import NamedTuple
 
 import numpy as np
+import threadpoolctl
 from numba import njit
 
+from . import optim
 from .layer_sets import layer_set
 from .layers import GELU_A, GELU_C, LAYERNORM_EPS, AttentionCache, GeluCache, merge_qkv_grads, split_heads
 
@@ -394,39 +404,84 @@ def lm_loss_backward(dnll, cache):
     return dz.reshape(*dnll.shape, z.shape[1]), dwte
 
 
-# ----------------------------------------------------------------------------- AdamW
-@njit(cache=True, fastmath=FAST)
-def adamw_flat(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+# ----------------------------------------------------------------------------- AdamW and the clip
+SPLIT_FROM = 1 << 18                # a tensor of at least this many elements is split across the threads
+
+
+@cache
+def threads():
+    """The BLAS's thread count (threadpoolctl; OPENBLAS_NUM_THREADS sets it), read once per process:
+    one knob for the GEMMs and for the optimizer's split passes."""
+    counts = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    return max(1, min(counts, default=1))
+
+
+@cache
+def pool():
+    return ThreadPoolExecutor(threads() - 1, thread_name_prefix="tinylm-split")
+
+
+def split(kernel, n, *args):
+    """kernel(*args, start, stop) over [0, n) in threads() contiguous pieces when n >= SPLIT_FROM, the
+    first on the calling thread (the kernels are nogil: the pieces run at once) -> their results,
+    in order. The pieces depend only on n and the thread count, so results are deterministic at a
+    fixed thread count (resume is bitwise)."""
+    parts = threads() if n >= SPLIT_FROM else 1
+    bounds = [n * i // parts for i in range(parts + 1)]
+    rest = [pool().submit(kernel, *args, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    return [kernel(*args, bounds[0], bounds[1])] + [f.result() for f in rest]
+
+
+@njit(cache=True, fastmath=FAST, nogil=True)
+def adamw_flat(p, g, m, v, grad_scale, lr, beta1, beta2, eps, weight_decay, step, start, stop):
     bias1 = 1.0 - beta1 ** step
     bias2 = 1.0 - beta2 ** step
-    for i in range(p.shape[0]):
-        m[i] = beta1 * m[i] + (1.0 - beta1) * g[i]
-        v[i] = beta2 * v[i] + (1.0 - beta2) * (g[i] * g[i])
+    for i in range(start, stop):
+        gi = g[i] * grad_scale      # in g's dtype, as the reference's clip (g *= scale) rounds it
+        m[i] = beta1 * m[i] + (1.0 - beta1) * gi
+        v[i] = beta2 * v[i] + (1.0 - beta2) * (gi * gi)
         p[i] = p[i] * (1.0 - lr * weight_decay) - (lr / bias1) * m[i] / (math.sqrt(v[i] / bias2) + eps)
 
 
-def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-    """optim.adamw_update for one tensor in place, one pass over p, g, m, v:
+def adamw_update(p, g, m, v, lr, step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, grad_scale=1.0):
+    """optim.adamw_update for one tensor in place, one pass over p, g, m, v, with g read as
+    g·grad_scale (the clip's factor, so clipping costs no pass of its own):
     m = β1 m + (1−β1) g;  v = β2 v + (1−β2) g²;  θ = θ(1 − lr·wd) − lr·m̂ / (√v̂ + ε)."""
     for name, a in (("p", p), ("m", m), ("v", v)):
         if not a.flags.c_contiguous:
             raise ValueError(f"adamw_update updates {name} in place and needs it C-contiguous")
-    adamw_flat(p.reshape(-1), np.ascontiguousarray(g).reshape(-1), m.reshape(-1), v.reshape(-1),
-               float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), float(step))
+    flat = [a.reshape(-1) for a in (p, np.ascontiguousarray(g), m, v)]
+    split(adamw_flat, p.size, *flat, g.dtype.type(grad_scale), float(lr), float(betas[0]), float(betas[1]),
+          float(eps), float(weight_decay), float(step))
 
 
-@njit(cache=True, fastmath=FAST)
-def sum_of_squares_flat(g):
+@njit(cache=True, fastmath=FAST, nogil=True)
+def sum_of_squares_flat(g, start, stop):
     total = 0.0                     # float64, whatever the dtype
-    for i in range(g.shape[0]):
+    for i in range(start, stop):
         total += g[i] * g[i]
     return total
 
 
 def sum_of_squares(g):
     """optim.sum_of_squares: Σ g² in float64, one pass over g and no g² temporary (GPT-2 small's would
-    be 500 MB per step)."""
-    return sum_of_squares_flat(np.ascontiguousarray(g).reshape(-1))
+    be 500 MB per step); the pieces' partial sums are added in order."""
+    return sum(split(sum_of_squares_flat, g.size, np.ascontiguousarray(g).reshape(-1)))
+
+
+def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss):
+    """optim.clip_and_adamw with the clip folded into AdamW: the norm from sum_of_squares, then each
+    tensor's update reads g·optim.clip_scale(norm, grad_clip), so clipping is not a pass over every
+    gradient of its own and the grads dict is left unscaled (as on the kernel set). -> (loss, norm,
+    stepped)."""
+    optim.check_grads(model.params, grads)
+    loss = float(loss)
+    norm = optim.grad_norm(grads, sum_of_squares)
+    stepped = math.isfinite(loss) and math.isfinite(norm)
+    if stepped:
+        optim.adamw_step(model.params, grads, state, lr, weight_decay=weight_decay,
+                         update=partial(adamw_update, grad_scale=optim.clip_scale(norm, grad_clip)))
+    return loss, norm, stepped
 
 
 # ----------------------------------------------------------------------------- one-token decode step
@@ -544,4 +599,5 @@ LAYERS = layer_set(
     layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     attention_forward=attention_forward, attention_backward=attention_backward,
-    adamw_update=adamw_update, sum_of_squares=sum_of_squares, block_decode=block_decode)
+    adamw_update=adamw_update, sum_of_squares=sum_of_squares, clip_and_adamw=clip_and_adamw,
+    block_decode=block_decode)

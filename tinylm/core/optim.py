@@ -78,12 +78,18 @@ def grad_norm(grads, squares=sum_of_squares):
     return math.sqrt(float(sum(squares(g) for g in grads.values())))
 
 
+def clip_scale(norm, max_norm):
+    """The factor that brings a global gradient norm down to max_norm: 1.0 when it is already at
+    most max_norm (or max_norm is None)."""
+    return max_norm / (norm + 1e-6) if max_norm is not None and norm > max_norm else 1.0
+
+
 def clip_grad_norm(grads, max_norm, squares=sum_of_squares):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm
     before clipping (worth logging: spikes show instability). squares: the per-tensor Σ g²."""
     norm = grad_norm(grads, squares)
-    if max_norm is not None and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
+    scale = clip_scale(norm, max_norm)
+    if scale != 1.0:
         for g in grads.values():
             g *= scale
     return norm
