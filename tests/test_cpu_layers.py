@@ -202,16 +202,17 @@ def test_sum_of_squares_matches_reference(shape, seed, dtype, scale):
 
 @pytest.fixture
 def split_small(monkeypatch):
-    """cpu_layers.split cuts tensors of 8 elements on into 3 pieces (ragged), as large ones are cut."""
-    monkeypatch.setattr(cpu_layers, "SPLIT_FROM", 8)
+    """cpu_layers.split cuts passes into pieces of 4 elements dealt to 3 threads, as large ones are cut."""
+    monkeypatch.setattr(cpu_layers, "PIECE", 4)
     monkeypatch.setattr(cpu_layers, "threads", lambda: 3)
 
 
 def test_split_covers_every_index_once_in_order_across_threads(split_small):
     seen = []
     pieces = cpu_layers.split(lambda start, stop: seen.append((start, stop)) or (start, stop), 11)
-    assert pieces == [(0, 3), (3, 7), (7, 11)] and sorted(seen) == pieces
-    assert cpu_layers.split(lambda start, stop: (start, stop), 7) == [(0, 7)]     # small: one piece
+    assert pieces == [(0, 4), (4, 8), (8, 11)] and sorted(seen) == pieces
+    assert cpu_layers.split(lambda start, stop: (start, stop), 3) == [(0, 3)]
+    assert cpu_layers.split(lambda start, stop: (start, stop), 0) == []
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -250,10 +251,12 @@ def test_clip_and_adamw_leaves_everything_as_it_was_on_a_non_finite_norm():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sum_of_squares_in_pieces_matches_reference_and_repeats_bitwise(split_small, dtype):
+def test_sum_of_squares_in_pieces_matches_reference_and_not_the_thread_count(split_small, monkeypatch, dtype):
     g = normal(np.random.default_rng(4), (9, 13), dtype)
-    assert abs(cpu_layers.sum_of_squares(g) - optim.sum_of_squares(g)) <= 1e-12 * optim.sum_of_squares(g)
-    assert cpu_layers.sum_of_squares(g) == cpu_layers.sum_of_squares(g.copy())
+    three = cpu_layers.sum_of_squares(g)
+    assert abs(three - optim.sum_of_squares(g)) <= 1e-12 * optim.sum_of_squares(g)
+    monkeypatch.setattr(cpu_layers, "threads", lambda: 1)
+    assert cpu_layers.sum_of_squares(g) == three          # bitwise: the same pieces, on one thread
 
 
 def test_adamw_update_refuses_a_strided_tensor_it_could_not_update_in_place():

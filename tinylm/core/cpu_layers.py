@@ -29,9 +29,8 @@ Exponentials and tanh are NumPy's, on whole chunks: its SIMD exp/tanh are ~10× 
 libm call a Numba loop makes without SVML (bench/RESULTS.md).
 
 Threads: the GEMMs run on as many as the BLAS is told (OPENBLAS_NUM_THREADS, torch's count in the
-benchmark); the optimizer's passes over tensors of SPLIT_FROM elements or more on as many again
-(threads(), read from the BLAS through threadpoolctl: one knob), in contiguous pieces whose bounds
-depend only on the size and that count, so a run resumes bitwise at a fixed thread count (at GPT-2
+benchmark); the optimizer's passes over tensors on as many again (threads(), read from the BLAS through
+threadpoolctl: one knob), in pieces of a fixed size, so the results do not depend on the thread count (at GPT-2
 small they are memory-bound: 0.55 s of clip + AdamW a step on 2 threads, was ~0.9 s); the other
 fused loops on the calling thread. Both choices were measured on the 2-core test
 machine (bench/RESULTS.md): Numba's parallel loops cost ~80 µs per call to start (decoding a token ran
@@ -405,7 +404,7 @@ def lm_loss_backward(dnll, cache):
 
 
 # ----------------------------------------------------------------------------- AdamW and the clip
-SPLIT_FROM = 1 << 18                # a tensor of at least this many elements is split across the threads
+PIECE = 1 << 18                     # elements per piece of a split pass (a fixed size: see split)
 
 
 @cache
@@ -418,18 +417,23 @@ def threads():
 
 @cache
 def pool():
-    return ThreadPoolExecutor(threads() - 1, thread_name_prefix="tinylm-split")
+    return ThreadPoolExecutor(max(1, threads() - 1), thread_name_prefix="tinylm-split")
 
 
 def split(kernel, n, *args):
-    """kernel(*args, start, stop) over [0, n) in threads() contiguous pieces when n >= SPLIT_FROM, the
-    first on the calling thread (the kernels are nogil: the pieces run at once) -> their results,
-    in order. The pieces depend only on n and the thread count, so results are deterministic at a
-    fixed thread count (resume is bitwise)."""
-    parts = threads() if n >= SPLIT_FROM else 1
-    bounds = [n * i // parts for i in range(parts + 1)]
-    rest = [pool().submit(kernel, *args, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-    return [kernel(*args, bounds[0], bounds[1])] + [f.result() for f in rest]
+    """kernel(*args, start, stop) over [0, n) in pieces of PIECE elements (the last one ragged), dealt
+    to threads() threads in contiguous runs, the first run on the calling thread (the kernels are
+    nogil: the runs go at once) -> the pieces' results, in order. The pieces depend on n alone, not
+    on the thread count, so a sum of them is the same on one thread as on two."""
+    bounds = list(range(0, n, PIECE)) + [n]
+    pieces = list(zip(bounds[:-1], bounds[1:]))
+    parts = max(1, min(threads(), len(pieces)))
+    runs = [pieces[len(pieces) * i // parts:len(pieces) * (i + 1) // parts] for i in range(parts)]
+
+    def run(pieces):
+        return [kernel(*args, start, stop) for start, stop in pieces]
+    rest = [pool().submit(run, r) for r in runs[1:]]
+    return run(runs[0]) + [result for f in rest for result in f.result()]
 
 
 @njit(cache=True, fastmath=FAST, nogil=True)
