@@ -105,3 +105,28 @@ def sm90_compiles(tmp_path_factory):
                           capture_output=True, text=True, timeout=900)
     assert results.exists(), done.stdout + done.stderr
     return dict(json.loads(results.read_text()), report_json=report_json, stderr=done.stderr)
+
+
+# ----------------------------------------------------------------------------- a tf32="3x" step, recorded once
+TINY = dict(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=12, d_state=3, d_conv=3, expand=1)
+
+
+@pytest.fixture(scope="session")
+def tf32_step_launches():
+    """{"default": launches of a fresh tf32="3x" attention model's first training step, "stream": those of
+    its second step under launch.on_stream(stream), "stream_object": stream}, recorded under the simulator.
+    Under the simulator a 3xTF32 step is the dearest thing the tests run (~10-25 s): tests/test_kernel_report.py
+    (the builds it dispatches) and tests/test_kernel_launches.py (the streams) read the same two steps."""
+    import numpy as np
+
+    from tinylm import GPT, GPTConfig
+    from tinylm.core.optim import Schedule, adamw_init, train_step
+    from tinylm.kernels.launch import on_stream, recording_launches
+    model = GPT(GPTConfig(**TINY, mixer="attention"), device="cpu", kernels=True, tf32="3x", seed=1)
+    idx, targets = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 2, 3))
+    with recording_launches() as default:
+        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
+    stream = object()                     # the simulator ignores streams; the recording keeps them
+    with on_stream(stream), recording_launches() as on:
+        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
+    return {"default": default, "stream": on, "stream_object": stream}
