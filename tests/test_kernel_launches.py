@@ -24,7 +24,7 @@ import pytest
 from numba import config
 
 from tinylm import GPT, GPTConfig
-from tinylm.kernels.launch import on_stream, recording_launches
+from tinylm.kernels.launch import recording_launches
 from tinylm.core import kernel_layers
 from tinylm.core.optim import Schedule, adamw_init
 from tinylm.core.optim import train_step
@@ -60,21 +60,18 @@ def test_launches_and_host_reads_per_training_step(n_layer):
     assert reads == ["loss and Σ g²"]
 
 
-def test_every_launch_of_a_step_goes_on_the_chosen_stream():
+def test_every_launch_of_a_step_goes_on_the_chosen_stream(tf32_step_launches):
     """A CUDA graph is captured from one stream: a launch left on the legacy stream (kernel[grid,
     threads] without launch.stream()) races it and breaks the capture; under on_stream every one of
-    a tf32="3x" step's launches, the tensor-core GEMM included, must name the stream."""
-    model = GPT(GPTConfig(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=16), device="cpu",
-                kernels=True, seed=1, tf32="3x")
-    idx, targets = np.random.default_rng(0).integers(0, 11, size=(2, 2, 3))
-    stream = object()                     # the simulator ignores streams; the recording keeps them
-    with on_stream(stream), recording_launches() as launches:
-        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
+    a tf32="3x" step's launches, the tensor-core GEMM included, must name the stream. The steps
+    (tests/conftest.py's tf32_step_launches: a 1-layer model, d_model 12, its first step outside on_stream,
+    its second inside) are shared with tests/test_kernel_report.py."""
+    launches, stream = tf32_step_launches["stream"], tf32_step_launches["stream_object"]
     assert {launch.kernel for launch in launches} >= {"matmul_tf32_kernel", "forward_kernel", "adamw_flat_kernel"}
     assert [launch.kernel for launch in launches if launch.stream is not stream] == []
-    with recording_launches() as launches:
-        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
-    assert {launch.stream for launch in launches} == {0}        # outside on_stream: the default
+    default = tf32_step_launches["default"]
+    assert {launch.kernel for launch in default} >= {"matmul_tf32_kernel", "forward_kernel", "adamw_flat_kernel"}
+    assert {launch.stream for launch in default} == {0}        # outside on_stream: the default
 
 
 def test_the_read_counter_sees_a_planted_read_of_the_norm(monkeypatch):

@@ -7,9 +7,6 @@
 - The budgets are checked on the sm_90 machine code (ptxas + nvdisasm from the test extra's CUDA
   wheels, no GPU needed), and the checker is shown to catch a miss."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +19,6 @@ from tinylm.kernels.launch import kernel_name, recording_launches
 from tinylm.core.optim import Schedule, adamw_init
 from tinylm.core.optim import train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=12, d_state=3, d_conv=3, expand=1)
 simulator_only = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="records launches under the CUDA simulator")
 
@@ -47,8 +43,13 @@ def dispatched_builds(mixer, tf32=None):
 
 @simulator_only
 @pytest.mark.parametrize("mixer,tf32", [("attention", None), ("ssm", None), ("attention", "3x")])
-def test_the_report_compiles_every_build_a_training_step_dispatches(mixer, tf32):
-    dispatched, listed = dispatched_builds(mixer, tf32), listed_builds()
+def test_the_report_compiles_every_build_a_training_step_dispatches(mixer, tf32, request):
+    if tf32 == "3x":                  # the same step as dispatched_builds, recorded once for this and the stream test
+        launches = request.getfixturevalue("tf32_step_launches")["default"]
+        dispatched = {(launch.kernel, tuple(str(t) for t in launch.argument_types)) for launch in launches}
+    else:
+        dispatched = dispatched_builds(mixer, tf32)
+    listed = listed_builds()
     assert dispatched - listed == set(), sorted(dispatched - listed)
     # the comparison can fail: the 'A'-layout matmul the old report compiled is not what runs
     any_layout = ("matmul_kernel", ("array(float32, 2d, A)",) * 3 + ("int64",) * 3)
@@ -68,20 +69,19 @@ def test_over_budget_names_each_miss_and_a_budget_that_matches_nothing():
     assert report.over_budget([{**rows[0], "spill_bytes": 0, "main_loop": {"bar": 1}}], budgets[:1]) == []
 
 
-def test_every_kernel_meets_its_budgets_in_sm90_machine_code(tmp_path):
+def test_every_kernel_meets_its_budgets_in_sm90_machine_code(sm90_compiles):
     """`python -m tinylm.kernels.report --check`: every budget in kernels/budgets.toml met (matmul: main
     loop >= 85% FFMA, operands by LDS.128 only, 1 barrier per slice, 0 spills, >= 2 blocks per SM;
     its opt-in 3xTF32 build: >= 96 HMMA and no FFMA a slice, 0 spills;
     flash: no local memory at head_dim 64 and 128; no float64 anywhere). Skips (saying why) where
-    the CUDA wheels are not installed."""
+    the CUDA wheels are not installed. The report runs as `-m` runs it, in the subprocess it shares with
+    tests/test_kernels.py's PTX check (tests/conftest.py's sm90_compiles: each kernel compiled once)."""
     if report.tools() is None:
         pytest.skip("ptxas / nvdisasm not installed (pip install '.[test]' brings them)")
-    out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "tinylm.kernels.report", "--json", str(out), "--check"],
-                          cwd=ROOT, env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}, capture_output=True, text=True)
+    out, done = sm90_compiles["report_json"], sm90_compiles["report"]
     if not out.exists():
-        pytest.skip(f"cannot compile for sm_90 here: {(done.stdout + done.stderr).strip().splitlines()[-1]}")
-    assert done.returncode == 0, done.stdout[-3000:]
+        pytest.skip(f"cannot compile for sm_90 here: {(done['stdout'] + sm90_compiles['stderr']).strip().splitlines()[-1]}")
+    assert done["rc"] == 0, done["stdout"][-3000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())}
     assert {"matmul AB", "matmul ABᵀ", "matmul AᵀB"} <= set(rows)
     tensor_core = [r for name, r in rows.items() if name.startswith("matmul 3xtf32")]   # issue 21.4

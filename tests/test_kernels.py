@@ -223,29 +223,15 @@ def test_flat_adamw_moves_nothing_after_a_non_finite_loss_or_gradient(bad):
 
 
 # ----------------------------------------------------------------------------- PTX: no float64
-PTX_SCRIPT = """
-from numba import cuda, float32
-from tinylm.kernels import ptx_check
-status = ptx_check.main()
-def promoted(x, y):                 # the bug ptx_check exists to catch: a Python float literal
-    i = cuda.grid(1)
-    if i < x.size:
-        y[i] = x[i] * 0.1
-ptx, _ = cuda.compile_ptx(promoted, "void(float32[:], float32[:])", cc=(9, 0))
-print("promoted kernel .f64 lines:", len(ptx_check.f64_lines(ptx)))
-raise SystemExit(status)
-"""
-
-
-def test_kernels_compile_to_ptx_without_float64():
-    """compile_ptx needs the real CUDA target (not the simulator) but no GPU: a subprocess."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    lines = run.stdout.splitlines()
+def test_kernels_compile_to_ptx_without_float64(sm90_compiles):
+    """compile_ptx needs the real CUDA target (not the simulator) but no GPU: a subprocess, shared with
+    tests/test_kernel_report.py (tests/conftest.py's sm90_compiles runs ptx_check.main() there, then
+    compiles a kernel with a planted Python float literal)."""
+    run = sm90_compiles["ptx_check"]
+    assert run["rc"] == 0, run["stdout"] + sm90_compiles["stderr"]
+    lines = run["stdout"].splitlines()
     listed = len(list(ptx_check.kernels_and_signatures()))
-    assert sum("0 with .f64" in line for line in lines) == listed, run.stdout  # every kernel listed, clean
+    assert sum("0 with .f64" in line for line in lines) == listed, run["stdout"]  # every kernel listed, clean
     promoted = int(lines[-1].split(":")[1])
     assert promoted > 0, "the checker must see the f64 that a 0.5 literal causes"
 
