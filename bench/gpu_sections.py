@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--no-numba", dest="numba", action="store_false", help="skip the rows that need Numba kernels")
     ap.add_argument("--previous", nargs="*", default=[], help="rows files of earlier sections (for estimates)")
     args = ap.parse_args(argv)
+    if args.smoke:      # the CUDA simulator: its busy-polling loop holds the GIL a switch interval (tests/conftest.py)
+        sys.setswitchinterval(0.001)
     run = Run(args)
     try:
         SECTIONS[args.section](run)
