@@ -40,16 +40,22 @@ def tiny_model():
 
 
 def spy_step(monkeypatch, norm=None):
-    """Record what train_step hands to clipping and to AdamW; `norm` replaces the clipped norm."""
+    """Record what train_step hands to the norm, the clip and AdamW (the pieces of optim every layer
+    set's step is made of); `norm` replaces the gradient norm."""
     seen = {}
 
-    def clip(grads, max_norm, squares):
-        seen.update(grad_clip=max_norm, squares=squares)
+    def grad_norm(grads, squares):
+        seen.update(squares=squares)
         return norm if norm is not None else 1.0
 
+    def clip_scale(norm, max_norm):
+        seen.update(grad_clip=max_norm)
+        return 1.0
+
     def step(params, grads, state, lr, weight_decay, update):
-        seen.update(lr=lr, weight_decay=weight_decay, update=update)
-    monkeypatch.setattr(optim, "clip_grad_norm", clip)
+        seen.update(lr=lr, weight_decay=weight_decay, update=getattr(update, "func", update))
+    monkeypatch.setattr(optim, "grad_norm", grad_norm)
+    monkeypatch.setattr(optim, "clip_scale", clip_scale)
     monkeypatch.setattr(optim, "adamw_step", step)
     return seen
 
