@@ -30,9 +30,9 @@ libm call a Numba loop makes without SVML (bench/RESULTS.md).
 
 Threads: the GEMMs run on as many as the BLAS is told (OPENBLAS_NUM_THREADS, torch's count in the
 benchmark); the optimizer's passes over tensors on as many again (threads(), read from the BLAS through
-threadpoolctl: one knob), in pieces of a fixed size, so the results do not depend on the thread count (at GPT-2
-small they are memory-bound: 0.55 s of clip + AdamW a step on 2 threads, was ~0.9 s); the other
-fused loops on the calling thread. Both choices were measured on the 2-core test
+threadpoolctl: one knob), in pieces of a fixed size, so the results do not depend on the thread
+count (memory-bound: AdamW over wte's 38.6 M floats 99 ms split, 177 ms serial; bench/RESULTS.md);
+the other fused loops on the calling thread. Both choices were measured on the 2-core test
 machine (bench/RESULTS.md): Numba's parallel loops cost ~80 µs per call to start (decoding a token ran
 5× slower than the reference's), and OpenBLAS's threads spin for a while after each GEMM, so a loop
 run in parallel right after one fought them for the cores and ran 2.5× slower than on one thread.
@@ -41,7 +41,7 @@ first-run and warm start-up times.
 """
 import math
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache, partial
+from functools import cache
 from typing import NamedTuple
 
 import numpy as np
@@ -474,18 +474,10 @@ def sum_of_squares(g):
 
 
 def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss):
-    """optim.clip_and_adamw with the clip folded into AdamW: the norm from sum_of_squares, then each
-    tensor's update reads g·optim.clip_scale(norm, grad_clip), so clipping is not a pass over every
-    gradient of its own and the grads dict is left unscaled (as on the kernel set). -> (loss, norm,
-    stepped)."""
-    optim.check_grads(model.params, grads)
-    loss = float(loss)
-    norm = optim.grad_norm(grads, sum_of_squares)
-    stepped = math.isfinite(loss) and math.isfinite(norm)
-    if stepped:
-        optim.adamw_step(model.params, grads, state, lr, weight_decay=weight_decay,
-                         update=partial(adamw_update, grad_scale=optim.clip_scale(norm, grad_clip)))
-    return loss, norm, stepped
+    """optim.clip_and_adamw with the clip folded into AdamW (fold_clip): the norm from sum_of_squares,
+    then each tensor's update reads g·optim.clip_scale(norm, grad_clip), so clipping is not a pass over
+    every gradient of its own and the grads dict is left unscaled (as on the kernel set)."""
+    return optim.clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss, fold_clip=True)
 
 
 # ----------------------------------------------------------------------------- one-token decode step

@@ -8,6 +8,7 @@ The optimizer state is a dict of arrays plus a step count, so it saves next to t
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -131,16 +132,24 @@ class Step(NamedTuple):
     stepped: bool
 
 
-def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss):
+def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss, fold_clip=False):
     """The reference of Layers.clip_and_adamw: clip_grad_norm (one host read of the norm), the guard,
     then adamw_step with the set's per-tensor update (model.layers.adamw_update, sum_of_squares).
     loss: a float, or a 0-d array not yet read. -> (loss, norm, stepped) as floats and a bool.
-    The kernel set's (kernel_layers.clip_and_adamw) does all three on the device in two launches."""
+    fold_clip: instead of scaling the grads in place, hand clip_scale's factor to the set's update as
+    its grad_scale, which reads g times it (cpu_layers: one pass over every gradient fewer; the grads
+    dict is then left unscaled). The kernel set's (kernel_layers.clip_and_adamw) does all three on the
+    device in two launches."""
     loss = float(loss)
-    norm = clip_grad_norm(grads, grad_clip, model.layers.sum_of_squares)
+    update = model.layers.adamw_update
+    if fold_clip:
+        norm = grad_norm(grads, model.layers.sum_of_squares)
+        update = partial(update, grad_scale=clip_scale(norm, grad_clip))
+    else:
+        norm = clip_grad_norm(grads, grad_clip, model.layers.sum_of_squares)
     stepped = math.isfinite(loss) and math.isfinite(norm)
     if stepped:
-        adamw_step(model.params, grads, state, lr, weight_decay=weight_decay, update=model.layers.adamw_update)
+        adamw_step(model.params, grads, state, lr, weight_decay=weight_decay, update=update)
     return loss, norm, stepped
 
 
