@@ -111,22 +111,28 @@ def sm90_compiles(tmp_path_factory):
 TINY = dict(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=12, d_state=3, d_conv=3, expand=1)
 
 
+def recorded_step(model, stream=None):
+    """The launches of one training step of `model` on a fixed (2, 3) batch, under launch.on_stream(stream)
+    when a stream is given, recorded under the simulator (kernels.launch.recording_launches)."""
+    import contextlib
+
+    import numpy as np
+
+    from tinylm.core.optim import Schedule, adamw_init, train_step
+    from tinylm.kernels.launch import on_stream, recording_launches
+    idx, targets = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 2, 3))
+    with on_stream(stream) if stream is not None else contextlib.nullcontext(), recording_launches() as launches:
+        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
+    return launches
+
+
 @pytest.fixture(scope="session")
 def tf32_step_launches():
     """{"default": launches of a fresh tf32="3x" attention model's first training step, "stream": those of
     its second step under launch.on_stream(stream), "stream_object": stream}, recorded under the simulator.
     Under the simulator a 3xTF32 step is the dearest thing the tests run (~10-25 s): tests/test_kernel_report.py
     (the builds it dispatches) and tests/test_kernel_launches.py (the streams) read the same two steps."""
-    import numpy as np
-
     from tinylm import GPT, GPTConfig
-    from tinylm.core.optim import Schedule, adamw_init, train_step
-    from tinylm.kernels.launch import on_stream, recording_launches
     model = GPT(GPTConfig(**TINY, mixer="attention"), device="cpu", kernels=True, tf32="3x", seed=1)
-    idx, targets = np.random.default_rng(0).integers(0, TINY["vocab_size"], size=(2, 2, 3))
-    with recording_launches() as default:
-        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
     stream = object()                     # the simulator ignores streams; the recording keeps them
-    with on_stream(stream), recording_launches() as on:
-        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
-    return {"default": default, "stream": on, "stream_object": stream}
+    return {"default": recorded_step(model), "stream": recorded_step(model, stream), "stream_object": stream}

@@ -8,18 +8,15 @@
   wheels, no GPU needed), and the checker is shown to catch a miss."""
 import json
 
-import numpy as np
 import pytest
 from numba import config
 from numba.core import sigutils
 
+from conftest import TINY, recorded_step  # noqa: E402  (tests/ is on sys.path)
 from tinylm import GPT, GPTConfig
 from tinylm.kernels import ptx_check, report
-from tinylm.kernels.launch import kernel_name, recording_launches
-from tinylm.core.optim import Schedule, adamw_init
-from tinylm.core.optim import train_step
+from tinylm.kernels.launch import kernel_name
 
-TINY = dict(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, d_model=12, d_state=3, d_conv=3, expand=1)
 simulator_only = pytest.mark.skipif(not config.ENABLE_CUDASIM, reason="records launches under the CUDA simulator")
 
 
@@ -32,23 +29,18 @@ def listed_builds():
     return builds
 
 
-def dispatched_builds(mixer, tf32=None):
-    model = GPT(GPTConfig(**TINY, mixer=mixer), device="cpu", kernels=True, tf32=tf32, seed=1)
-    rng = np.random.default_rng(0)
-    idx, targets = rng.integers(0, TINY["vocab_size"], size=(2, 2, 3))
-    with recording_launches() as launches:
-        train_step(model, adamw_init(model.params), idx, targets, Schedule.constant(1e-3))
+def launched_builds(launches):
+    """{(kernel function, argument types)} of the recorded launches."""
     return {(launch.kernel, tuple(str(t) for t in launch.argument_types)) for launch in launches}
 
 
 @simulator_only
 @pytest.mark.parametrize("mixer,tf32", [("attention", None), ("ssm", None), ("attention", "3x")])
 def test_the_report_compiles_every_build_a_training_step_dispatches(mixer, tf32, request):
-    if tf32 == "3x":                  # the same step as dispatched_builds, recorded once for this and the stream test
-        launches = request.getfixturevalue("tf32_step_launches")["default"]
-        dispatched = {(launch.kernel, tuple(str(t) for t in launch.argument_types)) for launch in launches}
+    if tf32 == "3x":                  # recorded once for this and the stream test
+        dispatched = launched_builds(request.getfixturevalue("tf32_step_launches")["default"])
     else:
-        dispatched = dispatched_builds(mixer, tf32)
+        dispatched = launched_builds(recorded_step(GPT(GPTConfig(**TINY, mixer=mixer), device="cpu", kernels=True, seed=1)))
     listed = listed_builds()
     assert dispatched - listed == set(), sorted(dispatched - listed)
     # the comparison can fail: the 'A'-layout matmul the old report compiled is not what runs
