@@ -2,6 +2,7 @@
 of layers.py): each pair against its reference over shapes (ragged lengths included), float32 and
 float64; the whole model, loss and every gradient, after a forward+backward and after 5 AdamW steps,
 for both mixers; finite differences on the fast set; and a planted bug the tie must catch."""
+import math
 import types
 
 import numpy as np
@@ -248,6 +249,19 @@ def test_clip_and_adamw_leaves_everything_as_it_was_on_a_non_finite_norm():
     grads = {"w": np.full((3, 3), np.inf, np.float32)}
     assert cpu_layers.clip_and_adamw(model, grads, state, 1e-2, 1.0, 0.1, 1.0)[2] is False
     assert np.array_equal(model.params["w"], params["w"]) and state["step"] == 0 and not state["m"]["w"].any()
+
+
+@pytest.mark.parametrize("layers", [cpu_layers.LAYERS, REFERENCE], ids=["fast", "reference"])
+@pytest.mark.parametrize("loss", [1.0, math.nan])
+def test_clip_and_adamw_refuses_grads_with_other_keys_before_touching_anything(layers, loss):
+    """A grads dict missing a parameter (and holding a stray one) is an error naming both, on a step
+    that would run and on one the non-finite loss would skip; params, grads and state stay as they were."""
+    model = types.SimpleNamespace(params={"w": np.ones((3, 3)), "b": np.ones(3)}, layers=layers)
+    state = optim.adamw_init(model.params)
+    grads = {"w": np.full((3, 3), 50.0), "stray": np.ones(2)}
+    with pytest.raises(ValueError, match=r"missing \['b'\], unexpected \['stray'\]"):
+        layers.clip_and_adamw(model, grads, state, 1e-2, 1.0, 0.1, loss)
+    assert (model.params["w"] == 1).all() and (grads["w"] == 50).all() and state["step"] == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

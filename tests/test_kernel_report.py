@@ -12,7 +12,7 @@ import pytest
 from numba import config
 from numba.core import sigutils
 
-from conftest import TINY, recorded_step  # noqa: E402  (tests/ is on sys.path)
+from conftest import TINY, recorded_step  # tests/ is on sys.path (pytest rootdir conftest)
 from tinylm import GPT, GPTConfig
 from tinylm.kernels import ptx_check, report
 from tinylm.kernels.launch import kernel_name

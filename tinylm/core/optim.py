@@ -140,6 +140,7 @@ def clip_and_adamw(model, grads, state, lr, grad_clip, weight_decay, loss, fold_
     its grad_scale, which reads g times it (cpu_layers: one pass over every gradient fewer; the grads
     dict is then left unscaled). The kernel set's (kernel_layers.clip_and_adamw) does all three on the
     device in two launches."""
+    check_grads(model.params, grads)    # before the norm: a skipped (non-finite) step still refuses bad keys
     loss = float(loss)
     update = model.layers.adamw_update
     if fold_clip:
